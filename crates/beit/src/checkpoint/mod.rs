@@ -1,0 +1,169 @@
+//! Checkpoint files in the Hugging Face layout: finding them in a directory and reading their tensors.
+//! safetensors (single or sharded) is memory-mapped; pytorch_model.bin is read by our own pickle interpreter,
+//! which executes nothing.
+
+pub mod pickle;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{BeitError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsFormat {
+    Safetensors,
+    PytorchBin,
+}
+
+impl WeightsFormat {
+    pub fn from_name(s: &str) -> Result<Self> {
+        match s {
+            "safetensors" => Ok(WeightsFormat::Safetensors),
+            "bin" | "pytorch" => Ok(WeightsFormat::PytorchBin),
+            other => Err(BeitError::input("--weights-format", format!("unknown format {other:?}; expected safetensors or bin"))),
+        }
+    }
+}
+
+/// The weight files of a model directory, in transformers' order of preference: model.safetensors, its sharded
+/// index, pytorch_model.bin, its sharded index. `force` picks one format.
+pub fn find_weight_files(dir: &Path, force: Option<WeightsFormat>) -> Result<(WeightsFormat, Vec<PathBuf>)> {
+    let candidates = [
+        (WeightsFormat::Safetensors, "model.safetensors", "model.safetensors.index.json"),
+        (WeightsFormat::PytorchBin, "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ];
+    for (format, single, index) in candidates {
+        if force.is_some_and(|f| f != format) {
+            continue;
+        }
+        let path = dir.join(single);
+        if path.is_file() {
+            return Ok((format, vec![path]));
+        }
+        let index = dir.join(index);
+        if index.is_file() {
+            return Ok((format, shard_files(&index)?));
+        }
+    }
+    let looked: Vec<&str> = candidates
+        .iter()
+        .filter(|(f, _, _)| force.is_none_or(|g| g == *f))
+        .flat_map(|(_, a, b)| [*a, *b])
+        .collect();
+    Err(BeitError::checkpoint(dir, format!("no weights found: looked for {}", looked.join(", "))))
+}
+
+/// The shard files a sharded checkpoint's index names (its `weight_map` values), each once, in order.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| BeitError::io(index, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| BeitError::Json { path: index.to_path_buf(), message: e.to_string() })?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        BeitError::checkpoint(index, "expected an object `weight_map` mapping tensor names to shard files")
+    })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| BeitError::checkpoint(index, format!("weight_map[{name:?}] is not a file name")))?;
+        if file.contains('/') || file.contains('\\') || file.starts_with("..") {
+            return Err(BeitError::checkpoint(index, format!("shard name {file:?} leaves the model directory")));
+        }
+        let p = dir.join(file);
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    if files.is_empty() {
+        return Err(BeitError::checkpoint(index, "weight_map is empty"));
+    }
+    Ok(files)
+}
+
+/// Every tensor of the given files, by name.
+pub fn load_tensors(format: WeightsFormat, files: &[PathBuf], device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut all = HashMap::new();
+    for f in files {
+        let tensors = match format {
+            WeightsFormat::Safetensors => read_safetensors(f, device)?,
+            WeightsFormat::PytorchBin => read_pytorch_bin(f, device)?,
+        };
+        for (name, t) in tensors {
+            if all.insert(name.clone(), t).is_some() {
+                return Err(BeitError::checkpoint(f, format!("tensor `{name}` appears in more than one shard")));
+            }
+        }
+    }
+    Ok(all)
+}
+
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let file = std::fs::File::open(path).map_err(|e| BeitError::io(path, e))?;
+    // SAFETY: the map is read-only and dropped before returning; a file changed underneath us while loading
+    // can only yield wrong numbers, which the format's own checks then catch or not, as for any reader.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| BeitError::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| BeitError::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = Vec::with_capacity(st.len());
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F64 => DType::F64,
+            safetensors::Dtype::I64 => DType::I64,
+            safetensors::Dtype::I32 => DType::I32,
+            safetensors::Dtype::U8 | safetensors::Dtype::BOOL => DType::U8,
+            safetensors::Dtype::U32 => DType::U32,
+            other => {
+                return Err(BeitError::checkpoint(path, format!("tensor `{name}` has unsupported dtype {other:?}")))
+            }
+        };
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
+            .map_err(|e| BeitError::checkpoint(path, format!("tensor `{name}`: {e}")))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+pub fn read_pytorch_bin(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    use pickle::PtDtype;
+    let raw = pickle::read_torch_checkpoint(path)?;
+    raw.into_iter()
+        .map(|(name, r)| {
+            let dtype = match r.dtype {
+                PtDtype::F64 => DType::F64,
+                PtDtype::F32 => DType::F32,
+                PtDtype::F16 => DType::F16,
+                PtDtype::BF16 => DType::BF16,
+                PtDtype::I64 => DType::I64,
+                PtDtype::I32 => DType::I32,
+                PtDtype::U8 | PtDtype::Bool => DType::U8,
+                PtDtype::I16 | PtDtype::I8 => {
+                    return Err(BeitError::checkpoint(path, format!("tensor `{name}` has unsupported dtype {:?}", r.dtype)))
+                }
+            };
+            let t = Tensor::from_raw_buffer(&r.data, dtype, &r.shape, device)
+                .map_err(|e| BeitError::checkpoint(path, format!("tensor `{name}`: {e}")))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Makes a checkpoint's names fit the class being built, as transformers does with `base_model_prefix`:
+/// a bare backbone checkpoint loads into a head class under `beit.`, and a head checkpoint into BeitModel with
+/// `beit.` stripped (its head tensors are then reported unused).
+pub fn align_prefix(tensors: HashMap<String, Tensor>, prefix: &str, model_has_prefix: bool) -> HashMap<String, Tensor> {
+    let dotted = format!("{prefix}.");
+    let checkpoint_has_prefix = tensors.keys().any(|k| k.starts_with(&dotted));
+    match (model_has_prefix, checkpoint_has_prefix) {
+        (true, false) => tensors.into_iter().map(|(k, v)| (format!("{dotted}{k}"), v)).collect(),
+        (false, true) => {
+            tensors.into_iter().map(|(k, v)| (k.strip_prefix(&dotted).map(str::to_string).unwrap_or(k), v)).collect()
+        }
+        _ => tensors,
+    }
+}

@@ -1,0 +1,143 @@
+//! The task heads on top of BeitModel, and `AnyBeitModel`: the class a checkpoint's `architectures` names.
+
+pub mod image_classification;
+pub mod loss;
+pub mod masked_image_modeling;
+
+use candle_core::Tensor;
+
+use crate::config::BeitConfig;
+use crate::error::{BeitError, Result};
+use crate::model::{BeitModel, BeitModelOutput, ForwardOptions};
+use crate::weights::Weights;
+pub use image_classification::BeitForImageClassification;
+pub use masked_image_modeling::BeitForMaskedImageModeling;
+
+/// transformers' class names for what beit-rs can build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    BeitModel,
+    BeitForMaskedImageModeling,
+    BeitForImageClassification,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 3] =
+        [Architecture::BeitModel, Architecture::BeitForMaskedImageModeling, Architecture::BeitForImageClassification];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::BeitModel => "BeitModel",
+            Architecture::BeitForMaskedImageModeling => "BeitForMaskedImageModeling",
+            Architecture::BeitForImageClassification => "BeitForImageClassification",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<Self> {
+        // Flax classes share the PyTorch ones' weights and outputs.
+        let name = name.strip_prefix("Flax").unwrap_or(name);
+        Self::ALL.iter().copied().find(|a| a.name() == name).ok_or_else(|| {
+            let known: Vec<&str> = Self::ALL.iter().map(|a| a.name()).collect();
+            BeitError::config("architectures", format!("unknown class {name:?}; expected one of {}", known.join(", ")))
+        })
+    }
+
+    /// The class config.json's `architectures` names (BeitModel when it names none).
+    pub fn from_config(c: &BeitConfig) -> Result<Self> {
+        match c.architectures.as_deref() {
+            Some([first, ..]) => Self::from_name(first),
+            _ => Ok(Architecture::BeitModel),
+        }
+    }
+
+    /// Head classes keep the backbone under `beit.`; BeitModel keeps it at the top.
+    pub fn has_base_prefix(&self) -> bool {
+        !matches!(self, Architecture::BeitModel)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum AnyBeitModel {
+    Model(BeitModel),
+    MaskedImageModeling(BeitForMaskedImageModeling),
+    ImageClassification(BeitForImageClassification),
+}
+
+/// Inputs for any class: pixel values, options, and optional labels.
+#[derive(Debug, Clone, Default)]
+pub struct ModelInputs {
+    pub options: ForwardOptions,
+    pub labels: Option<Tensor>,
+}
+
+impl AnyBeitModel {
+    pub fn load(w: &Weights, c: &BeitConfig, arch: Architecture) -> Result<Self> {
+        Ok(match arch {
+            Architecture::BeitModel => AnyBeitModel::Model(BeitModel::load(w, c, true)?),
+            Architecture::BeitForMaskedImageModeling => {
+                AnyBeitModel::MaskedImageModeling(BeitForMaskedImageModeling::load(w, c)?)
+            }
+            Architecture::BeitForImageClassification => {
+                AnyBeitModel::ImageClassification(BeitForImageClassification::load(w, c)?)
+            }
+        })
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        match self {
+            AnyBeitModel::Model(_) => Architecture::BeitModel,
+            AnyBeitModel::MaskedImageModeling(_) => Architecture::BeitForMaskedImageModeling,
+            AnyBeitModel::ImageClassification(_) => Architecture::BeitForImageClassification,
+        }
+    }
+
+    pub fn config(&self) -> &BeitConfig {
+        match self {
+            AnyBeitModel::Model(m) => &m.config,
+            AnyBeitModel::MaskedImageModeling(m) => &m.beit.config,
+            AnyBeitModel::ImageClassification(m) => &m.beit.config,
+        }
+    }
+
+    /// Every output under transformers' field names: `loss`, `logits`, `last_hidden_state`, `pooler_output`,
+    /// `hidden_states.N`, `attentions.N`.
+    pub fn forward_named(&self, pixel_values: &Tensor, inputs: &ModelInputs) -> Result<Vec<(String, Tensor)>> {
+        let o = &inputs.options;
+        let mut out = Vec::new();
+        let base: BeitModelOutput = match self {
+            AnyBeitModel::Model(m) => {
+                if inputs.labels.is_some() {
+                    return Err(BeitError::input("labels", "BeitModel has no head and takes no labels"));
+                }
+                let b = m.forward(pixel_values, o)?;
+                out.push(("last_hidden_state".to_string(), b.last_hidden_state.clone()));
+                if let Some(p) = &b.pooler_output {
+                    out.push(("pooler_output".to_string(), p.clone()));
+                }
+                b
+            }
+            AnyBeitModel::MaskedImageModeling(m) => {
+                let r = m.forward(pixel_values, o, inputs.labels.as_ref())?;
+                if let Some(l) = r.loss {
+                    out.push(("loss".to_string(), l.reshape(1)?));
+                }
+                out.push(("logits".to_string(), r.logits));
+                r.base
+            }
+            AnyBeitModel::ImageClassification(m) => {
+                let r = m.forward(pixel_values, o, inputs.labels.as_ref())?;
+                if let Some(l) = r.loss {
+                    out.push(("loss".to_string(), l.reshape(1)?));
+                }
+                out.push(("logits".to_string(), r.logits));
+                r.base
+            }
+        };
+        for (name, list) in [("hidden_states", base.hidden_states), ("attentions", base.attentions)] {
+            for (i, t) in list.into_iter().flatten().enumerate() {
+                out.push((format!("{name}.{i}"), t));
+            }
+        }
+        Ok(out)
+    }
+}

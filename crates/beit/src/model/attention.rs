@@ -1,0 +1,114 @@
+//! BeitSelfAttention, BeitSelfOutput and BeitAttention: multi-head attention with query and value biases and
+//! no key bias (as in the checkpoints), plus the relative position bias.
+
+use candle_core::Tensor;
+
+use crate::config::BeitConfig;
+use crate::error::Result;
+use crate::model::relative_position::BeitRelativePositionBias;
+use crate::nn::{dropout, softmax_last_dim, Linear, Mode};
+use crate::weights::Weights;
+
+/// What one attention call needs besides the hidden states.
+pub struct AttentionInputs<'a> {
+    pub head_mask: Option<&'a Tensor>,
+    pub output_attentions: bool,
+    pub shared_relative_position_bias: Option<&'a Tensor>,
+    pub interpolate_pos_encoding: bool,
+    /// Patch grid of the current input.
+    pub window: (usize, usize),
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone)]
+pub struct BeitSelfAttention {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub relative_position_bias: Option<BeitRelativePositionBias>,
+    num_attention_heads: usize,
+    attention_head_size: usize,
+    attention_probs_dropout_prob: f64,
+}
+
+impl BeitSelfAttention {
+    pub fn load(w: &Weights, c: &BeitConfig, window_size: Option<(usize, usize)>) -> Result<Self> {
+        let d = c.hidden_size;
+        let std = c.initializer_range;
+        Ok(BeitSelfAttention {
+            query: Linear::load(&w.pp("query"), d, d, true, std)?,
+            key: Linear::load(&w.pp("key"), d, d, false, std)?,
+            value: Linear::load(&w.pp("value"), d, d, true, std)?,
+            relative_position_bias: match window_size {
+                Some(ws) => Some(BeitRelativePositionBias::load(&w.pp("relative_position_bias"), c, ws)?),
+                None => None,
+            },
+            num_attention_heads: c.num_attention_heads,
+            attention_head_size: c.head_dim(),
+            attention_probs_dropout_prob: c.attention_probs_dropout_prob,
+        })
+    }
+
+    /// The context (batch, seq, hidden) and, when asked, the attention probabilities (batch, heads, seq, seq).
+    pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, n, _) = x.dims3()?;
+        let (h, dh) = (self.num_attention_heads, self.attention_head_size);
+        let heads = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, n, h, dh))?.transpose(1, 2)?.contiguous()?) };
+        let q = heads(self.query.forward(x)?)?;
+        let k = heads(self.key.forward(x)?)?;
+        let v = heads(self.value.forward(x)?)?;
+        let mut scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        if let Some(rpb) = &self.relative_position_bias {
+            scores = scores.broadcast_add(&rpb.forward(a.window, a.interpolate_pos_encoding, n, a.mode)?)?;
+        }
+        if let Some(shared) = a.shared_relative_position_bias {
+            scores = scores.broadcast_add(shared)?;
+        }
+        let probs = softmax_last_dim(&scores, a.mode)?;
+        let mut probs = dropout(&probs, self.attention_probs_dropout_prob, a.mode)?;
+        if let Some(m) = a.head_mask {
+            probs = probs.broadcast_mul(m)?;
+        }
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * dh))?;
+        Ok((context, a.output_attentions.then_some(probs)))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BeitSelfOutput {
+    pub dense: Linear,
+    hidden_dropout_prob: f64,
+}
+
+impl BeitSelfOutput {
+    pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
+        Ok(BeitSelfOutput {
+            dense: Linear::load(&w.pp("dense"), c.hidden_size, c.hidden_size, true, c.initializer_range)?,
+            hidden_dropout_prob: c.hidden_dropout_prob,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        dropout(&self.dense.forward(x)?, self.hidden_dropout_prob, mode)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BeitAttention {
+    pub attention: BeitSelfAttention,
+    pub output: BeitSelfOutput,
+}
+
+impl BeitAttention {
+    pub fn load(w: &Weights, c: &BeitConfig, window_size: Option<(usize, usize)>) -> Result<Self> {
+        Ok(BeitAttention {
+            attention: BeitSelfAttention::load(&w.pp("attention"), c, window_size)?,
+            output: BeitSelfOutput::load(&w.pp("output"), c)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
+        let (context, probs) = self.attention.forward(x, a)?;
+        Ok((self.output.forward(&context, a.mode)?, probs))
+    }
+}

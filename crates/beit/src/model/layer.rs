@@ -1,0 +1,96 @@
+//! BeitIntermediate, BeitOutput and BeitLayer (timm's Block): pre-norm attention and MLP with layer scale.
+
+use candle_core::Tensor;
+
+use crate::config::{BeitConfig, HiddenAct};
+use crate::error::Result;
+use crate::model::attention::{AttentionInputs, BeitAttention};
+use crate::nn::{activation, drop_path, dropout, LayerNorm, Linear, Mode};
+use crate::weights::{Init, Weights};
+
+#[derive(Debug, Clone)]
+pub struct BeitIntermediate {
+    pub dense: Linear,
+    act: HiddenAct,
+}
+
+impl BeitIntermediate {
+    pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
+        Ok(BeitIntermediate {
+            dense: Linear::load(&w.pp("dense"), c.hidden_size, c.intermediate_size, true, c.initializer_range)?,
+            act: c.hidden_act,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        activation(self.act, &self.dense.forward(x)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BeitOutput {
+    pub dense: Linear,
+    hidden_dropout_prob: f64,
+}
+
+impl BeitOutput {
+    pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
+        Ok(BeitOutput {
+            dense: Linear::load(&w.pp("dense"), c.intermediate_size, c.hidden_size, true, c.initializer_range)?,
+            hidden_dropout_prob: c.hidden_dropout_prob,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        dropout(&self.dense.forward(x)?, self.hidden_dropout_prob, mode)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BeitLayer {
+    pub attention: BeitAttention,
+    pub intermediate: BeitIntermediate,
+    pub output: BeitOutput,
+    pub layernorm_before: LayerNorm,
+    pub layernorm_after: LayerNorm,
+    /// Layer scale; absent when layer_scale_init_value is 0.
+    pub lambda_1: Option<Tensor>,
+    pub lambda_2: Option<Tensor>,
+    pub drop_path_rate: f64,
+}
+
+impl BeitLayer {
+    pub fn load(w: &Weights, c: &BeitConfig, window_size: Option<(usize, usize)>, drop_path_rate: f64) -> Result<Self> {
+        let d = c.hidden_size;
+        let (lambda_1, lambda_2) = if c.layer_scale_init_value > 0.0 {
+            let init = Init::Const(c.layer_scale_init_value);
+            (Some(w.get(d, "lambda_1", init)?), Some(w.get(d, "lambda_2", init)?))
+        } else {
+            (None, None)
+        };
+        Ok(BeitLayer {
+            attention: BeitAttention::load(&w.pp("attention"), c, window_size)?,
+            intermediate: BeitIntermediate::load(&w.pp("intermediate"), c)?,
+            output: BeitOutput::load(&w.pp("output"), c)?,
+            layernorm_before: LayerNorm::load(&w.pp("layernorm_before"), d, c.layer_norm_eps)?,
+            layernorm_after: LayerNorm::load(&w.pp("layernorm_after"), d, c.layer_norm_eps)?,
+            lambda_1,
+            lambda_2,
+            drop_path_rate,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
+        let (mut attn, probs) = self.attention.forward(&self.layernorm_before.forward(x, a.mode)?, a)?;
+        if let Some(l1) = &self.lambda_1 {
+            attn = attn.broadcast_mul(l1)?;
+        }
+        let x = (drop_path(&attn, self.drop_path_rate, a.mode)? + x)?;
+        let mut y = self.intermediate.forward(&self.layernorm_after.forward(&x, a.mode)?)?;
+        y = self.output.forward(&y, a.mode)?;
+        if let Some(l2) = &self.lambda_2 {
+            y = y.broadcast_mul(l2)?;
+        }
+        Ok(((drop_path(&y, self.drop_path_rate, a.mode)? + x)?, probs))
+    }
+}

@@ -1,0 +1,137 @@
+//! BeitModel: embeddings, encoder, the final LayerNorm (CLS pooling) and the pooler, as transformers builds it.
+
+pub mod attention;
+pub mod embeddings;
+pub mod encoder;
+pub mod layer;
+pub mod relative_position;
+
+use candle_core::{DType, Tensor};
+
+use crate::config::BeitConfig;
+use crate::error::{BeitError, Result};
+use crate::nn::{LayerNorm, Mode};
+use crate::weights::Weights;
+use embeddings::BeitEmbeddings;
+use encoder::{BeitEncoder, EncoderInputs};
+
+/// The inputs of a forward pass besides pixel values, with transformers' argument names.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// (batch, patches), bool/u8/integer: which patches the mask token replaces.
+    pub bool_masked_pos: Option<Tensor>,
+    /// [heads] or [layers, heads]: 1 keeps a head, 0 masks it.
+    pub head_mask: Option<Tensor>,
+    pub output_hidden_states: bool,
+    pub output_attentions: bool,
+    pub interpolate_pos_encoding: bool,
+    pub mode: Mode,
+}
+
+/// BeitModelOutputWithPooling.
+#[derive(Debug, Clone)]
+pub struct BeitModelOutput {
+    pub last_hidden_state: Tensor,
+    pub pooler_output: Option<Tensor>,
+    pub hidden_states: Option<Vec<Tensor>>,
+    pub attentions: Option<Vec<Tensor>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BeitPooler {
+    /// Present with use_mean_pooling: LayerNorm of the mean patch token; otherwise the CLS token is the output.
+    pub layernorm: Option<LayerNorm>,
+}
+
+impl BeitPooler {
+    pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
+        Ok(BeitPooler {
+            layernorm: if c.use_mean_pooling {
+                Some(LayerNorm::load_head(&w.pp("layernorm"), c.hidden_size, c.layer_norm_eps)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match &self.layernorm {
+            Some(ln) => {
+                let n = x.dim(1)?;
+                ln.forward(&x.narrow(1, 1, n - 1)?.mean(1)?, mode)
+            }
+            None => Ok(x.narrow(1, 0, 1)?.squeeze(1)?),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BeitModel {
+    pub config: BeitConfig,
+    pub embeddings: BeitEmbeddings,
+    pub encoder: BeitEncoder,
+    /// Identity with mean pooling.
+    pub layernorm: Option<LayerNorm>,
+    pub pooler: Option<BeitPooler>,
+}
+
+impl BeitModel {
+    pub fn load(w: &Weights, c: &BeitConfig, add_pooling_layer: bool) -> Result<Self> {
+        c.validate()?;
+        Ok(BeitModel {
+            config: c.clone(),
+            embeddings: BeitEmbeddings::load(&w.pp("embeddings"), c)?,
+            encoder: BeitEncoder::load(&w.pp("encoder"), c)?,
+            layernorm: if c.use_mean_pooling {
+                None
+            } else {
+                Some(LayerNorm::load(&w.pp("layernorm"), c.hidden_size, c.layer_norm_eps)?)
+            },
+            pooler: if add_pooling_layer { Some(BeitPooler::load(&w.pp("pooler"), c)?) } else { None },
+        })
+    }
+
+    pub fn forward(&self, pixel_values: &Tensor, o: &ForwardOptions) -> Result<BeitModelOutput> {
+        let pixel_values = check_pixel_values(pixel_values)?;
+        let (_, _, h, w) = pixel_values.dims4()?;
+        let (x, _) = self.embeddings.forward(&pixel_values, o.bool_masked_pos.as_ref(), o.mode)?;
+        let e = EncoderInputs {
+            head_mask: o.head_mask.as_ref(),
+            output_attentions: o.output_attentions,
+            output_hidden_states: o.output_hidden_states,
+            interpolate_pos_encoding: o.interpolate_pos_encoding,
+            resolution: (h, w),
+            mode: o.mode,
+        };
+        let out = self.encoder.forward(&x, &e, self.config.num_attention_heads, self.config.patch_size.height)?;
+        let seq = match &self.layernorm {
+            Some(ln) => ln.forward(&out.last_hidden_state, o.mode)?,
+            None => out.last_hidden_state,
+        };
+        let pooler_output = match &self.pooler {
+            Some(p) => Some(p.forward(&seq, o.mode)?),
+            None => None,
+        };
+        Ok(BeitModelOutput {
+            last_hidden_state: seq,
+            pooler_output,
+            hidden_states: out.hidden_states,
+            attentions: out.attentions,
+        })
+    }
+}
+
+/// Pixel values must be a float (batch, channels, height, width) tensor with at least one image.
+pub fn check_pixel_values(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() != 4 {
+        return Err(BeitError::input(
+            "pixel_values",
+            format!("shape {dims:?}, expected 4 dimensions (batch, channels, height, width)"),
+        ));
+    }
+    if dims.iter().any(|&d| d == 0) {
+        return Err(BeitError::input("pixel_values", format!("shape {dims:?} has an empty dimension")));
+    }
+    Ok(x.to_dtype(DType::F32)?)
+}

@@ -1,0 +1,127 @@
+//! BeitRelativePositionBias: T5-style bias per head, at any input resolution (the MiDaS v3.1 extension that
+//! transformers implements). The gathered bias depends only on the window size, so inference computes it once
+//! per resolution and keeps it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Device, Tensor};
+
+use crate::config::BeitConfig;
+use crate::error::Result;
+use crate::nn::Mode;
+use crate::ops::interpolate_bilinear;
+use crate::weights::{Init, Weights};
+
+#[derive(Debug, Clone)]
+pub struct BeitRelativePositionBias {
+    pub relative_position_bias_table: Tensor,
+    pub window_size: (usize, usize),
+    num_heads: usize,
+    /// (window, interpolated dim) -> (1, heads, N+1, N+1), inference only.
+    cache: Arc<Mutex<HashMap<(usize, usize, usize), Tensor>>>,
+}
+
+/// transformers' generate_relative_position_index: (Wh*Ww+1)^2 indices into the table.
+pub fn relative_position_index(window: (usize, usize)) -> Vec<u32> {
+    let (wh, ww) = window;
+    let area = wh * ww;
+    let num_relative_distance = (2 * wh - 1) * (2 * ww - 1) + 3;
+    let n = area + 1;
+    let mut index = vec![0u32; n * n];
+    for i in 0..area {
+        let (yi, xi) = ((i / ww) as i64, (i % ww) as i64);
+        for j in 0..area {
+            let (yj, xj) = ((j / ww) as i64, (j % ww) as i64);
+            let dy = yi - yj + wh as i64 - 1;
+            let dx = xi - xj + ww as i64 - 1;
+            index[(i + 1) * n + (j + 1)] = (dy * (2 * ww as i64 - 1) + dx) as u32;
+        }
+    }
+    for j in 0..n {
+        index[j] = (num_relative_distance - 3) as u32; // cls to token
+    }
+    for i in 0..n {
+        index[i * n] = (num_relative_distance - 2) as u32; // token to cls
+    }
+    index[0] = (num_relative_distance - 1) as u32; // cls to cls
+    index
+}
+
+impl BeitRelativePositionBias {
+    pub fn load(w: &Weights, c: &BeitConfig, window_size: (usize, usize)) -> Result<Self> {
+        let num_relative_distance = (2 * window_size.0 - 1) * (2 * window_size.1 - 1) + 3;
+        Ok(BeitRelativePositionBias {
+            relative_position_bias_table: w.get(
+                (num_relative_distance, c.num_attention_heads),
+                "relative_position_bias_table",
+                Init::Zeros,
+            )?,
+            window_size,
+            num_heads: c.num_attention_heads,
+            cache: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// The bias table for another window: the (2Wh-1)x(2Ww-1) part resized bilinearly, the three CLS entries kept.
+    fn table_for(&self, window: (usize, usize)) -> Result<Tensor> {
+        if window == self.window_size {
+            return Ok(self.relative_position_bias_table.clone());
+        }
+        let table = &self.relative_position_bias_table;
+        let old_h = 2 * self.window_size.0 - 1;
+        let old_w = 2 * self.window_size.1 - 1;
+        let (new_h, new_w) = (2 * window.0 - 1, 2 * window.1 - 1);
+        let old_n = old_h * old_w;
+        // transformers reshapes the table as (old_width, old_height): the same for square windows.
+        let sub = table.narrow(0, 0, old_n)?.reshape((1, old_w, old_h, self.num_heads))?.permute((0, 3, 1, 2))?;
+        let sub = interpolate_bilinear(&sub, new_h, new_w, false)?;
+        let sub = sub.permute((0, 2, 3, 1))?.reshape((new_h * new_w, self.num_heads))?;
+        Ok(Tensor::cat(&[&sub, &table.narrow(0, old_n, 3)?], 0)?)
+    }
+
+    /// (1, heads, N+1, N+1) for a `window` of patches; `dim_size` is the sequence length the caller sees, to
+    /// which the bias is resized when `interpolate_pos_encoding` is set (identity unless they differ).
+    pub fn forward(&self, window: (usize, usize), interpolate_pos_encoding: bool, dim_size: usize, mode: Mode) -> Result<Tensor> {
+        let target = if interpolate_pos_encoding { dim_size } else { 0 };
+        let key = (window.0, window.1, target);
+        if !mode.train {
+            if let Some(t) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+                return Ok(t.clone());
+            }
+        }
+        let table = self.table_for(window)?;
+        let n = window.0 * window.1 + 1;
+        let index = Tensor::from_vec(relative_position_index(window), n * n, &Device::Cpu)?.to_device(table.device())?;
+        let bias = table.index_select(&index, 0)?.reshape((n, n, self.num_heads))?.permute((2, 0, 1))?.contiguous()?;
+        let bias = if interpolate_pos_encoding && dim_size != n {
+            interpolate_bilinear(&bias.unsqueeze(1)?, dim_size, dim_size, false)?.squeeze(1)?
+        } else {
+            bias
+        };
+        let bias = bias.unsqueeze(0)?;
+        if !mode.train {
+            self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, bias.clone());
+        }
+        Ok(bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_matches_transformers_for_2x2() {
+        // torch: BeitRelativePositionBias.generate_relative_position_index((2, 2)) flattened.
+        let expected: Vec<u32> = vec![
+            11, 9, 9, 9, 9, 10, 4, 3, 1, 0, 10, 5, 4, 2, 1, 10, 7, 6, 4, 3, 10, 8, 7, 5, 4,
+        ];
+        assert_eq!(relative_position_index((2, 2)), expected);
+        let expected_2x3: Vec<u32> = vec![
+            17, 15, 15, 15, 15, 15, 15, 16, 7, 6, 5, 2, 1, 0, 16, 8, 7, 6, 3, 2, 1, 16, 9, 8, 7, 4, 3, 2, 16, 12, 11,
+            10, 7, 6, 5, 16, 13, 12, 11, 8, 7, 6, 16, 14, 13, 12, 9, 8, 7,
+        ];
+        assert_eq!(relative_position_index((2, 3)), expected_2x3);
+    }
+}

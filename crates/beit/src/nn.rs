@@ -1,0 +1,167 @@
+//! The few torch.nn layers BEiT is built from, loaded under PyTorch's parameter names (`weight`, `bias`).
+
+use candle_core::{Module, Tensor, D};
+
+use crate::config::HiddenAct;
+use crate::error::Result;
+use crate::weights::{Init, Weights};
+
+/// Whether a forward pass records gradients: the fused CPU kernels (LayerNorm, softmax) have no backward pass,
+/// so training takes the composite path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mode {
+    pub train: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
+        let weight = w.get((out_dim, in_dim), "weight", Init::Normal(std))?;
+        let bias = if bias { Some(w.get(out_dim, "bias", Init::Zeros)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// A head layer: initialized when the checkpoint lacks it.
+    pub fn load_head(w: &Weights, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
+        let weight = w.get_or_init((out_dim, in_dim), "weight", Init::Normal(std))?;
+        let bias = Some(w.get_or_init(out_dim, "bias", Init::Zeros)?);
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims.last().copied().unwrap_or(0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: w.get(dim, "weight", Init::Const(1.0))?, bias: w.get(dim, "bias", Init::Zeros)?, eps })
+    }
+
+    pub fn load_head(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get_or_init(dim, "weight", Init::Const(1.0))?,
+            bias: w.get_or_init(dim, "bias", Init::Zeros)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode.train {
+            // Composite ops, which candle can differentiate. Same formula as torch: biased variance.
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            return Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?);
+        }
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+}
+
+impl Conv2d {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, self.dilation, 1)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    if mode.train {
+        return Ok(candle_nn::ops::softmax(x, D::Minus1)?);
+    }
+    Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+}
+
+/// transformers' ACT2FN, formula for formula.
+pub fn activation(act: HiddenAct, x: &Tensor) -> Result<Tensor> {
+    use HiddenAct::*;
+    Ok(match act {
+        Gelu | GeluPython => x.gelu_erf()?,
+        // The tanh approximations differ from each other only by rounding (< 1e-7).
+        GeluNew | GeluPytorchTanh | GeluPythonTanh | GeluAccurate | GeluFast => x.gelu()?,
+        Gelu10 => x.gelu_erf()?.clamp(-10f32, 10f32)?,
+        Laplace => {
+            let (mu, sigma) = (0.707107f64, 0.282095f64);
+            (((x - mu)? / (sigma * std::f64::consts::SQRT_2))?.erf()? + 1.0)?.affine(0.5, 0.0)?
+        }
+        LeakyRelu => candle_nn::ops::leaky_relu(x, 0.01)?,
+        Linear => x.clone(),
+        Mish => {
+            // softplus with torch's threshold: x itself above 20.
+            let sp = x.exp()?.affine(1.0, 1.0)?.log()?;
+            let sp = x.gt(20f64)?.where_cond(x, &sp)?;
+            (x * sp.tanh()?)?
+        }
+        QuickGelu => (x * candle_nn::ops::sigmoid(&x.affine(1.702, 0.0)?)?)?,
+        Relu => x.relu()?,
+        Relu2 => x.relu()?.sqr()?,
+        Relu6 => x.clamp(0f32, 6f32)?,
+        Sigmoid => candle_nn::ops::sigmoid(x)?,
+        Silu | Swish => x.silu()?,
+        Tanh => x.tanh()?,
+    })
+}
+
+/// Dropout as torch applies it in training (scaled by 1/(1-p)); identity at inference.
+pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
+    if !mode.train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    Ok(candle_nn::ops::dropout(x, p as f32)?)
+}
+
+/// Stochastic depth per sample (transformers' drop_path); identity at inference.
+pub fn drop_path(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
+    if !mode.train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - p;
+    let mut shape = vec![1usize; x.rank()];
+    shape[0] = x.dim(0)?;
+    let r = Tensor::rand(0f32, 1f32, shape, x.device())?;
+    let mask = (r + keep)?.floor()?;
+    Ok(x.affine(1.0 / keep, 0.0)?.broadcast_mul(&mask)?)
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Linear::forward(self, x).map_err(candle_core::Error::wrap)
+    }
+}

@@ -1,0 +1,83 @@
+//! Tensor primitives torch has and candle lacks, written once to match torch's CPU kernels.
+
+use candle_core::Tensor;
+
+use crate::error::{BeitError, Result};
+
+/// torch's cubic convolution weights (A = -0.75) for a fractional offset `t`.
+fn cubic_weights(t: f32) -> [f32; 4] {
+    const A: f32 = -0.75;
+    let c1 = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let c2 = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    [c2(t + 1.0), c1(t), c1(1.0 - t), c2(2.0 - t)]
+}
+
+/// Source indices (clamped) and weights of each output position, as torch's bicubic with align_corners=False.
+fn cubic_taps(in_size: usize, out_size: usize) -> Vec<([usize; 4], [f32; 4])> {
+    let scale = in_size as f32 / out_size as f32;
+    (0..out_size)
+        .map(|o| {
+            let real = scale * (o as f32 + 0.5) - 0.5;
+            let base = real.floor();
+            let t = real - base;
+            let base = base as i64;
+            let idx = [0i64, 1, 2, 3].map(|k| (base - 1 + k).clamp(0, in_size as i64 - 1) as usize);
+            (idx, cubic_weights(t))
+        })
+        .collect()
+}
+
+/// `torch.nn.functional.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False)` for an
+/// (N, C, H, W) float tensor. Forward only (used on position tables at inference).
+pub fn interpolate_bicubic(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
+        return Err(BeitError::input("bicubic interpolation", format!("empty size {h}x{w} -> {out_h}x{out_w}")));
+    }
+    let src = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (ty, tx) = (cubic_taps(h, out_h), cubic_taps(w, out_w));
+    let mut out = vec![0f32; n * c * out_h * out_w];
+    for (plane, dst) in src.chunks_exact(h * w).zip(out.chunks_exact_mut(out_h * out_w)) {
+        for (oy, (iy, wy)) in ty.iter().enumerate() {
+            for (ox, (ix, wx)) in tx.iter().enumerate() {
+                let mut acc = 0f32;
+                for (j, &yy) in iy.iter().enumerate() {
+                    let row = &plane[yy * w..(yy + 1) * w];
+                    let mut r = 0f32;
+                    for (i, &xx) in ix.iter().enumerate() {
+                        r += row[xx] * wx[i];
+                    }
+                    acc += r * wy[j];
+                }
+                dst[oy * out_w + ox] = acc;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (n, c, out_h, out_w), x.device())?)
+}
+
+/// `interpolate(x, size, mode="bilinear", align_corners)`; candle's kernel follows torch's index arithmetic.
+/// It returns its input unchanged for an identity resize, so the input is made contiguous first.
+pub fn interpolate_bilinear(x: &Tensor, out_h: usize, out_w: usize, align_corners: bool) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    Ok(x.contiguous()?.upsample_bilinear2d(out_h, out_w, align_corners)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn bicubic_identity_and_constant() {
+        let x = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((1, 1, 3, 4)).unwrap();
+        let y = interpolate_bicubic(&x, 3, 4).unwrap();
+        assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let c = Tensor::ones((1, 2, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let y = interpolate_bicubic(&c, 7, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(y.iter().all(|v| (v - 1.0).abs() < 1e-6));
+    }
+}

@@ -1,0 +1,253 @@
+//! `Weights`: named access to a checkpoint's tensors while a model is built, in the spirit of candle's VarBuilder,
+//! but keeping what a loader must report: which tensors were used, which were missing and initialized fresh,
+//! and errors that name the file, the tensor and both shapes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+
+use crate::error::{BeitError, Result};
+
+/// How a parameter is initialized when the checkpoint lacks it (transformers' `_init_weights`).
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Normal(f64),
+    Zeros,
+    Const(f64),
+}
+
+/// Where a missing tensor may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A checkpoint: backbone tensors must be there; heads and the pooler may be initialized (and are reported).
+    Checkpoint,
+    /// No checkpoint: every parameter is initialized (training from scratch).
+    Fresh,
+}
+
+struct Inner {
+    tensors: HashMap<String, Tensor>,
+    path: PathBuf,
+    source: Source,
+    device: Device,
+    used: Mutex<BTreeSet<String>>,
+    initialized: Mutex<Vec<String>>,
+    /// Set when building a model to train: every parameter becomes a Var, in creation order.
+    vars: Option<Mutex<Vec<(String, Var)>>>,
+    rng: Mutex<SplitMix64>,
+}
+
+#[derive(Clone)]
+pub struct Weights {
+    inner: Arc<Inner>,
+    prefix: String,
+}
+
+/// What loading did beyond the expected: transformers prints the same two lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub newly_initialized: Vec<String>,
+    pub unused: Vec<String>,
+}
+
+impl Weights {
+    pub fn new(tensors: HashMap<String, Tensor>, path: impl Into<PathBuf>, device: &Device) -> Self {
+        Self::build(tensors, path.into(), Source::Checkpoint, device, false, 0)
+    }
+
+    /// Every parameter freshly initialized from a seeded generator.
+    pub fn fresh(device: &Device, seed: u64) -> Self {
+        Self::build(HashMap::new(), PathBuf::from("<fresh>"), Source::Fresh, device, false, seed)
+    }
+
+    pub fn build(
+        tensors: HashMap<String, Tensor>,
+        path: PathBuf,
+        source: Source,
+        device: &Device,
+        trainable: bool,
+        seed: u64,
+    ) -> Self {
+        Weights {
+            inner: Arc::new(Inner {
+                tensors,
+                path,
+                source,
+                device: device.clone(),
+                used: Mutex::new(BTreeSet::new()),
+                initialized: Mutex::new(Vec::new()),
+                vars: trainable.then(|| Mutex::new(Vec::new())),
+                rng: Mutex::new(SplitMix64(seed)),
+            }),
+            prefix: String::new(),
+        }
+    }
+
+    /// A view under `prefix.` (like VarBuilder::pp).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Weights { inner: self.inner.clone(), prefix }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.tensors.contains_key(&self.full_name(name))
+    }
+
+    /// Any tensor under this prefix?
+    pub fn contains_prefix(&self) -> bool {
+        let p = format!("{}.", self.prefix);
+        self.inner.tensors.keys().any(|k| k.starts_with(&p))
+    }
+
+    /// A backbone parameter: missing from a checkpoint is an error.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        self.get_impl(shape.into(), name, init, self.inner.source == Source::Fresh)
+    }
+
+    /// A head or pooler parameter: initialized (and reported) when the checkpoint lacks it, as transformers does.
+    pub fn get_or_init(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        self.get_impl(shape.into(), name, init, true)
+    }
+
+    fn get_impl(&self, shape: Shape, name: &str, init: Init, may_init: bool) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let tensor = match self.inner.tensors.get(&full) {
+            Some(t) => {
+                if t.dims() != shape.dims() {
+                    return Err(BeitError::ShapeMismatch {
+                        path: self.inner.path.clone(),
+                        name: full,
+                        expected: shape.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                lock(&self.inner.used).insert(full.clone());
+                t.to_dtype(DType::F32)?
+            }
+            None if may_init => {
+                lock(&self.inner.initialized).push(full.clone());
+                self.initialize(&shape, init)?
+            }
+            None => return Err(BeitError::MissingTensor { path: self.inner.path.clone(), name: full }),
+        };
+        match &self.inner.vars {
+            Some(vars) => {
+                let var = Var::from_tensor(&tensor)?;
+                let t = var.as_tensor().clone();
+                lock(vars).push((full, var));
+                Ok(t)
+            }
+            None => Ok(tensor),
+        }
+    }
+
+    fn initialize(&self, shape: &Shape, init: Init) -> Result<Tensor> {
+        let n = shape.elem_count();
+        let data: Vec<f32> = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Const(v) => vec![v as f32; n],
+            Init::Normal(std) => {
+                let mut rng = lock(&self.inner.rng);
+                (0..n).map(|_| (rng.normal() * std) as f32).collect()
+            }
+        };
+        Ok(Tensor::from_vec(data, shape.clone(), &self.inner.device)?)
+    }
+
+    /// Tensors the model never asked for (old `relative_position_index` buffers are expected and ignored, as in
+    /// transformers' `_keys_to_ignore_on_load_unexpected`).
+    pub fn report(&self) -> LoadReport {
+        let used = lock(&self.inner.used);
+        let mut unused: Vec<String> = self
+            .inner
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(*k) && !k.contains("relative_position_index"))
+            .cloned()
+            .collect();
+        unused.sort();
+        LoadReport { newly_initialized: lock(&self.inner.initialized).clone(), unused }
+    }
+
+    /// The trainable parameters, by checkpoint name, when built with `trainable`.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.inner.vars.as_ref().map(|v| lock(v).clone()).unwrap_or_default()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-insert; the sets stay usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A tiny seeded generator, so that fresh weights are reproducible without a dependency.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Box-Muller.
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_missing_unused_and_shape() {
+        let dev = Device::Cpu;
+        let mut t = HashMap::new();
+        t.insert("a.w".to_string(), Tensor::zeros((2, 3), DType::F32, &dev).unwrap());
+        t.insert("b".to_string(), Tensor::zeros(4, DType::F32, &dev).unwrap());
+        t.insert("enc.relative_position_index".to_string(), Tensor::zeros(4, DType::F32, &dev).unwrap());
+        let w = Weights::new(t, "x.safetensors", &dev);
+        assert!(w.pp("a").get((2, 3), "w", Init::Zeros).is_ok());
+        let e = w.pp("a").get((3, 2), "w", Init::Zeros).unwrap_err().to_string();
+        assert!(e.contains("a.w") && e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
+        let e = w.get(3, "c", Init::Zeros).unwrap_err().to_string();
+        assert!(e.contains("`c`") && e.contains("x.safetensors"), "{e}");
+        assert!(w.get_or_init(3, "head", Init::Const(1.0)).is_ok());
+        let r = w.report();
+        assert_eq!(r.unused, vec!["b".to_string()]);
+        assert_eq!(r.newly_initialized, vec!["head".to_string()]);
+    }
+
+    #[test]
+    fn fresh_weights_are_seeded() {
+        let a = Weights::fresh(&Device::Cpu, 7).get(5, "x", Init::Normal(1.0)).unwrap().to_vec1::<f32>().unwrap();
+        let b = Weights::fresh(&Device::Cpu, 7).get(5, "x", Init::Normal(1.0)).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, b);
+    }
+}

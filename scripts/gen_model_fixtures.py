@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Parity fixtures for the BEiT models: tiny BeitConfig variants with seeded random weights, their inputs and
+transformers 4.57.6's outputs, written under crates/beit/tests/fixtures/model/<case>/.
+
+Run by hand (never by CI), in a venv with scripts/requirements.txt installed:
+    python scripts/gen_model_fixtures.py
+
+Each case directory holds:
+    config.json             save_pretrained's config
+    model.safetensors       save_pretrained's weights (safetensors)
+    pytorch_model.bin       (some cases) the same weights as save_pretrained(safe_serialization=False) writes them
+    inputs.safetensors      pixel_values [, bool_masked_pos (u8), head_mask, labels]
+    outputs.safetensors     every output tensor under transformers' field names
+    case.json               the class and call options used
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import (
+    BeitConfig,
+    BeitForImageClassification,
+    BeitForMaskedImageModeling,
+    BeitModel,
+)
+
+assert transformers.__version__ == "4.57.6", transformers.__version__
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates", "beit", "tests", "fixtures", "model")
+
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    image_size=32,
+    patch_size=8,
+    vocab_size=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    drop_path_rate=0.0,
+)
+
+CLASSES = {
+    "BeitModel": BeitModel,
+    "BeitForMaskedImageModeling": BeitForMaskedImageModeling,
+    "BeitForImageClassification": BeitForImageClassification,
+}
+
+
+def randomize(model, seed):
+    """Seeded random weights far from the initial ones (zeros and ones hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "layernorm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif "relative_position_bias_table" in name or "position_embeddings" in name:
+                p.copy_(0.5 * noise)
+            elif "lambda_" in name:
+                p.copy_(0.5 + 0.3 * noise)
+            else:
+                p.copy_(0.3 * noise)
+
+
+def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2label=None):
+    torch.manual_seed(seed)
+    kw = dict(TINY)
+    kw.update(config_kw)
+    if id2label is not None:
+        kw["id2label"] = id2label
+        kw["label2id"] = {v: k for k, v in id2label.items()}
+    config = BeitConfig(**kw)
+    config._attn_implementation = "eager"
+    model = CLASSES[cls_name](config)
+    randomize(model, seed)
+    model.eval()
+
+    out_dir = os.path.join(ROOT, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if save_bin:
+        model.save_pretrained(out_dir, safe_serialization=False)
+
+    with torch.no_grad():
+        outputs = model(**inputs, **call, return_dict=True)
+
+    tensors = {}
+    for field, value in outputs.items():
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            for i, v in enumerate(value):
+                tensors[f"{field}.{i}"] = v.clone().contiguous()
+        else:
+            tensors[field] = value.clone().contiguous()
+    if "loss" in tensors:
+        tensors["loss"] = tensors["loss"].reshape(1)
+    save_file(tensors, os.path.join(out_dir, "outputs.safetensors"))
+
+    stored_inputs = {}
+    for k, v in inputs.items():
+        if v.dtype == torch.bool:
+            v = v.to(torch.uint8)
+        stored_inputs[k] = v.contiguous()
+    save_file(stored_inputs, os.path.join(out_dir, "inputs.safetensors"))
+    with open(os.path.join(out_dir, "case.json"), "w") as f:
+        json.dump({"class": cls_name, "call": call, "inputs": sorted(inputs), "seed": seed}, f, indent=2)
+    print(f"{name}: {cls_name} {sorted(tensors)}")
+
+
+def pixels(seed, batch, channels, height, width):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, height, width, generator=g)
+
+
+def mask(seed, batch, num_patches, count):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(batch, num_patches, dtype=torch.bool)
+    for b in range(batch):
+        m[b, torch.randperm(num_patches, generator=g)[:count]] = True
+    return m
+
+
+ALL = dict(output_hidden_states=True, output_attentions=True)
+
+
+def main():
+    torch.set_grad_enabled(False)
+    os.makedirs(ROOT, exist_ok=True)
+
+    # Per-layer relative position bias, layer scale, mean pooling (the fine-tuned classification checkpoints' shape).
+    save_case(
+        "relpos_layer", "BeitModel",
+        dict(use_relative_position_bias=True, num_hidden_layers=3),
+        1, dict(pixel_values=pixels(1, 2, 3, 32, 32)), ALL, save_bin=True,
+    )
+    # Shared relative position bias, CLS pooling (layernorm on the sequence), gelu_new.
+    save_case(
+        "relpos_shared_cls", "BeitModel",
+        dict(use_shared_relative_position_bias=True, use_mean_pooling=False, hidden_act="gelu_new"),
+        2, dict(pixel_values=pixels(2, 2, 3, 32, 32)), ALL,
+    )
+    # Absolute position embeddings, no layer scale (lambda_1/2 absent), relu.
+    save_case(
+        "abspos_noscale", "BeitModel",
+        dict(use_absolute_position_embeddings=True, layer_scale_init_value=0.0, hidden_act="relu"),
+        3, dict(pixel_values=pixels(3, 1, 3, 32, 32)), ALL, save_bin=True,
+    )
+    # Absolute positions at another, non-square resolution: bicubic interpolation of the table.
+    save_case(
+        "abspos_interp_nonsquare", "BeitModel",
+        dict(use_absolute_position_embeddings=True, image_size=32),
+        4, dict(pixel_values=pixels(4, 2, 3, 48, 40)), dict(ALL, interpolate_pos_encoding=True),
+    )
+    # Absolute positions, square but larger input (always interpolated by transformers).
+    save_case(
+        "abspos_larger", "BeitModel",
+        dict(use_absolute_position_embeddings=True, image_size=32),
+        5, dict(pixel_values=pixels(5, 1, 3, 48, 48)), dict(output_hidden_states=True),
+    )
+    # Per-layer relative bias at a non-square resolution: the table is resized bilinearly to the new window.
+    save_case(
+        "relpos_layer_nonsquare", "BeitModel",
+        dict(use_relative_position_bias=True),
+        6, dict(pixel_values=pixels(6, 2, 3, 48, 64)), ALL,
+    )
+    # Shared relative bias, larger input with interpolate_pos_encoding, both tables (abs + rel).
+    save_case(
+        "relpos_shared_abspos_interp", "BeitModel",
+        dict(use_shared_relative_position_bias=True, use_absolute_position_embeddings=True),
+        7, dict(pixel_values=pixels(7, 1, 3, 40, 56)), dict(ALL, interpolate_pos_encoding=True),
+    )
+    # Single channel, head_mask, silu, another layer_norm_eps.
+    save_case(
+        "one_channel_head_mask", "BeitModel",
+        dict(num_channels=1, use_relative_position_bias=True, hidden_act="silu", layer_norm_eps=1e-6),
+        8,
+        dict(pixel_values=pixels(8, 2, 1, 32, 32),
+             head_mask=torch.tensor([[1.0, 0.0, 1.0, 0.5], [0.0, 1.0, 1.0, 1.0]])),
+        ALL,
+    )
+    # Masked image modeling: mask token, shared relative bias, loss on masked positions.
+    m = mask(9, 2, 16, 6)
+    labels = torch.randint(0, 64, (int(m.sum()),), generator=torch.Generator().manual_seed(9))
+    save_case(
+        "mim", "BeitForMaskedImageModeling",
+        dict(use_mask_token=True, use_shared_relative_position_bias=True, use_mean_pooling=False,
+             layer_scale_init_value=0.1),
+        9, dict(pixel_values=pixels(9, 2, 3, 32, 32), bool_masked_pos=m, labels=labels), ALL, save_bin=True,
+    )
+    # Mask token with absolute positions, no labels.
+    save_case(
+        "mim_abspos_nolabels", "BeitForMaskedImageModeling",
+        dict(use_mask_token=True, use_absolute_position_embeddings=True),
+        10, dict(pixel_values=pixels(10, 1, 3, 32, 32), bool_masked_pos=mask(10, 1, 16, 9)), {},
+    )
+    labels5 = {i: f"class_{i}" for i in range(5)}
+    # Single-label classification with cross-entropy.
+    save_case(
+        "cls_single", "BeitForImageClassification",
+        dict(use_relative_position_bias=True, hidden_act="gelu_python"),
+        11, dict(pixel_values=pixels(11, 3, 3, 32, 32), labels=torch.tensor([0, 4, 2])), ALL,
+        save_bin=True, id2label=labels5,
+    )
+    # Multi-label classification: BCE with logits.
+    save_case(
+        "cls_multi", "BeitForImageClassification",
+        dict(use_shared_relative_position_bias=True, use_mean_pooling=False,
+             problem_type="multi_label_classification"),
+        12,
+        dict(pixel_values=pixels(12, 2, 3, 32, 32),
+             labels=torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0, 1.0]])),
+        {}, id2label=labels5,
+    )
+    # Regression (num_labels == 1): MSE.
+    save_case(
+        "cls_regression", "BeitForImageClassification",
+        dict(use_absolute_position_embeddings=True, num_labels=1),
+        13, dict(pixel_values=pixels(13, 2, 3, 32, 32), labels=torch.tensor([0.5, -1.25])), {},
+    )
+    # Float labels with several classes and no problem_type: transformers picks multi-label.
+    save_case(
+        "cls_float_labels", "BeitForImageClassification",
+        dict(use_relative_position_bias=True),
+        14,
+        dict(pixel_values=pixels(14, 2, 3, 32, 32), labels=torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])),
+        {}, id2label={0: "a", 1: "b", 2: "c"},
+    )
+    # Every activation transformers names for hidden_act (one layer each).
+    for i, act in enumerate([
+        "gelu_10", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate", "laplace", "leaky_relu",
+        "linear", "mish", "quick_gelu", "relu2", "relu6", "sigmoid", "swish", "tanh",
+    ]):
+        save_case(
+            f"act_{act}", "BeitModel",
+            dict(hidden_act=act, num_hidden_layers=1, use_relative_position_bias=True),
+            100 + i, dict(pixel_values=pixels(100 + i, 1, 3, 32, 32)), {},
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
