@@ -9,6 +9,7 @@ Each case directory holds:
     config.json             save_pretrained's config
     model.safetensors       save_pretrained's weights (safetensors)
     pytorch_model.bin       (some cases) the same weights as save_pretrained(safe_serialization=False) writes them
+    *.npy                   (some cases) the inputs as .npy, as `beit forward` reads them
     inputs.safetensors      pixel_values [, bool_masked_pos (u8), head_mask, labels]
     outputs.safetensors     every output tensor under transformers' field names
     case.json               the class and call options used
@@ -18,6 +19,7 @@ import os
 import shutil
 import sys
 
+import numpy as np
 import torch
 import transformers
 from safetensors.torch import save_file
@@ -68,7 +70,7 @@ def randomize(model, seed):
                 p.copy_(0.3 * noise)
 
 
-def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2label=None):
+def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2label=None, npy=False):
     torch.manual_seed(seed)
     kw = dict(TINY)
     kw.update(config_kw)
@@ -110,6 +112,9 @@ def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2
             v = v.to(torch.uint8)
         stored_inputs[k] = v.contiguous()
     save_file(stored_inputs, os.path.join(out_dir, "inputs.safetensors"))
+    if npy:  # what `beit forward` reads, for the CLI tests and the README
+        for k, v in inputs.items():
+            np.save(os.path.join(out_dir, f"{k}.npy"), v.numpy())
     with open(os.path.join(out_dir, "case.json"), "w") as f:
         json.dump({"class": cls_name, "call": call, "inputs": sorted(inputs), "seed": seed}, f, indent=2)
     print(f"{name}: {cls_name} {sorted(tensors)}")
@@ -193,7 +198,7 @@ def main():
         "mim", "BeitForMaskedImageModeling",
         dict(use_mask_token=True, use_shared_relative_position_bias=True, use_mean_pooling=False,
              layer_scale_init_value=0.1),
-        9, dict(pixel_values=pixels(9, 2, 3, 32, 32), bool_masked_pos=m, labels=labels), ALL, save_bin=True,
+        9, dict(pixel_values=pixels(9, 2, 3, 32, 32), bool_masked_pos=m, labels=labels), ALL, save_bin=True, npy=True,
     )
     # Mask token with absolute positions, no labels.
     save_case(
@@ -207,7 +212,7 @@ def main():
         "cls_single", "BeitForImageClassification",
         dict(use_relative_position_bias=True, hidden_act="gelu_python"),
         11, dict(pixel_values=pixels(11, 3, 3, 32, 32), labels=torch.tensor([0, 4, 2])), ALL,
-        save_bin=True, id2label=labels5,
+        save_bin=True, id2label=labels5, npy=True,
     )
     # Multi-label classification: BCE with logits.
     save_case(

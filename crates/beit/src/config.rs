@@ -229,10 +229,7 @@ impl BeitConfig {
         let text = std::fs::read_to_string(path).map_err(|e| BeitError::io(path, e))?;
         Self::from_json_str(&text).map_err(|e| match e {
             BeitError::Json { message, .. } => BeitError::Json { path: path.to_path_buf(), message },
-            BeitError::Config { field, message } => BeitError::Json {
-                path: path.to_path_buf(),
-                message: format!("field `{field}`: {message}"),
-            },
+            BeitError::Config { field, message } => BeitError::ConfigFile { path: path.to_path_buf(), field, message },
             other => other,
         })
     }

@@ -16,6 +16,9 @@ pub enum BeitError {
     #[error("config field `{field}`: {message}")]
     Config { field: String, message: String },
 
+    #[error("{path}: field `{field}`: {message}")]
+    ConfigFile { path: PathBuf, field: String, message: String },
+
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 

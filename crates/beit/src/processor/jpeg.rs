@@ -1,0 +1,512 @@
+//! Baseline JPEG decoding bit-identical to libjpeg-turbo with the settings PIL uses (islow integer
+//! IDCT, "fancy" triangle chroma upsampling, fixed-point YCbCr->RGB tables). The `image` crate's
+//! decoder differs by up to several levels on 4:2:0 files (it rounds the vertical and horizontal
+//! upsampling steps separately). Anything else (progressive, arithmetic, 12-bit, CMYK, unusual
+//! sampling) returns `Ok(None)` and the caller falls back to the `image` crate.
+
+/// Decoded pixels: `channels` is 1 (gray, PIL mode "L") or 3 (RGB).
+pub struct Decoded {
+    pub width: u32,
+    pub height: u32,
+    pub channels: usize,
+    pub pixels: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub enum JpegError {
+    TooManyPixels { width: u32, height: u32 },
+    Corrupt(String),
+}
+
+type R<T> = Result<T, JpegError>;
+
+fn corrupt<T>(msg: &str) -> R<T> {
+    Err(JpegError::Corrupt(msg.to_string()))
+}
+
+/// Zigzag position -> natural (row-major) position, `jpeg_natural_order`.
+const NATURAL: [usize; 64] = [
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6, 7, 14, 21,
+    28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54,
+    47, 55, 62, 63,
+];
+
+#[derive(Clone, Default)]
+struct Huffman {
+    maxcode: [i32; 18],
+    valptr: [i32; 17],
+    mincode: [i32; 17],
+    values: Vec<u8>,
+}
+
+impl Huffman {
+    fn new(counts: &[u8; 16], values: Vec<u8>) -> Huffman {
+        let mut h = Huffman { values, ..Default::default() };
+        let (mut code, mut k) = (0i32, 0i32);
+        for len in 1..=16 {
+            let n = counts[len - 1] as i32;
+            h.valptr[len] = k;
+            h.mincode[len] = code;
+            code += n;
+            k += n;
+            h.maxcode[len] = if n > 0 { code - 1 } else { -1 };
+            code <<= 1;
+        }
+        h.maxcode[17] = i32::MAX;
+        h
+    }
+}
+
+/// Entropy-coded data reader: removes 0xFF00 stuffing; at a marker it feeds zero bits (as libjpeg).
+struct Bits<'a> {
+    data: &'a [u8],
+    pos: usize,
+    acc: u64,
+    n: u32,
+    at_marker: bool,
+}
+
+impl Bits<'_> {
+    fn fill(&mut self) -> R<()> {
+        while self.n <= 56 {
+            let mut b = 0u8;
+            if !self.at_marker {
+                match (self.data.get(self.pos), self.data.get(self.pos + 1)) {
+                    (None, _) => return corrupt("truncated entropy-coded data"),
+                    (Some(0xFF), Some(0)) => {
+                        b = 0xFF;
+                        self.pos += 2;
+                    }
+                    (Some(0xFF), _) => self.at_marker = true,
+                    (Some(&v), _) => {
+                        b = v;
+                        self.pos += 1;
+                    }
+                }
+            }
+            self.acc |= (b as u64) << (56 - self.n);
+            self.n += 8;
+        }
+        Ok(())
+    }
+
+    fn bits(&mut self, count: u32) -> R<i32> {
+        if count == 0 {
+            return Ok(0);
+        }
+        if self.n < count {
+            self.fill()?;
+        }
+        let v = (self.acc >> (64 - count)) as i32;
+        self.acc <<= count;
+        self.n -= count;
+        Ok(v)
+    }
+
+    fn decode(&mut self, h: &Huffman) -> R<u8> {
+        let mut code = 0i32;
+        for len in 1..=16 {
+            code = (code << 1) | self.bits(1)?;
+            if code <= h.maxcode[len] {
+                let i = (h.valptr[len] + code - h.mincode[len]) as usize;
+                return Ok(h.values.get(i).copied().unwrap_or(0));
+            }
+        }
+        Ok(0) // libjpeg: "corrupt JPEG data: bad Huffman code", decodes as 0
+    }
+
+    /// Restart: drop buffered bits and step over the RSTn marker (skipping garbage like libjpeg).
+    fn restart(&mut self) -> R<bool> {
+        self.acc = 0;
+        self.n = 0;
+        self.at_marker = false;
+        while self.pos + 1 < self.data.len() {
+            if self.data[self.pos] == 0xFF && (0xD0..=0xD7).contains(&self.data[self.pos + 1]) {
+                self.pos += 2;
+                return Ok(true);
+            }
+            if self.data[self.pos] == 0xFF && !matches!(self.data[self.pos + 1], 0 | 0xFF) {
+                return Ok(false); // another marker: not a well-formed restart
+            }
+            self.pos += 1;
+        }
+        corrupt("truncated before a restart marker")
+    }
+}
+
+fn extend(v: i32, s: u32) -> i32 {
+    if s > 0 && v < (1 << (s - 1)) {
+        v - (1 << s) + 1
+    } else {
+        v
+    }
+}
+
+/// `jpeg_idct_islow` (jidctint.c) with libjpeg-turbo's post-IDCT range-limit table.
+fn idct_islow(coef: &[i16; 64], q: &[u16; 64], out: &mut [u8], stride: usize) {
+    const CB: u32 = 13;
+    const P1: u32 = 2;
+    let descale = |x: i64, n: u32| (x + (1i64 << (n - 1))) >> n;
+    let range = |v: i64| -> u8 {
+        let i = (v as i32 & 1023) as usize;
+        match i {
+            0..=127 => (i + 128) as u8,
+            128..=511 => 255,
+            512..=895 => 0,
+            _ => (i - 896) as u8,
+        }
+    };
+    // The shared even/odd butterflies; returns the 8 outputs before descaling.
+    let butterfly = |s: [i64; 8]| -> [i64; 8] {
+        let (z2, z3) = (s[2], s[6]);
+        let z1 = (z2 + z3) * 4433;
+        let tmp2 = z1 + z3 * -15137;
+        let tmp3 = z1 + z2 * 6270;
+        let tmp0 = (s[0] + s[4]) << CB;
+        let tmp1 = (s[0] - s[4]) << CB;
+        let (t10, t13, t11, t12) = (tmp0 + tmp3, tmp0 - tmp3, tmp1 + tmp2, tmp1 - tmp2);
+        let (mut o0, mut o1, mut o2, mut o3) = (s[7], s[5], s[3], s[1]);
+        let (z1, z2, z3, z4) = (o0 + o3, o1 + o2, o0 + o2, o1 + o3);
+        let z5 = (z3 + z4) * 9633;
+        o0 *= 2446;
+        o1 *= 16819;
+        o2 *= 25172;
+        o3 *= 12299;
+        let (z1, z2) = (z1 * -7373, z2 * -20995);
+        let (z3, z4) = (z3 * -16069 + z5, z4 * -3196 + z5);
+        o0 += z1 + z3;
+        o1 += z2 + z4;
+        o2 += z2 + z3;
+        o3 += z1 + z4;
+        [t10 + o3, t11 + o2, t12 + o1, t13 + o0, t13 - o0, t12 - o1, t11 - o2, t10 - o3]
+    };
+    let mut ws = [0i32; 64];
+    for c in 0..8 {
+        let s: [i64; 8] = std::array::from_fn(|r| coef[r * 8 + c] as i64 * q[r * 8 + c] as i64);
+        let r = if s[1..].iter().all(|&v| v == 0) { [s[0] << P1; 8] } else { butterfly(s).map(|v| descale(v, CB - P1)) };
+        for (row, v) in r.iter().enumerate() {
+            ws[row * 8 + c] = *v as i32;
+        }
+    }
+    for r in 0..8 {
+        let s: [i64; 8] = std::array::from_fn(|c| ws[r * 8 + c] as i64);
+        let o = &mut out[r * stride..][..8];
+        if s[1..].iter().all(|&v| v == 0) {
+            o.fill(range(descale(s[0], P1 + 3)));
+        } else {
+            for (d, v) in o.iter_mut().zip(butterfly(s)) {
+                *d = range(descale(v, CB + P1 + 3));
+            }
+        }
+    }
+}
+
+struct Component {
+    id: u8,
+    h: usize,
+    v: usize,
+    tq: usize,
+    plane: Vec<u8>,
+    stride: usize,
+}
+
+fn u16_at(d: &[u8], i: usize) -> R<usize> {
+    match (d.get(i), d.get(i + 1)) {
+        (Some(&a), Some(&b)) => Ok(((a as usize) << 8) | b as usize),
+        _ => corrupt("truncated marker segment"),
+    }
+}
+
+/// Decodes a baseline JPEG; `Ok(None)` for features this decoder leaves to the `image` crate.
+pub fn decode(d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
+    if d.get(..2) != Some(&[0xFF, 0xD8]) {
+        return corrupt("missing SOI marker");
+    }
+    let mut pos = 2;
+    let mut qt = [[0u16; 64]; 4];
+    let (mut dc, mut ac) = (vec![None::<Huffman>; 4], vec![None::<Huffman>; 4]);
+    let (mut comps, mut width, mut height, mut restart) = (Vec::<Component>::new(), 0usize, 0usize, 0usize);
+    let (mut jfif, mut adobe) = (false, None::<u8>);
+    loop {
+        // Next marker (fill bytes 0xFF allowed).
+        while d.get(pos) == Some(&0xFF) && d.get(pos + 1) == Some(&0xFF) {
+            pos += 1;
+        }
+        let marker = match (d.get(pos), d.get(pos + 1)) {
+            (Some(0xFF), Some(&m)) => m,
+            (None, _) => return corrupt("no EOI marker"),
+            _ => return corrupt("expected a marker"),
+        };
+        pos += 2;
+        if marker == 0xD9 {
+            break;
+        }
+        if (0xD0..=0xD7).contains(&marker) || marker == 0x01 {
+            continue;
+        }
+        let len = u16_at(d, pos)?;
+        let seg = d.get(pos + 2..pos + len).ok_or_else(|| JpegError::Corrupt("truncated segment".into()))?;
+        if len < 2 {
+            return corrupt("bad segment length");
+        }
+        match marker {
+            0xC0 | 0xC1 => {
+                if seg.len() < 6 || seg[0] != 8 || !comps.is_empty() {
+                    return Ok(None); // 12-bit, or a second frame
+                }
+                height = u16_at(seg, 1)?;
+                width = u16_at(seg, 3)?;
+                let n = seg[5] as usize;
+                if height == 0 || width == 0 || !(n == 1 || n == 3) || seg.len() < 6 + 3 * n {
+                    return Ok(None); // DNL-defined height, CMYK, ...
+                }
+                if let Some(limit) = max_pixels {
+                    if (width * height) as u64 > limit {
+                        return Err(JpegError::TooManyPixels { width: width as u32, height: height as u32 });
+                    }
+                }
+                for c in seg[6..6 + 3 * n].chunks_exact(3) {
+                    let (h, v, tq) = ((c[1] >> 4) as usize, (c[1] & 15) as usize, c[2] as usize);
+                    if !(1..=4).contains(&h) || !(1..=4).contains(&v) || tq > 3 {
+                        return corrupt("bad component parameters");
+                    }
+                    comps.push(Component { id: c[0], h, v, tq, plane: Vec::new(), stride: 0 });
+                }
+                let (hmax, vmax) = (comps.iter().map(|c| c.h).max().unwrap_or(1), comps.iter().map(|c| c.v).max().unwrap_or(1));
+                let (mcux, mcuy) = (width.div_ceil(8 * hmax), height.div_ceil(8 * vmax));
+                for c in &mut comps {
+                    c.stride = mcux * c.h * 8;
+                    c.plane = vec![0u8; c.stride * mcuy * c.v * 8];
+                }
+            }
+            0xC2..=0xCF if ![0xC4, 0xC8, 0xCC].contains(&marker) => return Ok(None), // progressive, lossless, arithmetic
+            0xC4 => {
+                let mut s = seg;
+                while s.len() >= 17 {
+                    let (class, id) = ((s[0] >> 4) as usize, (s[0] & 15) as usize);
+                    let counts: [u8; 16] = std::array::from_fn(|i| s[1 + i]);
+                    let total: usize = counts.iter().map(|&c| c as usize).sum();
+                    let values = s.get(17..17 + total).ok_or_else(|| JpegError::Corrupt("truncated DHT".into()))?.to_vec();
+                    if id > 3 || class > 1 {
+                        return corrupt("bad DHT table id");
+                    }
+                    let t = Some(Huffman::new(&counts, values));
+                    if class == 0 { dc[id] = t } else { ac[id] = t }
+                    s = &s[17 + total..];
+                }
+            }
+            0xDB => {
+                let mut s = seg;
+                while !s.is_empty() {
+                    let (prec, id) = (s[0] >> 4, (s[0] & 15) as usize);
+                    let size = if prec == 0 { 64 } else { 128 };
+                    let body = s.get(1..1 + size).ok_or_else(|| JpegError::Corrupt("truncated DQT".into()))?;
+                    if id > 3 {
+                        return corrupt("bad DQT table id");
+                    }
+                    for k in 0..64 {
+                        qt[id][NATURAL[k]] = if prec == 0 { body[k] as u16 } else { ((body[2 * k] as u16) << 8) | body[2 * k + 1] as u16 };
+                    }
+                    s = &s[1 + size..];
+                }
+            }
+            0xDD => restart = u16_at(seg, 0)?,
+            0xE0 if seg.starts_with(b"JFIF\0") => jfif = true,
+            0xEE if seg.starts_with(b"Adobe") && seg.len() >= 12 => adobe = Some(seg[11]),
+            0xDA => {
+                pos = scan(d, pos + len, seg, &mut comps, &qt, &dc, &ac, restart, width, height)?;
+                continue;
+            }
+            _ => {}
+        }
+        pos += len;
+    }
+    if comps.is_empty() {
+        return corrupt("no frame");
+    }
+    Ok(finish(&comps, width, height, jfif, adobe))
+}
+
+/// One scan (baseline: every coefficient of its components); returns where the data ends.
+#[allow(clippy::too_many_arguments)]
+fn scan(
+    d: &[u8],
+    start: usize,
+    seg: &[u8],
+    comps: &mut [Component],
+    qt: &[[u16; 64]; 4],
+    dc: &[Option<Huffman>],
+    ac: &[Option<Huffman>],
+    restart: usize,
+    width: usize,
+    height: usize,
+) -> R<usize> {
+    let n = *seg.first().ok_or_else(|| JpegError::Corrupt("empty SOS".into()))? as usize;
+    if comps.is_empty() || n == 0 || seg.len() < 1 + 2 * n {
+        return corrupt("bad SOS");
+    }
+    let mut sc = Vec::new(); // (component index, dc table, ac table)
+    for c in seg[1..1 + 2 * n].chunks_exact(2) {
+        let ci = comps.iter().position(|x| x.id == c[0]).ok_or_else(|| JpegError::Corrupt("SOS names an unknown component".into()))?;
+        let (td, ta) = ((c[1] >> 4) as usize, (c[1] & 15) as usize);
+        match (dc.get(td).and_then(Option::as_ref), ac.get(ta).and_then(Option::as_ref)) {
+            (Some(a), Some(b)) => sc.push((ci, a, b)),
+            _ => return corrupt("SOS uses an undefined Huffman table"),
+        }
+    }
+    let (hmax, vmax) = (comps.iter().map(|c| c.h).max().unwrap_or(1), comps.iter().map(|c| c.v).max().unwrap_or(1));
+    // Block positions in decoding order, per MCU.
+    let mcus: Vec<Vec<(usize, usize, usize)>> = if sc.len() == 1 {
+        let c = &comps[sc[0].0];
+        let (bw, bh) = ((width * c.h).div_ceil(hmax).div_ceil(8), (height * c.v).div_ceil(vmax).div_ceil(8));
+        (0..bh).flat_map(|by| (0..bw).map(move |bx| vec![(0, bx, by)])).collect()
+    } else {
+        let (mcux, mcuy) = (width.div_ceil(8 * hmax), height.div_ceil(8 * vmax));
+        let sc2: Vec<(usize, usize, usize)> = sc.iter().enumerate().map(|(k, s)| (k, comps[s.0].h, comps[s.0].v)).collect();
+        (0..mcuy)
+            .flat_map(|my| {
+                let sc2 = sc2.clone();
+                (0..mcux).map(move |mx| {
+                    sc2.iter()
+                        .flat_map(|&(k, h, v)| (0..v).flat_map(move |y| (0..h).map(move |x| (k, mx * h + x, my * v + y))))
+                        .collect()
+                })
+            })
+            .collect()
+    };
+    let mut bits = Bits { data: d, pos: start, acc: 0, n: 0, at_marker: false };
+    let mut pred = vec![0i32; sc.len()];
+    for (m, blocks) in mcus.iter().enumerate() {
+        if restart > 0 && m > 0 && m % restart == 0 {
+            if !bits.restart()? {
+                return corrupt("missing restart marker");
+            }
+            pred.iter_mut().for_each(|p| *p = 0);
+        }
+        for &(k, bx, by) in blocks {
+            let (ci, dct, act) = sc[k];
+            let mut coef = [0i16; 64];
+            let s = dct_bits(bits.decode(dct)?)?;
+            let diff = extend(bits.bits(s)?, s);
+            pred[k] = pred[k].wrapping_add(diff);
+            coef[0] = pred[k] as i16;
+            let mut i = 1;
+            while i < 64 {
+                let rs = bits.decode(act)?;
+                let (r, s) = ((rs >> 4) as usize, (rs & 15) as u32);
+                if s > 0 {
+                    i += r;
+                    let v = extend(bits.bits(s)?, s);
+                    coef[NATURAL[i.min(63)]] = v as i16;
+                } else if r != 15 {
+                    break;
+                } else {
+                    i += 15;
+                }
+                i += 1;
+            }
+            let c = &mut comps[ci];
+            let stride = c.stride;
+            let off = by * 8 * stride + bx * 8;
+            if off + 7 * stride + 8 <= c.plane.len() {
+                idct_islow(&coef, &qt[c.tq], &mut c.plane[off..], stride);
+            }
+        }
+    }
+    // Continue after the entropy-coded data: the next marker.
+    let mut pos = bits.pos;
+    while pos + 1 < d.len() && !(d[pos] == 0xFF && !matches!(d[pos + 1], 0 | 0xFF | 0xD0..=0xD7)) {
+        pos += 1;
+    }
+    Ok(pos)
+}
+
+fn dct_bits(s: u8) -> R<u32> {
+    if s > 16 {
+        return corrupt("bad DC magnitude");
+    }
+    Ok(s as u32)
+}
+
+/// Upsampling (jdsample.c) and color conversion (jdcolor.c) to the final pixels.
+fn finish(comps: &[Component], width: usize, height: usize, jfif: bool, adobe: Option<u8>) -> Option<Decoded> {
+    let (hmax, vmax) = (comps.iter().map(|c| c.h).max()?, comps.iter().map(|c| c.v).max()?);
+    let mut full: Vec<Vec<u8>> = Vec::new();
+    for c in comps {
+        let (dw, dh) = ((width * c.h).div_ceil(hmax), (height * c.v).div_ceil(vmax));
+        let at = |x: usize, y: usize| c.plane[y * c.stride + x] as i32;
+        let up = |y: usize| y.saturating_sub(1);
+        let down = |y: usize| (y + 1).min(dh - 1);
+        let mut out = vec![0u8; width * height];
+        let (fx, fy) = (hmax / c.h, vmax / c.v);
+        if hmax % c.h != 0 || vmax % c.v != 0 {
+            return None;
+        }
+        for y in 0..height {
+            let row = &mut out[y * width..][..width];
+            match (fx, fy) {
+                (1, 1) => row.iter_mut().enumerate().for_each(|(x, o)| *o = at(x, y) as u8),
+                (2, 1) if dw > 2 => {
+                    for (x, o) in row.iter_mut().enumerate() {
+                        let i = x / 2;
+                        *o = match (x % 2, i) {
+                            (0, 0) => at(0, y),
+                            (0, _) => (3 * at(i, y) + at(i - 1, y) + 1) >> 2,
+                            (_, i) if i == dw - 1 => at(i, y),
+                            _ => (3 * at(i, y) + at(i + 1, y) + 2) >> 2,
+                        } as u8;
+                    }
+                }
+                (1, 2) => {
+                    let (r, far, bias) = if y % 2 == 0 { (y / 2, up(y / 2), 1) } else { (y / 2, down(y / 2), 2) };
+                    row.iter_mut().enumerate().for_each(|(x, o)| *o = ((3 * at(x, r) + at(x, far) + bias) >> 2) as u8);
+                }
+                (2, 2) if dw > 2 => {
+                    let (r, far) = if y % 2 == 0 { (y / 2, up(y / 2)) } else { (y / 2, down(y / 2)) };
+                    let col = |i: usize| 3 * at(i, r) + at(i, far);
+                    for (x, o) in row.iter_mut().enumerate() {
+                        let i = x / 2;
+                        *o = match (x % 2, i) {
+                            (0, 0) => (col(0) * 4 + 8) >> 4,
+                            (0, _) => (col(i) * 3 + col(i - 1) + 8) >> 4,
+                            (_, i) if i == dw - 1 => (col(i) * 4 + 7) >> 4,
+                            _ => (col(i) * 3 + col(i + 1) + 7) >> 4,
+                        } as u8;
+                    }
+                }
+                // Box replication (`h2v1_upsample`, `h2v2_upsample`, `int_upsample`).
+                _ => row.iter_mut().enumerate().for_each(|(x, o)| *o = at(x / fx, y / fy) as u8),
+            }
+        }
+        full.push(out);
+    }
+    let (w, h) = (width as u32, height as u32);
+    if full.len() == 1 {
+        return full.pop().map(|pixels| Decoded { width: w, height: h, channels: 1, pixels });
+    }
+    let ids: Vec<u8> = comps.iter().map(|c| c.id).collect();
+    let rgb = match adobe {
+        Some(0) => true,
+        Some(_) => false,
+        None => !jfif && ids == [b'R', b'G', b'B'],
+    };
+    if !jfif && adobe.is_none() && ids == [1, 34, 35] {
+        return None; // big-gamut YCC (JPEG XT)
+    }
+    let mut pixels = vec![0u8; width * height * 3];
+    // build_ycc_rgb_table, SCALEBITS = 16.
+    let fix = |x: f64| (x * 65536.0 + 0.5) as i64;
+    let half = 1i64 << 15;
+    for (i, px) in pixels.chunks_exact_mut(3).enumerate() {
+        let (y, cb, cr) = (full[0][i] as i64, full[1][i] as i64 - 128, full[2][i] as i64 - 128);
+        if rgb {
+            px.copy_from_slice(&[full[0][i], full[1][i], full[2][i]]);
+            continue;
+        }
+        let r = y + ((fix(1.40200) * cr + half) >> 16);
+        let g = y + ((-fix(0.34414) * cb + half + -fix(0.71414) * cr) >> 16);
+        let b = y + ((fix(1.77200) * cb + half) >> 16);
+        px.copy_from_slice(&[r.clamp(0, 255) as u8, g.clamp(0, 255) as u8, b.clamp(0, 255) as u8]);
+    }
+    Some(Decoded { width: w, height: h, channels: 3, pixels })
+}
