@@ -24,7 +24,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from transformers import (
+    BeitBackbone,
     BeitConfig,
+    BeitForSemanticSegmentation,
     BeitForImageClassification,
     BeitForMaskedImageModeling,
     BeitModel,
@@ -51,6 +53,8 @@ CLASSES = {
     "BeitModel": BeitModel,
     "BeitForMaskedImageModeling": BeitForMaskedImageModeling,
     "BeitForImageClassification": BeitForImageClassification,
+    "BeitForSemanticSegmentation": BeitForSemanticSegmentation,
+    "BeitBackbone": BeitBackbone,
 }
 
 
@@ -68,6 +72,12 @@ def randomize(model, seed):
                 p.copy_(0.5 + 0.3 * noise)
             else:
                 p.copy_(0.3 * noise)
+        # BatchNorm statistics: fresh ones (0 and 1) would hide a wrong normalization.
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
 
 
 def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2label=None, npy=False):
@@ -237,6 +247,49 @@ def main():
         14,
         dict(pixel_values=pixels(14, 2, 3, 32, 32), labels=torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])),
         {}, id2label={0: "a", 1: "b", 2: "c"},
+    )
+    # Semantic segmentation: UperNet + FCN auxiliary head on four intermediate layers.
+    seg = dict(use_relative_position_bias=True, image_size=32, auxiliary_channels=8, num_hidden_layers=4,
+               out_indices=[1, 2, 3, 4], hidden_size=16, intermediate_size=24)
+    seg_labels = {i: f"seg_{i}" for i in range(5)}
+    g = torch.Generator().manual_seed(20)
+    labels = torch.randint(0, 5, (2, 32, 32), generator=g)
+    labels[:, :5, :] = 255  # ignored pixels
+    save_case(
+        "seg_uper_aux1", "BeitForSemanticSegmentation", seg,
+        20, dict(pixel_values=pixels(20, 2, 3, 32, 32), labels=labels), ALL, id2label=seg_labels,
+    )
+    save_case(
+        "seg_aux2_concat", "BeitForSemanticSegmentation",
+        dict(seg, num_hidden_layers=6, out_indices=[2, 3, 5, 6], auxiliary_num_convs=2, auxiliary_concat_input=True,
+             use_shared_relative_position_bias=True, use_relative_position_bias=False, layer_norm_eps=1e-6),
+        21,
+        dict(pixel_values=pixels(21, 1, 3, 32, 32),
+             labels=torch.randint(0, 5, (1, 24, 20), generator=torch.Generator().manual_seed(21))),
+        {}, id2label=seg_labels,
+    )
+    save_case(
+        "seg_noaux_scales", "BeitForSemanticSegmentation",
+        dict(seg, use_auxiliary_head=False, pool_scales=[1, 3, 5], image_size=48, use_absolute_position_embeddings=True,
+             use_relative_position_bias=False),
+        22, dict(pixel_values=pixels(22, 2, 3, 48, 48)), dict(output_hidden_states=True), id2label=seg_labels,
+    )
+    # Backbone: feature maps at several stages, 3-D when not reshaped, the DPT FPN, non-square inputs.
+    save_case(
+        "backbone_stages", "BeitBackbone",
+        dict(use_relative_position_bias=True, num_hidden_layers=3, out_features=["stem", "stage1", "stage3"]),
+        23, dict(pixel_values=pixels(23, 2, 3, 48, 32)), ALL,
+    )
+    save_case(
+        "backbone_flat", "BeitBackbone",
+        dict(use_absolute_position_embeddings=True, num_hidden_layers=2, out_indices=[-1], reshape_hidden_states=False),
+        24, dict(pixel_values=pixels(24, 1, 3, 32, 32)), {},
+    )
+    save_case(
+        "backbone_fpn", "BeitBackbone",
+        dict(use_relative_position_bias=True, num_hidden_layers=4, out_indices=[1, 2, 3, 4], add_fpn=True,
+             batch_norm_eps=1e-3, hidden_size=16, intermediate_size=24),
+        25, dict(pixel_values=pixels(25, 2, 3, 32, 48)), dict(output_hidden_states=True),
     )
     # Every activation transformers names for hidden_act (one layer each).
     for i, act in enumerate([

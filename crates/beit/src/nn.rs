@@ -92,13 +92,86 @@ pub struct Conv2d {
     pub dilation: usize,
 }
 
+/// Shape and placement of a convolution, as torch.nn.Conv2d's arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub bias: bool,
+}
+
 impl Conv2d {
+    /// A head convolution (initialized when the checkpoint lacks it), stride 1.
+    pub fn load_head(w: &Weights, s: ConvSpec, std: f64) -> Result<Self> {
+        let weight = w.get_or_init((s.out_channels, s.in_channels, s.kernel, s.kernel), "weight", Init::Normal(std))?;
+        let bias = if s.bias { Some(w.get_or_init(s.out_channels, "bias", Init::Zeros)?) } else { None };
+        Ok(Conv2d { weight, bias, stride: 1, padding: s.padding, dilation: s.dilation })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.conv2d(&self.weight, self.padding, self.stride, self.dilation, 1)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
             None => y,
         })
+    }
+}
+
+/// ConvTranspose2d with kernel = stride (the FPN's 2x upsampling), weight (in, out, k, k).
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: usize,
+}
+
+impl ConvTranspose2d {
+    pub fn load_head(w: &Weights, channels: usize, k: usize, std: f64) -> Result<Self> {
+        Ok(ConvTranspose2d {
+            weight: w.get_or_init((channels, channels, k, k), "weight", Init::Normal(std))?,
+            bias: w.get_or_init(channels, "bias", Init::Zeros)?,
+            stride: k,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv_transpose2d(&self.weight, 0, 0, self.stride, 1)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, self.bias.elem_count(), 1, 1))?)?)
+    }
+}
+
+/// BatchNorm2d at inference: the running statistics, never the batch's.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub eps: f64,
+}
+
+impl BatchNorm2d {
+    pub fn load_head(w: &Weights, channels: usize, eps: f64) -> Result<Self> {
+        w.mark_used("num_batches_tracked");
+        Ok(BatchNorm2d {
+            weight: w.get_or_init(channels, "weight", Init::Const(1.0))?,
+            bias: w.get_or_init(channels, "bias", Init::Zeros)?,
+            running_mean: w.get_or_init(channels, "running_mean", Init::Zeros)?,
+            running_var: w.get_or_init(channels, "running_var", Init::Const(1.0))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.weight.elem_count();
+        let shape = (1, c, 1, 1);
+        // Folded into one scale and shift per channel: (x - mean) / sqrt(var + eps) * w + b.
+        let scale = (self.weight.clone() / (self.running_var.clone() + self.eps)?.sqrt()?)?;
+        let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+        Ok(x.broadcast_mul(&scale.reshape(shape)?)?.broadcast_add(&shift.reshape(shape)?)?)
     }
 }
 

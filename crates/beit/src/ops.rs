@@ -66,6 +66,28 @@ pub fn interpolate_bilinear(x: &Tensor, out_h: usize, out_w: usize, align_corner
     Ok(x.contiguous()?.upsample_bilinear2d(out_h, out_w, align_corners)?)
 }
 
+/// `adaptive_avg_pool2d(x, out)` as torch: output cell i covers [floor(i*in/out), ceil((i+1)*in/out)). Built from
+/// differentiable ops; works for outputs larger than the input too, as torch's does.
+pub fn adaptive_avg_pool2d(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if out_h == 0 || out_w == 0 {
+        return Err(BeitError::input("adaptive_avg_pool2d", format!("output size {out_h}x{out_w} is empty")));
+    }
+    let range = |i: usize, inp: usize, out: usize| (i * inp / out, ((i + 1) * inp).div_ceil(out));
+    let mut rows = Vec::with_capacity(out_h);
+    for i in 0..out_h {
+        let (y0, y1) = range(i, h, out_h);
+        let band = x.narrow(2, y0, y1 - y0)?;
+        let mut cells = Vec::with_capacity(out_w);
+        for j in 0..out_w {
+            let (x0, x1) = range(j, w, out_w);
+            cells.push(band.narrow(3, x0, x1 - x0)?.mean_keepdim(2)?.mean_keepdim(3)?);
+        }
+        rows.push(Tensor::cat(&cells, 3)?);
+    }
+    Ok(Tensor::cat(&rows, 2)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +101,47 @@ mod tests {
         let c = Tensor::ones((1, 2, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let y = interpolate_bicubic(&c, 7, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(y.iter().all(|v| (v - 1.0).abs() < 1e-6));
+    }
+
+    /// Every primitive against torch's output on the same input (scripts/gen_ops_fixtures.py).
+    #[test]
+    fn primitives_match_torch() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ops.safetensors");
+        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let x = &t["x"];
+        let check = |name: &str, got: Tensor| {
+            let want = &t[name];
+            assert_eq!(got.dims(), want.dims(), "{name}");
+            let err = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(err <= 1e-5, "{name}: {err}");
+        };
+        for (h, w) in [(14, 20), (3, 4), (7, 10), (11, 5), (1, 1)] {
+            for ac in [false, true] {
+                check(&format!("bilinear_{h}x{w}_{}", ac as u8), interpolate_bilinear(x, h, w, ac).unwrap());
+            }
+            check(&format!("bicubic_{h}x{w}"), interpolate_bicubic(x, h, w).unwrap());
+        }
+        for (h, w) in [(1, 1), (2, 3), (3, 3), (6, 6), (7, 10), (9, 13)] {
+            check(&format!("adaptive_avg_{h}x{w}"), adaptive_avg_pool2d(x, h, w).unwrap());
+        }
+        check("max_pool_2", x.max_pool2d_with_stride(2, 2).unwrap());
+        let ct = crate::nn::ConvTranspose2d {
+            weight: t["conv_transpose_w"].clone(),
+            bias: t["conv_transpose_b"].clone(),
+            stride: 2,
+        };
+        check("conv_transpose", ct.forward(x).unwrap());
+    }
+
+    #[test]
+    fn adaptive_pool_matches_torch() {
+        // torch.nn.functional.adaptive_avg_pool2d(torch.arange(20.).reshape(1, 1, 4, 5), (3, 2)) and (6, 7)
+        let x = Tensor::arange(0f32, 20.0, &Device::Cpu).unwrap().reshape((1, 1, 4, 5)).unwrap();
+        let y = adaptive_avg_pool2d(&x, 3, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(y, vec![3.5, 5.5, 8.5, 10.5, 13.5, 15.5]);
+        let y = adaptive_avg_pool2d(&x, 6, 7).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 6, 7]);
+        let first_row = y.get(0).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(first_row, vec![0.0, 0.5, 1.5, 2.0, 2.5, 3.5, 4.0]);
     }
 }

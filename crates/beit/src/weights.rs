@@ -117,6 +117,14 @@ impl Weights {
         self.inner.tensors.keys().any(|k| k.starts_with(&p))
     }
 
+    /// Counts a tensor the model does not need (BatchNorm's num_batches_tracked) as used, if present.
+    pub fn mark_used(&self, name: &str) {
+        let full = self.full_name(name);
+        if self.inner.tensors.contains_key(&full) {
+            lock(&self.inner.used).insert(full);
+        }
+    }
+
     /// A backbone parameter: missing from a checkpoint is an error.
     pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
         self.get_impl(shape.into(), name, init, self.inner.source == Source::Fresh)

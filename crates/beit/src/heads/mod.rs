@@ -1,17 +1,21 @@
 //! The task heads on top of BeitModel, and `AnyBeitModel`: the class a checkpoint's `architectures` names.
 
+pub mod backbone;
 pub mod image_classification;
 pub mod loss;
 pub mod masked_image_modeling;
+pub mod semantic_segmentation;
 
 use candle_core::Tensor;
 
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
-use crate::model::{BeitModel, BeitModelOutput, ForwardOptions};
+use crate::model::{BeitModel, ForwardOptions};
 use crate::weights::Weights;
+pub use backbone::BeitBackbone;
 pub use image_classification::BeitForImageClassification;
 pub use masked_image_modeling::BeitForMaskedImageModeling;
+pub use semantic_segmentation::BeitForSemanticSegmentation;
 
 /// transformers' class names for what beit-rs can build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,17 +23,26 @@ pub enum Architecture {
     BeitModel,
     BeitForMaskedImageModeling,
     BeitForImageClassification,
+    BeitForSemanticSegmentation,
+    BeitBackbone,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 3] =
-        [Architecture::BeitModel, Architecture::BeitForMaskedImageModeling, Architecture::BeitForImageClassification];
+    pub const ALL: [Architecture; 5] = [
+        Architecture::BeitModel,
+        Architecture::BeitForMaskedImageModeling,
+        Architecture::BeitForImageClassification,
+        Architecture::BeitForSemanticSegmentation,
+        Architecture::BeitBackbone,
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
             Architecture::BeitModel => "BeitModel",
             Architecture::BeitForMaskedImageModeling => "BeitForMaskedImageModeling",
             Architecture::BeitForImageClassification => "BeitForImageClassification",
+            Architecture::BeitForSemanticSegmentation => "BeitForSemanticSegmentation",
+            Architecture::BeitBackbone => "BeitBackbone",
         }
     }
 
@@ -50,9 +63,9 @@ impl Architecture {
         }
     }
 
-    /// Head classes keep the backbone under `beit.`; BeitModel keeps it at the top.
+    /// Head classes keep the backbone under `beit.`; BeitModel and BeitBackbone keep it at the top.
     pub fn has_base_prefix(&self) -> bool {
-        !matches!(self, Architecture::BeitModel)
+        !matches!(self, Architecture::BeitModel | Architecture::BeitBackbone)
     }
 }
 
@@ -61,6 +74,8 @@ pub enum AnyBeitModel {
     Model(BeitModel),
     MaskedImageModeling(BeitForMaskedImageModeling),
     ImageClassification(BeitForImageClassification),
+    SemanticSegmentation(BeitForSemanticSegmentation),
+    Backbone(BeitBackbone),
 }
 
 /// Inputs for any class: pixel values, options, and optional labels.
@@ -80,6 +95,10 @@ impl AnyBeitModel {
             Architecture::BeitForImageClassification => {
                 AnyBeitModel::ImageClassification(BeitForImageClassification::load(w, c)?)
             }
+            Architecture::BeitForSemanticSegmentation => {
+                AnyBeitModel::SemanticSegmentation(BeitForSemanticSegmentation::load(w, c)?)
+            }
+            Architecture::BeitBackbone => AnyBeitModel::Backbone(BeitBackbone::load(w, c)?),
         })
     }
 
@@ -88,6 +107,8 @@ impl AnyBeitModel {
             AnyBeitModel::Model(_) => Architecture::BeitModel,
             AnyBeitModel::MaskedImageModeling(_) => Architecture::BeitForMaskedImageModeling,
             AnyBeitModel::ImageClassification(_) => Architecture::BeitForImageClassification,
+            AnyBeitModel::SemanticSegmentation(_) => Architecture::BeitForSemanticSegmentation,
+            AnyBeitModel::Backbone(_) => Architecture::BeitBackbone,
         }
     }
 
@@ -96,6 +117,8 @@ impl AnyBeitModel {
             AnyBeitModel::Model(m) => &m.config,
             AnyBeitModel::MaskedImageModeling(m) => &m.beit.config,
             AnyBeitModel::ImageClassification(m) => &m.beit.config,
+            AnyBeitModel::SemanticSegmentation(m) => &m.beit.config,
+            AnyBeitModel::Backbone(m) => &m.config,
         }
     }
 
@@ -104,17 +127,17 @@ impl AnyBeitModel {
     pub fn forward_named(&self, pixel_values: &Tensor, inputs: &ModelInputs) -> Result<Vec<(String, Tensor)>> {
         let o = &inputs.options;
         let mut out = Vec::new();
-        let base: BeitModelOutput = match self {
+        let (hidden_states, attentions) = match self {
             AnyBeitModel::Model(m) => {
                 if inputs.labels.is_some() {
                     return Err(BeitError::input("labels", "BeitModel has no head and takes no labels"));
                 }
                 let b = m.forward(pixel_values, o)?;
-                out.push(("last_hidden_state".to_string(), b.last_hidden_state.clone()));
-                if let Some(p) = &b.pooler_output {
-                    out.push(("pooler_output".to_string(), p.clone()));
+                out.push(("last_hidden_state".to_string(), b.last_hidden_state));
+                if let Some(p) = b.pooler_output {
+                    out.push(("pooler_output".to_string(), p));
                 }
-                b
+                (b.hidden_states, b.attentions)
             }
             AnyBeitModel::MaskedImageModeling(m) => {
                 let r = m.forward(pixel_values, o, inputs.labels.as_ref())?;
@@ -122,7 +145,7 @@ impl AnyBeitModel {
                     out.push(("loss".to_string(), l.reshape(1)?));
                 }
                 out.push(("logits".to_string(), r.logits));
-                r.base
+                (r.base.hidden_states, r.base.attentions)
             }
             AnyBeitModel::ImageClassification(m) => {
                 let r = m.forward(pixel_values, o, inputs.labels.as_ref())?;
@@ -130,10 +153,28 @@ impl AnyBeitModel {
                     out.push(("loss".to_string(), l.reshape(1)?));
                 }
                 out.push(("logits".to_string(), r.logits));
-                r.base
+                (r.base.hidden_states, r.base.attentions)
+            }
+            AnyBeitModel::SemanticSegmentation(m) => {
+                let r = m.forward(pixel_values, o, inputs.labels.as_ref())?;
+                if let Some(l) = r.loss {
+                    out.push(("loss".to_string(), l.reshape(1)?));
+                }
+                out.push(("logits".to_string(), r.logits));
+                (r.base.hidden_states, r.base.attentions)
+            }
+            AnyBeitModel::Backbone(m) => {
+                if inputs.labels.is_some() {
+                    return Err(BeitError::input("labels", "BeitBackbone has no head and takes no labels"));
+                }
+                let r = m.forward(pixel_values, o)?;
+                for (i, f) in r.feature_maps.into_iter().enumerate() {
+                    out.push((format!("feature_maps.{i}"), f));
+                }
+                (r.hidden_states, r.attentions)
             }
         };
-        for (name, list) in [("hidden_states", base.hidden_states), ("attentions", base.attentions)] {
+        for (name, list) in [("hidden_states", hidden_states), ("attentions", attentions)] {
             for (i, t) in list.into_iter().flatten().enumerate() {
                 out.push((format!("{name}.{i}"), t));
             }

@@ -1,0 +1,328 @@
+//! BeitForSemanticSegmentation: four intermediate layers through the multi-scale FPN, then UperNet
+//! (BeitUperHead) and the FCN auxiliary head (BeitFCNHead), as transformers (and mmseg before it) builds them.
+
+use candle_core::{DType, Tensor};
+
+use crate::config::BeitConfig;
+use crate::error::{BeitError, Result};
+use crate::heads::loss::cross_entropy;
+use crate::model::{BeitModel, BeitModelOutput, ForwardOptions};
+use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, ConvTranspose2d, Mode};
+use crate::ops::{adaptive_avg_pool2d, interpolate_bilinear};
+use crate::weights::Weights;
+
+/// fpn1 (4x up: ConvTranspose2d, BatchNorm, GELU, ConvTranspose2d), fpn2 (2x up), fpn3 (identity),
+/// fpn4 (2x down: MaxPool2d), applied to the four feature maps in order.
+#[derive(Debug, Clone)]
+pub struct BeitFeaturePyramid {
+    pub fpn1_0: ConvTranspose2d,
+    pub fpn1_1: BatchNorm2d,
+    pub fpn1_3: ConvTranspose2d,
+    pub fpn2_0: ConvTranspose2d,
+}
+
+impl BeitFeaturePyramid {
+    pub fn load(w: &Weights, c: &BeitConfig, batch_norm_eps: f64) -> Result<Self> {
+        let (d, std) = (c.hidden_size, c.initializer_range);
+        Ok(BeitFeaturePyramid {
+            fpn1_0: ConvTranspose2d::load_head(&w.pp("fpn1.0"), d, 2, std)?,
+            fpn1_1: BatchNorm2d::load_head(&w.pp("fpn1.1"), d, batch_norm_eps)?,
+            fpn1_3: ConvTranspose2d::load_head(&w.pp("fpn1.3"), d, 2, std)?,
+            fpn2_0: ConvTranspose2d::load_head(&w.pp("fpn2.0"), d, 2, std)?,
+        })
+    }
+
+    pub fn forward(&self, features: &[Tensor]) -> Result<Vec<Tensor>> {
+        let [f1, f2, f3, f4] = features else {
+            return Err(BeitError::input("features", format!("{} feature maps, expected 4", features.len())));
+        };
+        let (_, _, h, w) = f4.dims4()?;
+        if h < 2 || w < 2 {
+            return Err(BeitError::input("fpn4", format!("a {h}x{w} feature map is too small for 2x2 max pooling")));
+        }
+        let up4 = self.fpn1_3.forward(&self.fpn1_1.forward(&self.fpn1_0.forward(f1)?)?.gelu_erf()?)?;
+        Ok(vec![up4, self.fpn2_0.forward(f2)?, f3.clone(), f4.max_pool2d_with_stride(2, 2)?])
+    }
+}
+
+/// BeitConvModule: Conv2d (no bias), BatchNorm2d, ReLU.
+#[derive(Debug, Clone)]
+pub struct BeitConvModule {
+    pub conv: Conv2d,
+    pub bn: BatchNorm2d,
+}
+
+impl BeitConvModule {
+    pub fn load(w: &Weights, in_channels: usize, out_channels: usize, kernel: usize, padding: usize, std: f64) -> Result<Self> {
+        let spec = ConvSpec { in_channels, out_channels, kernel, padding, dilation: 1, bias: false };
+        Ok(BeitConvModule {
+            conv: Conv2d::load_head(&w.pp("conv"), spec, std)?,
+            bn: BatchNorm2d::load_head(&w.pp("bn"), out_channels, 1e-5)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.bn.forward(&self.conv.forward(x)?)?.relu()?)
+    }
+}
+
+/// BeitUperHead: pyramid pooling on the last map, lateral 1x1 convs, top-down fusion, FPN convs, classifier.
+#[derive(Debug, Clone)]
+pub struct BeitUperHead {
+    pub pool_scales: Vec<usize>,
+    /// psp_modules.{i}.1 (index 0 is the parameterless adaptive pooling).
+    pub psp_modules: Vec<BeitConvModule>,
+    pub bottleneck: BeitConvModule,
+    pub lateral_convs: Vec<BeitConvModule>,
+    pub fpn_convs: Vec<BeitConvModule>,
+    pub fpn_bottleneck: BeitConvModule,
+    pub classifier: Conv2d,
+}
+
+impl BeitUperHead {
+    pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
+        let (d, std) = (c.hidden_size, c.initializer_range);
+        let psp = w.pp("psp_modules");
+        let spec = ConvSpec { in_channels: d, out_channels: c.num_labels(), kernel: 1, padding: 0, dilation: 1, bias: true };
+        Ok(BeitUperHead {
+            pool_scales: c.pool_scales.clone(),
+            psp_modules: (0..c.pool_scales.len())
+                .map(|i| BeitConvModule::load(&psp.pp(format!("{i}.1")), d, d, 1, 0, std))
+                .collect::<Result<_>>()?,
+            bottleneck: BeitConvModule::load(&w.pp("bottleneck"), d + c.pool_scales.len() * d, d, 3, 1, std)?,
+            lateral_convs: (0..3).map(|i| BeitConvModule::load(&w.pp(format!("lateral_convs.{i}")), d, d, 1, 0, std)).collect::<Result<_>>()?,
+            fpn_convs: (0..3).map(|i| BeitConvModule::load(&w.pp(format!("fpn_convs.{i}")), d, d, 3, 1, std)).collect::<Result<_>>()?,
+            fpn_bottleneck: BeitConvModule::load(&w.pp("fpn_bottleneck"), 4 * d, d, 3, 1, std)?,
+            classifier: Conv2d::load_head(&w.pp("classifier"), spec, std)?,
+        })
+    }
+
+    fn psp_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let mut outs = vec![x.clone()];
+        for (scale, conv) in self.pool_scales.iter().zip(&self.psp_modules) {
+            let pooled = conv.forward(&adaptive_avg_pool2d(x, *scale, *scale)?)?;
+            outs.push(interpolate_bilinear(&pooled, h, w, false)?);
+        }
+        self.bottleneck.forward(&Tensor::cat(&outs, 1)?)
+    }
+
+    pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
+        let mut laterals: Vec<Tensor> =
+            self.lateral_convs.iter().zip(features).map(|(conv, f)| conv.forward(f)).collect::<Result<_>>()?;
+        let last = features.last().ok_or_else(|| BeitError::input("features", "no feature maps"))?;
+        laterals.push(self.psp_forward(last)?);
+        for i in (1..laterals.len()).rev() {
+            let (_, _, h, w) = laterals[i - 1].dims4()?;
+            laterals[i - 1] = (&laterals[i - 1] + interpolate_bilinear(&laterals[i], h, w, false)?)?;
+        }
+        let n = laterals.len();
+        let mut outs: Vec<Tensor> =
+            self.fpn_convs.iter().zip(&laterals).map(|(conv, l)| conv.forward(l)).collect::<Result<_>>()?;
+        outs.push(laterals[n - 1].clone());
+        let (_, _, h, w) = outs[0].dims4()?;
+        for o in outs.iter_mut().skip(1) {
+            *o = interpolate_bilinear(o, h, w, false)?;
+        }
+        self.classifier.forward(&self.fpn_bottleneck.forward(&Tensor::cat(&outs, 1)?)?)
+    }
+}
+
+/// BeitFCNHead: convs on the third feature map (in_index 2), optionally concatenated with its input.
+#[derive(Debug, Clone)]
+pub struct BeitFCNHead {
+    pub convs: Vec<BeitConvModule>,
+    pub conv_cat: Option<BeitConvModule>,
+    pub classifier: Conv2d,
+}
+
+impl BeitFCNHead {
+    const IN_INDEX: usize = 2;
+
+    pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
+        let (d, ch, std) = (c.hidden_size, c.auxiliary_channels, c.initializer_range);
+        let convs = (0..c.auxiliary_num_convs)
+            .map(|i| BeitConvModule::load(&w.pp(format!("convs.{i}")), if i == 0 { d } else { ch }, ch, 3, 1, std))
+            .collect::<Result<_>>()?;
+        let spec = ConvSpec { in_channels: ch, out_channels: c.num_labels(), kernel: 1, padding: 0, dilation: 1, bias: true };
+        Ok(BeitFCNHead {
+            convs,
+            conv_cat: if c.auxiliary_concat_input {
+                Some(BeitConvModule::load(&w.pp("conv_cat"), d + ch, ch, 3, 1, std)?)
+            } else {
+                None
+            },
+            classifier: Conv2d::load_head(&w.pp("classifier"), spec, std)?,
+        })
+    }
+
+    pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
+        let x = features.get(Self::IN_INDEX).ok_or_else(|| BeitError::input("features", "fewer than 3 feature maps"))?;
+        let mut y = x.clone();
+        for conv in &self.convs {
+            y = conv.forward(&y)?;
+        }
+        if let Some(cat) = &self.conv_cat {
+            y = cat.forward(&Tensor::cat(&[x, &y], 1)?)?;
+        }
+        self.classifier.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BeitForSemanticSegmentation {
+    pub beit: BeitModel,
+    pub pyramid: BeitFeaturePyramid,
+    pub decode_head: BeitUperHead,
+    pub auxiliary_head: Option<BeitFCNHead>,
+    /// Hidden-state indices whose maps feed the FPN: transformers takes hidden_states[i] where i + 1 is in
+    /// out_indices.
+    feature_indices: Vec<usize>,
+    auxiliary_loss_weight: f64,
+    ignore_index: i64,
+}
+
+/// SemanticSegmenterOutput: logits at a quarter of the input resolution.
+#[derive(Debug, Clone)]
+pub struct SemanticSegmentationOutput {
+    pub loss: Option<Tensor>,
+    pub logits: Tensor,
+    pub auxiliary_logits: Option<Tensor>,
+    pub base: BeitModelOutput,
+}
+
+impl BeitForSemanticSegmentation {
+    pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
+        if c.out_indices.len() != 4 {
+            return Err(BeitError::config(
+                "out_indices",
+                format!("BeitForSemanticSegmentation needs 4 out_indices (e.g. [3, 5, 7, 11] for base), found {:?}", c.out_indices),
+            ));
+        }
+        let feature_indices: Vec<usize> =
+            (0..=c.num_hidden_layers).filter(|&i| c.out_indices.contains(&(i as i64 + 1))).collect();
+        if feature_indices.len() != 4 {
+            return Err(BeitError::config(
+                "out_indices",
+                format!(
+                    "{:?} selects {} of the {} hidden states (index i takes hidden state i - 1; use 1..={})",
+                    c.out_indices,
+                    feature_indices.len(),
+                    c.num_hidden_layers + 1,
+                    c.num_hidden_layers
+                ),
+            ));
+        }
+        if c.num_labels() == 0 {
+            return Err(BeitError::config("id2label", "semantic segmentation needs at least one class"));
+        }
+        Ok(BeitForSemanticSegmentation {
+            beit: BeitModel::load(&w.pp("beit"), c, false)?,
+            pyramid: BeitFeaturePyramid::load(w, c, 1e-5)?,
+            decode_head: BeitUperHead::load(&w.pp("decode_head"), c)?,
+            auxiliary_head: if c.use_auxiliary_head { Some(BeitFCNHead::load(&w.pp("auxiliary_head"), c)?) } else { None },
+            feature_indices,
+            auxiliary_loss_weight: c.auxiliary_loss_weight,
+            ignore_index: c.semantic_loss_ignore_index,
+        })
+    }
+
+    /// `labels`: (batch, height, width) class ids at any resolution (semantic_loss_ignore_index is skipped).
+    pub fn forward(&self, pixel_values: &Tensor, o: &ForwardOptions, labels: Option<&Tensor>) -> Result<SemanticSegmentationOutput> {
+        let keep_hidden = o.output_hidden_states;
+        let o = ForwardOptions { output_hidden_states: true, ..o.clone() };
+        let mut base = self.beit.forward(pixel_values, &o)?;
+        let hidden = base.hidden_states.as_ref().ok_or_else(|| BeitError::input("hidden_states", "not returned"))?;
+        let (b, _, h, w) = pixel_values.dims4()?;
+        // The actual patch grid (transformers assumes config.image_size; the two agree at that size).
+        let p = self.beit.config.patch_size.height;
+        let (gh, gw) = (h / p, w / p);
+        let features = self
+            .feature_indices
+            .iter()
+            .map(|&i| {
+                let x = &hidden[i];
+                let n = x.dim(1)?;
+                Ok(x.narrow(1, 1, n - 1)?.transpose(1, 2)?.reshape((b, (), gh, gw))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let features = self.pyramid.forward(&features)?;
+        let logits = self.decode_head.forward(&features)?;
+        let auxiliary_logits = match &self.auxiliary_head {
+            Some(head) => Some(head.forward(&features)?),
+            None => None,
+        };
+        let loss = match labels {
+            Some(l) => Some(self.loss(&logits, auxiliary_logits.as_ref(), l, o.mode)?),
+            None => None,
+        };
+        if !keep_hidden {
+            base.hidden_states = None;
+        }
+        Ok(SemanticSegmentationOutput { loss, logits, auxiliary_logits, base })
+    }
+
+    /// Cross-entropy on logits upsampled (bilinear) to the labels' size, plus the weighted auxiliary loss.
+    pub fn loss(&self, logits: &Tensor, auxiliary: Option<&Tensor>, labels: &Tensor, _mode: Mode) -> Result<Tensor> {
+        let (b, h, w) = labels.dims3().map_err(|_| {
+            BeitError::input("labels", format!("shape {:?}, expected (batch, height, width)", labels.dims()))
+        })?;
+        if b != logits.dim(0)? {
+            return Err(BeitError::input("labels", format!("{b} label maps for {} images", logits.dim(0)?)));
+        }
+        let labels = labels.to_dtype(DType::I64)?.flatten_all()?;
+        let ce = |l: &Tensor| -> Result<Tensor> {
+            let up = interpolate_bilinear(l, h, w, false)?;
+            let c = up.dim(1)?;
+            cross_entropy(&up.permute((0, 2, 3, 1))?.reshape(((), c))?, &labels, self.ignore_index)
+        };
+        let mut loss = ce(logits)?;
+        if let Some(aux) = auxiliary {
+            loss = (loss + (ce(aux)? * self.auxiliary_loss_weight)?)?;
+        }
+        Ok(loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn config(extra: &str) -> Result<BeitConfig> {
+        BeitConfig::from_json_str(&format!(
+            r#"{{"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 8, "num_hidden_layers": 4,
+                "image_size": 32, "patch_size": 8, "auxiliary_channels": 4, "num_labels": 3 {extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn bad_configurations_are_errors() {
+        let e = config(r#", "out_indices": [1, 2, 3, 9]"#).unwrap_err().to_string();
+        assert!(e.contains("out_indices") && e.contains('9'), "{e}");
+        let w = Weights::fresh(&Device::Cpu, 0);
+        let e = BeitForSemanticSegmentation::load(&w, &config(r#", "out_indices": [1, 2, 3]"#).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("4 out_indices"), "{e}");
+        // Index 0 would take hidden state -1: transformers silently builds three features and then fails.
+        let e = BeitForSemanticSegmentation::load(&w, &config(r#", "out_indices": [0, 1, 2, 3]"#).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("selects 3"), "{e}");
+        let e = config(r#", "out_indices": [1, 2, 3, 4], "pool_scales": [1, 0]"#).unwrap_err().to_string();
+        assert!(e.contains("pool_scales"), "{e}");
+    }
+
+    #[test]
+    fn small_inputs_are_errors_not_panics() {
+        let c = config(r#", "out_indices": [1, 2, 3, 4]"#).unwrap();
+        let m = BeitForSemanticSegmentation::load(&Weights::fresh(&Device::Cpu, 0), &c).unwrap();
+        // One patch: the 1x1 map cannot be max-pooled by fpn4.
+        let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let e = m.forward(&x, &ForwardOptions::default(), None).unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(m.forward(&x, &ForwardOptions::default(), None).is_err());
+        // Pool scales larger than the map are computed as torch does (cells repeat), not refused.
+        let x = Tensor::zeros((1, 3, 32, 48), DType::F32, &Device::Cpu).unwrap();
+        let out = m.forward(&x, &ForwardOptions::default(), None).unwrap();
+        assert_eq!(out.logits.dims(), &[1, 3, 16, 24]); // 4x the 4x6 patch grid
+    }
+}
