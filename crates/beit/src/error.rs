@@ -37,6 +37,9 @@ pub enum BeitError {
     #[error(transparent)]
     Pickle(#[from] crate::checkpoint::pickle::PickleError),
 
+    #[error(transparent)]
+    Processor(#[from] crate::processor::ProcessorError),
+
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -10,6 +10,7 @@ pub mod nn;
 pub mod npy;
 pub mod ops;
 pub mod pretrained;
+pub mod processor;
 pub mod weights;
 
 pub use config::BeitConfig;
@@ -17,3 +18,4 @@ pub use error::{BeitError, Result};
 pub use heads::{AnyBeitModel, Architecture, BeitForImageClassification, BeitForMaskedImageModeling, ModelInputs};
 pub use model::{BeitModel, ForwardOptions};
 pub use pretrained::{load_pretrained, LoadOptions, Pretrained};
+pub use processor::{BeitFeatureExtractor, BeitImageProcessor};

@@ -36,6 +36,9 @@ struct Inner {
     initialized: Mutex<Vec<String>>,
     /// Set when building a model to train: every parameter becomes a Var, in creation order.
     vars: Option<Mutex<Vec<(String, Var)>>>,
+    /// Every tensor handed to the model, by checkpoint name: what save_pretrained writes. A Var's tensor shares
+    /// its storage, so this stays current while training updates it.
+    params: Mutex<Vec<(String, Tensor)>>,
     rng: Mutex<SplitMix64>,
 }
 
@@ -79,6 +82,7 @@ impl Weights {
                 used: Mutex::new(BTreeSet::new()),
                 initialized: Mutex::new(Vec::new()),
                 vars: trainable.then(|| Mutex::new(Vec::new())),
+                params: Mutex::new(Vec::new()),
                 rng: Mutex::new(SplitMix64(seed)),
             }),
             prefix: String::new(),
@@ -156,15 +160,17 @@ impl Weights {
             }
             None => return Err(BeitError::MissingTensor { path: self.inner.path.clone(), name: full }),
         };
-        match &self.inner.vars {
+        let tensor = match &self.inner.vars {
             Some(vars) => {
                 let var = Var::from_tensor(&tensor)?;
                 let t = var.as_tensor().clone();
-                lock(vars).push((full, var));
-                Ok(t)
+                lock(vars).push((full.clone(), var));
+                t
             }
-            None => Ok(tensor),
-        }
+            None => tensor,
+        };
+        lock(&self.inner.params).push((full, tensor.clone()));
+        Ok(tensor)
     }
 
     fn initialize(&self, shape: &Shape, init: Init) -> Result<Tensor> {
@@ -193,6 +199,12 @@ impl Weights {
             .collect();
         unused.sort();
         LoadReport { newly_initialized: lock(&self.inner.initialized).clone(), unused }
+    }
+
+    /// Every parameter the model was built from, by checkpoint name (a name asked for twice is listed once).
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut seen = std::collections::HashSet::new();
+        lock(&self.inner.params).iter().filter(|(n, _)| seen.insert(n.clone())).cloned().collect()
     }
 
     /// The trainable parameters, by checkpoint name, when built with `trainable`.

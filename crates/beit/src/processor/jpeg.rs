@@ -1,8 +1,9 @@
-//! Baseline JPEG decoding bit-identical to libjpeg-turbo with the settings PIL uses (islow integer
+//! JPEG decoding bit-identical to libjpeg-turbo with the settings PIL uses (islow integer
 //! IDCT, "fancy" triangle chroma upsampling, fixed-point YCbCr->RGB tables). The `image` crate's
 //! decoder differs by up to several levels on 4:2:0 files (it rounds the vertical and horizontal
-//! upsampling steps separately). Anything else (progressive, arithmetic, 12-bit, CMYK, unusual
-//! sampling) returns `Ok(None)` and the caller falls back to the `image` crate.
+//! upsampling steps separately). Baseline and progressive Huffman files with 1 or 3 components are
+//! covered; anything else (arithmetic coding, 12-bit, CMYK, progressive files libjpeg would
+//! block-smooth) returns `Ok(None)` and the caller falls back to the `image` crate.
 
 /// Decoded pixels: `channels` is 1 (gray, PIL mode "L") or 3 (RGB).
 pub struct Decoded {
@@ -183,7 +184,8 @@ fn idct_islow(coef: &[i16; 64], q: &[u16; 64], out: &mut [u8], stride: usize) {
     let mut ws = [0i32; 64];
     for c in 0..8 {
         let s: [i64; 8] = std::array::from_fn(|r| coef[r * 8 + c] as i64 * q[r * 8 + c] as i64);
-        let r = if s[1..].iter().all(|&v| v == 0) { [s[0] << P1; 8] } else { butterfly(s).map(|v| descale(v, CB - P1)) };
+        let r =
+            if s[1..].iter().all(|&v| v == 0) { [s[0] << P1; 8] } else { butterfly(s).map(|v| descale(v, CB - P1)) };
         for (row, v) in r.iter().enumerate() {
             ws[row * 8 + c] = *v as i32;
         }
@@ -206,6 +208,11 @@ struct Component {
     h: usize,
     v: usize,
     tq: usize,
+    /// Coefficient blocks, `bstride` per row (MCU-padded), kept until EOI as progressive scans refine them.
+    coefs: Vec<[i16; 64]>,
+    bstride: usize,
+    /// libjpeg's `coef_bits` for coefficients 0..10: the last successive-approximation bit, -1 unseen.
+    coef_bits: [i32; 10],
     plane: Vec<u8>,
     stride: usize,
 }
@@ -226,16 +233,15 @@ pub fn decode(d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
     let mut qt = [[0u16; 64]; 4];
     let (mut dc, mut ac) = (vec![None::<Huffman>; 4], vec![None::<Huffman>; 4]);
     let (mut comps, mut width, mut height, mut restart) = (Vec::<Component>::new(), 0usize, 0usize, 0usize);
-    let (mut jfif, mut adobe) = (false, None::<u8>);
+    let (mut jfif, mut adobe, mut scanned, mut progressive) = (false, None::<u8>, false, false);
     loop {
-        // Next marker (fill bytes 0xFF allowed).
-        while d.get(pos) == Some(&0xFF) && d.get(pos + 1) == Some(&0xFF) {
+        // Next marker: libjpeg skips extraneous bytes and 0xFF fill bytes (with a warning).
+        while pos < d.len() && (d[pos] != 0xFF || d.get(pos + 1) == Some(&0xFF)) {
             pos += 1;
         }
         let marker = match (d.get(pos), d.get(pos + 1)) {
             (Some(0xFF), Some(&m)) => m,
-            (None, _) => return corrupt("no EOI marker"),
-            _ => return corrupt("expected a marker"),
+            _ => return corrupt("no EOI marker"),
         };
         pos += 2;
         if marker == 0xD9 {
@@ -250,7 +256,7 @@ pub fn decode(d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
             return corrupt("bad segment length");
         }
         match marker {
-            0xC0 | 0xC1 => {
+            0xC0..=0xC2 => {
                 if seg.len() < 6 || seg[0] != 8 || !comps.is_empty() {
                     return Ok(None); // 12-bit, or a second frame
                 }
@@ -270,28 +276,45 @@ pub fn decode(d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
                     if !(1..=4).contains(&h) || !(1..=4).contains(&v) || tq > 3 {
                         return corrupt("bad component parameters");
                     }
-                    comps.push(Component { id: c[0], h, v, tq, plane: Vec::new(), stride: 0 });
+                    comps.push(Component {
+                        id: c[0],
+                        h,
+                        v,
+                        tq,
+                        coefs: Vec::new(),
+                        bstride: 0,
+                        coef_bits: [-1; 10],
+                        plane: Vec::new(),
+                        stride: 0,
+                    });
                 }
-                let (hmax, vmax) = (comps.iter().map(|c| c.h).max().unwrap_or(1), comps.iter().map(|c| c.v).max().unwrap_or(1));
+                let (hmax, vmax) =
+                    (comps.iter().map(|c| c.h).max().unwrap_or(1), comps.iter().map(|c| c.v).max().unwrap_or(1));
                 let (mcux, mcuy) = (width.div_ceil(8 * hmax), height.div_ceil(8 * vmax));
                 for c in &mut comps {
-                    c.stride = mcux * c.h * 8;
-                    c.plane = vec![0u8; c.stride * mcuy * c.v * 8];
+                    c.bstride = mcux * c.h;
+                    c.coefs = vec![[0i16; 64]; c.bstride * mcuy * c.v];
                 }
+                progressive = marker == 0xC2;
             }
-            0xC2..=0xCF if ![0xC4, 0xC8, 0xCC].contains(&marker) => return Ok(None), // progressive, lossless, arithmetic
+            0xC3..=0xCF if ![0xC4, 0xC8, 0xCC].contains(&marker) => return Ok(None), // lossless, hierarchical, arithmetic
             0xC4 => {
                 let mut s = seg;
                 while s.len() >= 17 {
                     let (class, id) = ((s[0] >> 4) as usize, (s[0] & 15) as usize);
                     let counts: [u8; 16] = std::array::from_fn(|i| s[1 + i]);
                     let total: usize = counts.iter().map(|&c| c as usize).sum();
-                    let values = s.get(17..17 + total).ok_or_else(|| JpegError::Corrupt("truncated DHT".into()))?.to_vec();
+                    let values =
+                        s.get(17..17 + total).ok_or_else(|| JpegError::Corrupt("truncated DHT".into()))?.to_vec();
                     if id > 3 || class > 1 {
                         return corrupt("bad DHT table id");
                     }
                     let t = Some(Huffman::new(&counts, values));
-                    if class == 0 { dc[id] = t } else { ac[id] = t }
+                    if class == 0 {
+                        dc[id] = t
+                    } else {
+                        ac[id] = t
+                    }
                     s = &s[17 + total..];
                 }
             }
@@ -305,7 +328,11 @@ pub fn decode(d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
                         return corrupt("bad DQT table id");
                     }
                     for k in 0..64 {
-                        qt[id][NATURAL[k]] = if prec == 0 { body[k] as u16 } else { ((body[2 * k] as u16) << 8) | body[2 * k + 1] as u16 };
+                        qt[id][NATURAL[k]] = if prec == 0 {
+                            body[k] as u16
+                        } else {
+                            ((body[2 * k] as u16) << 8) | body[2 * k + 1] as u16
+                        };
                     }
                     s = &s[1 + size..];
                 }
@@ -314,61 +341,105 @@ pub fn decode(d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
             0xE0 if seg.starts_with(b"JFIF\0") => jfif = true,
             0xEE if seg.starts_with(b"Adobe") && seg.len() >= 12 => adobe = Some(seg[11]),
             0xDA => {
-                pos = scan(d, pos + len, seg, &mut comps, &qt, &dc, &ac, restart, width, height)?;
+                pos = scan(d, pos + len, seg, &mut comps, &dc, &ac, restart, (width, height), progressive)?;
+                scanned = true;
                 continue;
             }
             _ => {}
         }
         pos += len;
     }
-    if comps.is_empty() {
-        return corrupt("no frame");
+    if comps.is_empty() || !scanned {
+        return corrupt("no image data");
     }
+    // libjpeg smooths blocks of progressive images whose first AC coefficients are not fully
+    // refined (`smoothing_ok`); that case is left to the `image` crate.
+    if progressive
+        && comps.iter().all(|c| c.coef_bits[0] >= 0)
+        && comps.iter().any(|c| c.coef_bits[1..].iter().any(|&b| b != 0))
+    {
+        return Ok(None);
+    }
+    let mcuy = height.div_ceil(8 * comps.iter().map(|c| c.v).max().unwrap_or(1));
+    for c in &mut comps {
+        c.stride = c.bstride * 8;
+        c.plane = vec![0u8; c.stride * mcuy * c.v * 8];
+        for (i, block) in c.coefs.iter().enumerate() {
+            let (bx, by) = (i % c.bstride, i / c.bstride);
+            idct_islow(block, &qt[c.tq], &mut c.plane[by * 8 * c.stride + bx * 8..], c.stride);
+        }
+    }
+
     Ok(finish(&comps, width, height, jfif, adobe))
 }
 
-/// One scan (baseline: every coefficient of its components); returns where the data ends.
+/// One scan, baseline or progressive (jdhuff.c / jdphuff.c); returns where its data ends.
 #[allow(clippy::too_many_arguments)]
 fn scan(
     d: &[u8],
     start: usize,
     seg: &[u8],
     comps: &mut [Component],
-    qt: &[[u16; 64]; 4],
     dc: &[Option<Huffman>],
     ac: &[Option<Huffman>],
     restart: usize,
-    width: usize,
-    height: usize,
+    (width, height): (usize, usize),
+    progressive: bool,
 ) -> R<usize> {
     let n = *seg.first().ok_or_else(|| JpegError::Corrupt("empty SOS".into()))? as usize;
-    if comps.is_empty() || n == 0 || seg.len() < 1 + 2 * n {
+    if comps.is_empty() || n == 0 || seg.len() < 4 + 2 * n {
         return corrupt("bad SOS");
     }
+    let (ss, se, ah, al) = if progressive {
+        let a = seg[3 + 2 * n];
+        (seg[1 + 2 * n] as usize, seg[2 + 2 * n] as usize, (a >> 4) as u32, (a & 15) as u32)
+    } else {
+        (0, 63, 0, 0)
+    };
+    if se > 63 || ss > se || al > 13 || (progressive && ((ss == 0) != (se == 0) || (ss > 0 && n != 1))) {
+        return corrupt("bad progressive scan parameters");
+    }
+    let table = |t: &[Option<Huffman>], id: usize, needed: bool| -> R<Option<Huffman>> {
+        match (needed, t.get(id).and_then(Option::as_ref)) {
+            (false, _) => Ok(None),
+            (true, Some(h)) => Ok(Some(h.clone())),
+            (true, None) => corrupt("SOS uses an undefined Huffman table"),
+        }
+    };
     let mut sc = Vec::new(); // (component index, dc table, ac table)
     for c in seg[1..1 + 2 * n].chunks_exact(2) {
-        let ci = comps.iter().position(|x| x.id == c[0]).ok_or_else(|| JpegError::Corrupt("SOS names an unknown component".into()))?;
-        let (td, ta) = ((c[1] >> 4) as usize, (c[1] & 15) as usize);
-        match (dc.get(td).and_then(Option::as_ref), ac.get(ta).and_then(Option::as_ref)) {
-            (Some(a), Some(b)) => sc.push((ci, a, b)),
-            _ => return corrupt("SOS uses an undefined Huffman table"),
+        let ci = comps
+            .iter()
+            .position(|x| x.id == c[0])
+            .ok_or_else(|| JpegError::Corrupt("SOS names an unknown component".into()))?;
+        let need_dc = ss == 0 && ah == 0;
+        sc.push((ci, table(dc, (c[1] >> 4) as usize, need_dc)?, table(ac, (c[1] & 15) as usize, se > 0)?));
+        // coef_bits bookkeeping for the smoothing check
+        for k in ss..=se.min(9) {
+            comps[ci].coef_bits[k] = al as i32;
         }
     }
     let (hmax, vmax) = (comps.iter().map(|c| c.h).max().unwrap_or(1), comps.iter().map(|c| c.v).max().unwrap_or(1));
-    // Block positions in decoding order, per MCU.
+    if sc.len() > 1 && sc.iter().map(|s| comps[s.0].h * comps[s.0].v).sum::<usize>() > 10 {
+        return corrupt("sampling factors too large for an interleaved scan"); // libjpeg's limit
+    }
+    // Block positions (scan component, block x, block y) in decoding order, per MCU.
     let mcus: Vec<Vec<(usize, usize, usize)>> = if sc.len() == 1 {
         let c = &comps[sc[0].0];
         let (bw, bh) = ((width * c.h).div_ceil(hmax).div_ceil(8), (height * c.v).div_ceil(vmax).div_ceil(8));
         (0..bh).flat_map(|by| (0..bw).map(move |bx| vec![(0, bx, by)])).collect()
     } else {
         let (mcux, mcuy) = (width.div_ceil(8 * hmax), height.div_ceil(8 * vmax));
-        let sc2: Vec<(usize, usize, usize)> = sc.iter().enumerate().map(|(k, s)| (k, comps[s.0].h, comps[s.0].v)).collect();
+        let sc2: Vec<(usize, usize, usize)> =
+            sc.iter().enumerate().map(|(k, s)| (k, comps[s.0].h, comps[s.0].v)).collect();
         (0..mcuy)
             .flat_map(|my| {
                 let sc2 = sc2.clone();
                 (0..mcux).map(move |mx| {
                     sc2.iter()
-                        .flat_map(|&(k, h, v)| (0..v).flat_map(move |y| (0..h).map(move |x| (k, mx * h + x, my * v + y))))
+                        .flat_map(|&(k, h, v)| {
+                            (0..v).flat_map(move |y| (0..h).map(move |x| (k, mx * h + x, my * v + y)))
+                        })
                         .collect()
                 })
             })
@@ -376,52 +447,118 @@ fn scan(
     };
     let mut bits = Bits { data: d, pos: start, acc: 0, n: 0, at_marker: false };
     let mut pred = vec![0i32; sc.len()];
+    let mut eobrun = 0u32;
+    let (p1, m1) = (1i32 << al, -1i32 << al);
     for (m, blocks) in mcus.iter().enumerate() {
         if restart > 0 && m > 0 && m % restart == 0 {
             if !bits.restart()? {
                 return corrupt("missing restart marker");
             }
             pred.iter_mut().for_each(|p| *p = 0);
+            eobrun = 0;
         }
         for &(k, bx, by) in blocks {
-            let (ci, dct, act) = sc[k];
-            let mut coef = [0i16; 64];
-            let s = dct_bits(bits.decode(dct)?)?;
-            let diff = extend(bits.bits(s)?, s);
-            pred[k] = pred[k].wrapping_add(diff);
-            coef[0] = pred[k] as i16;
-            let mut i = 1;
-            while i < 64 {
-                let rs = bits.decode(act)?;
-                let (r, s) = ((rs >> 4) as usize, (rs & 15) as u32);
-                if s > 0 {
-                    i += r;
-                    let v = extend(bits.bits(s)?, s);
-                    coef[NATURAL[i.min(63)]] = v as i16;
-                } else if r != 15 {
-                    break;
-                } else {
-                    i += 15;
+            let (ci, dct, act) = (&sc[k].0, &sc[k].1, &sc[k].2);
+            let c = &mut comps[*ci];
+            let Some(coef) = c.coefs.get_mut(by * c.bstride + bx) else { return corrupt("block outside the frame") };
+            if ss == 0 && ah > 0 {
+                // DC refinement: one bit.
+                if bits.bits(1)? != 0 {
+                    coef[0] |= p1 as i16;
                 }
-                i += 1;
+                continue;
             }
-            let c = &mut comps[ci];
-            let stride = c.stride;
-            let off = by * 8 * stride + bx * 8;
-            if off + 7 * stride + 8 <= c.plane.len() {
-                idct_islow(&coef, &qt[c.tq], &mut c.plane[off..], stride);
+            if ss == 0 {
+                let Some(dct) = dct else { return corrupt("missing DC table") };
+                let s = dc_bits(bits.decode(dct)?)?;
+                let diff = extend(bits.bits(s)?, s);
+                pred[k] = pred[k].wrapping_add(diff);
+                coef[0] = (pred[k] << al) as i16;
+                if progressive {
+                    continue;
+                }
+            }
+            let Some(act) = act else { return corrupt("missing AC table") };
+            let mut i = ss.max(1);
+            if ah == 0 {
+                // Sequential, or progressive first AC pass (with end-of-band runs).
+                if eobrun > 0 {
+                    eobrun -= 1;
+                    continue;
+                }
+                while i <= se {
+                    let rs = bits.decode(act)?;
+                    let (r, s) = ((rs >> 4) as usize, (rs & 15) as u32);
+                    if s > 0 {
+                        i += r;
+                        let v = extend(bits.bits(s)?, s);
+                        coef[NATURAL[i.min(63)]] = (v << al) as i16;
+                    } else if r == 15 {
+                        i += 15;
+                    } else {
+                        if progressive {
+                            eobrun = (1u32 << r) + bits.bits(r as u32)? as u32 - 1;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                continue;
+            }
+            // Progressive AC refinement (`decode_mcu_AC_refine`).
+            let refine = |coef: &mut [i16; 64], pos: usize, bits: &mut Bits| -> R<()> {
+                if coef[pos] != 0 && bits.bits(1)? != 0 && (coef[pos] as i32 & p1) == 0 {
+                    coef[pos] = (coef[pos] as i32 + if coef[pos] >= 0 { p1 } else { m1 }) as i16;
+                }
+                Ok(())
+            };
+            if eobrun == 0 {
+                while i <= se {
+                    let rs = bits.decode(act)?;
+                    let (mut r, s) = ((rs >> 4) as i32, (rs & 15) as u32);
+                    let mut val = 0i32;
+                    if s > 0 {
+                        val = if bits.bits(1)? != 0 { p1 } else { m1 };
+                    } else if r != 15 {
+                        eobrun = (1u32 << r) + bits.bits(r as u32)? as u32;
+                        break;
+                    }
+                    while i <= se {
+                        let pos = NATURAL[i];
+                        if coef[pos] != 0 {
+                            refine(coef, pos, &mut bits)?;
+                        } else {
+                            r -= 1;
+                            if r < 0 {
+                                break;
+                            }
+                        }
+                        i += 1;
+                    }
+                    if val != 0 {
+                        coef[NATURAL[i.min(63)]] = val as i16;
+                    }
+                    i += 1;
+                }
+            }
+            if eobrun > 0 {
+                while i <= se {
+                    refine(coef, NATURAL[i], &mut bits)?;
+                    i += 1;
+                }
+                eobrun -= 1;
             }
         }
     }
     // Continue after the entropy-coded data: the next marker.
     let mut pos = bits.pos;
-    while pos + 1 < d.len() && !(d[pos] == 0xFF && !matches!(d[pos + 1], 0 | 0xFF | 0xD0..=0xD7)) {
+    while pos + 1 < d.len() && (d[pos] != 0xFF || matches!(d[pos + 1], 0 | 0xFF | 0xD0..=0xD7)) {
         pos += 1;
     }
     Ok(pos)
 }
 
-fn dct_bits(s: u8) -> R<u32> {
+fn dc_bits(s: u8) -> R<u32> {
     if s > 16 {
         return corrupt("bad DC magnitude");
     }

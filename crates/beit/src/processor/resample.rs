@@ -127,17 +127,13 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, 
         // C `(int)` truncates toward zero; `as i64` does too.
         let xmin = ((center - support + 0.5) as i64).max(0);
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
-        let mut w: Vec<f64> =
-            (0..xmax.max(0)).map(|x| filter.eval(((x + xmin) as f64 - center + 0.5) * ss)).collect();
+        let mut w: Vec<f64> = (0..xmax.max(0)).map(|x| filter.eval(((x + xmin) as f64 - center + 0.5) * ss)).collect();
         let ww: f64 = w.iter().sum();
         if ww != 0.0 {
             w.iter_mut().for_each(|k| *k /= ww);
         }
         let one = (1u32 << PRECISION_BITS) as f64;
-        let fixed = w
-            .iter()
-            .map(|&k| if k < 0.0 { (-0.5 + k * one) as i32 } else { (0.5 + k * one) as i32 })
-            .collect();
+        let fixed = w.iter().map(|&k| if k < 0.0 { (-0.5 + k * one) as i32 } else { (0.5 + k * one) as i32 }).collect();
         taps.push((xmin as usize, fixed));
     }
     taps
@@ -168,9 +164,7 @@ pub fn resize(
         )));
     }
     if width == 0 || height == 0 || out_w == 0 || out_h == 0 {
-        return Err(ResampleError(format!(
-            "resize: sizes must be positive, got {width}x{height} -> {out_w}x{out_h}"
-        )));
+        return Err(ResampleError(format!("resize: sizes must be positive, got {width}x{height} -> {out_w}x{out_h}")));
     }
     if out_w.checked_mul(out_h).and_then(|p| p.checked_mul(channels)).is_none_or(|n| n > isize::MAX as usize) {
         return Err(ResampleError(format!("resize: output {out_w}x{out_h} is too large")));
@@ -205,7 +199,13 @@ pub fn resize(
 }
 
 /// `ImagingResampleHorizontal_8bpc` over source rows `rows`.
-fn horizontal(src: &[u8], width: usize, ch: usize, rows: std::ops::Range<usize>, taps: &[(usize, Vec<i32>)]) -> Vec<u8> {
+fn horizontal(
+    src: &[u8],
+    width: usize,
+    ch: usize,
+    rows: std::ops::Range<usize>,
+    taps: &[(usize, Vec<i32>)],
+) -> Vec<u8> {
     let out_w = taps.len();
     let mut out = vec![0u8; out_w * rows.len() * ch];
     for (out_row, y) in out.chunks_exact_mut(out_w * ch).zip(rows) {
@@ -298,10 +298,10 @@ mod tests {
         for case in cases {
             let (src, w, _, ch) = load(case["image"].as_str().unwrap());
             let c: Vec<usize> = case["crop"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-            let crop: Vec<u8> = (0..c[3])
-                .flat_map(|y| src[((c[1] + y) * w + c[0]) * ch..][..c[2] * ch].to_vec())
-                .collect();
-            let size: Vec<usize> = case["size"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let crop: Vec<u8> =
+                (0..c[3]).flat_map(|y| src[((c[1] + y) * w + c[0]) * ch..][..c[2] * ch].to_vec()).collect();
+            let size: Vec<usize> =
+                case["size"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
             let filter = Filter::from_pil(case["filter"].as_i64().unwrap()).unwrap();
             let got = resize(&crop, c[2], c[3], ch, size[0], size[1], filter).unwrap();
             let (want, ww, wh, wch) = load(case["expected"].as_str().unwrap());
