@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import torch
-from transformers import BeitConfig, BeitForImageClassification
+from transformers import BeitConfig, BeitForImageClassification, BeitForSemanticSegmentation
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", default="/tmp/beit-base")
@@ -20,6 +20,7 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--image-size", type=int, default=224)
 p.add_argument("--runs", type=int, default=5)
 p.add_argument("--attn", default="sdpa")
+p.add_argument("--task", choices=["classification", "segmentation"], default="classification")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -29,8 +30,14 @@ config = BeitConfig(
     use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1, num_labels=1000,
     architectures=["BeitForImageClassification"], drop_path_rate=0.1,
 )
+if a.task == "segmentation":
+    # microsoft/beit-base-finetuned-ade-640-640's config.json
+    config = BeitConfig(
+        use_relative_position_bias=True, image_size=640, out_indices=[3, 5, 7, 11], num_labels=150,
+        auxiliary_channels=256, use_auxiliary_head=True, architectures=["BeitForSemanticSegmentation"],
+    )
 config._attn_implementation = a.attn
-model = BeitForImageClassification(config).eval()
+model = (BeitForImageClassification if a.task == "classification" else BeitForSemanticSegmentation)(config).eval()
 with torch.no_grad():
     for n, prm in model.named_parameters():
         prm.copy_(torch.randn_like(prm) * 0.02 + (1.0 if "layernorm" in n and n.endswith("weight") else 0.0))
@@ -47,4 +54,6 @@ for b in a.batch:
             model(pixel_values=x)
             times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
-    print(f"transformers {torch.__version__} {a.attn} batch {b}: {med:.3f} s/batch, {b / med:.2f} images/s")
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {rss:.0f} MB; transformers {torch.__version__} {a.attn} {a.task} batch {b}: {med:.3f} s/batch, {b / med:.2f} images/s")

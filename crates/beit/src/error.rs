@@ -38,6 +38,9 @@ pub enum BeitError {
     Pickle(#[from] crate::checkpoint::pickle::PickleError),
 
     #[error(transparent)]
+    Msgpack(#[from] crate::checkpoint::msgpack::MsgpackError),
+
+    #[error(transparent)]
     Processor(#[from] crate::processor::ProcessorError),
 
     #[error("tensor operation failed: {0}")]

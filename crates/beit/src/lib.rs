@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod heads;
+pub mod hub;
 pub mod model;
 pub mod nn;
 pub mod npy;

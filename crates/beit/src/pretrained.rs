@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::checkpoint::{align_prefix, find_weight_files, load_tensors, WeightsFormat};
+use crate::checkpoint::{align_prefix, find_weight_files, load_tensors, weights_file, WeightsFormat};
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
 use crate::heads::{AnyBeitModel, Architecture};
@@ -17,6 +17,8 @@ pub struct LoadOptions {
     /// Build this class instead of the one config.json's `architectures` names.
     pub architecture: Option<Architecture>,
     pub weights_format: Option<WeightsFormat>,
+    /// One weights file to load instead of searching the directory.
+    pub weights_file: Option<PathBuf>,
 }
 
 pub struct Pretrained {
@@ -82,12 +84,19 @@ pub fn load_pretrained(dir: &Path, opts: &LoadOptions, device: &Device) -> Resul
     if !dir.is_dir() {
         return Err(BeitError::checkpoint(dir, "not a directory (expected config.json and model weights)"));
     }
-    let config = BeitConfig::from_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(BeitError::checkpoint(&config_path, "missing: a model directory needs config.json beside its weights"));
+    }
+    let config = BeitConfig::from_file(&config_path)?;
     let arch = match opts.architecture {
         Some(a) => a,
         None => Architecture::from_config(&config)?,
     };
-    let (format, files) = find_weight_files(dir, opts.weights_format)?;
+    let (format, files) = match &opts.weights_file {
+        Some(f) => weights_file(f)?,
+        None => find_weight_files(dir, opts.weights_format)?,
+    };
     let tensors = load_tensors(format, &files, device)?;
     let tensors = align_prefix(tensors, "beit", arch.has_base_prefix());
     let source = files.first().cloned().unwrap_or_else(|| dir.to_path_buf());

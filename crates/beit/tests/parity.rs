@@ -10,8 +10,15 @@ use candle_core::{DType, Device, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model")
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(kind);
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("case.json").exists())
+        .collect();
+    cases.sort();
+    cases
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
@@ -61,8 +68,7 @@ fn run_case(dir: &Path, format: Option<WeightsFormat>) -> f32 {
 
 #[test]
 fn every_model_fixture_matches_transformers() {
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(fixtures()).unwrap().map(|e| e.unwrap().path()).collect();
-    cases.sort();
+    let cases = fixtures("model");
     assert!(cases.len() >= 20, "fixtures missing: run scripts/gen_model_fixtures.py");
     for dir in &cases {
         let err = run_case(dir, Some(WeightsFormat::Safetensors));
@@ -71,5 +77,16 @@ fn every_model_fixture_matches_transformers() {
             let err = run_case(dir, Some(WeightsFormat::PytorchBin));
             println!("{:40} pytorch_model.bin max abs err {err:.2e}", dir.file_name().unwrap().to_string_lossy());
         }
+    }
+}
+
+/// Flax checkpoints (flax_model.msgpack) against the Flax models' own outputs (scripts/gen_flax_fixtures.py).
+#[test]
+fn flax_checkpoints_match_flax_outputs() {
+    let cases = fixtures("flax");
+    assert!(cases.len() >= 4, "fixtures missing: run scripts/gen_flax_fixtures.py");
+    for dir in &cases {
+        let err = run_case(dir, Some(WeightsFormat::FlaxMsgpack));
+        println!("{:40} flax_model.msgpack max abs err {err:.2e}", dir.file_name().unwrap().to_string_lossy());
     }
 }

@@ -2,6 +2,7 @@
 //! safetensors (single or sharded) is memory-mapped; pytorch_model.bin is read by our own pickle interpreter,
 //! which executes nothing.
 
+pub mod msgpack;
 pub mod pickle;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use crate::error::{BeitError, Result};
 pub enum WeightsFormat {
     Safetensors,
     PytorchBin,
+    FlaxMsgpack,
 }
 
 impl WeightsFormat {
@@ -22,17 +24,22 @@ impl WeightsFormat {
         match s {
             "safetensors" => Ok(WeightsFormat::Safetensors),
             "bin" | "pytorch" => Ok(WeightsFormat::PytorchBin),
-            other => Err(BeitError::input("--weights-format", format!("unknown format {other:?}; expected safetensors or bin"))),
+            "msgpack" | "flax" => Ok(WeightsFormat::FlaxMsgpack),
+            other => Err(BeitError::input(
+                "--weights-format",
+                format!("unknown format {other:?}; expected safetensors, bin or msgpack"),
+            )),
         }
     }
 }
 
 /// The weight files of a model directory, in transformers' order of preference: model.safetensors, its sharded
-/// index, pytorch_model.bin, its sharded index. `force` picks one format.
+/// index, pytorch_model.bin, its sharded index, flax_model.msgpack. `force` picks one format.
 pub fn find_weight_files(dir: &Path, force: Option<WeightsFormat>) -> Result<(WeightsFormat, Vec<PathBuf>)> {
     let candidates = [
         (WeightsFormat::Safetensors, "model.safetensors", "model.safetensors.index.json"),
         (WeightsFormat::PytorchBin, "pytorch_model.bin", "pytorch_model.bin.index.json"),
+        (WeightsFormat::FlaxMsgpack, "flax_model.msgpack", "flax_model.msgpack.index.json"),
     ];
     for (format, single, index) in candidates {
         if force.is_some_and(|f| f != format) {
@@ -55,16 +62,15 @@ pub fn find_weight_files(dir: &Path, force: Option<WeightsFormat>) -> Result<(We
     Err(BeitError::checkpoint(dir, format!("no weights found: looked for {}", looked.join(", "))))
 }
 
-/// The shard files a sharded checkpoint's index names (its `weight_map` values), each once, in order.
-fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+/// The shard file names a sharded checkpoint's index names (its `weight_map` values), each once, in order.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| BeitError::io(index, e))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| BeitError::Json { path: index.to_path_buf(), message: e.to_string() })?;
     let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
         BeitError::checkpoint(index, "expected an object `weight_map` mapping tensor names to shard files")
     })?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = Vec::new();
+    let mut files: Vec<String> = Vec::new();
     for (name, file) in map {
         let file = file
             .as_str()
@@ -72,9 +78,8 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         if file.contains('/') || file.contains('\\') || file.starts_with("..") {
             return Err(BeitError::checkpoint(index, format!("shard name {file:?} leaves the model directory")));
         }
-        let p = dir.join(file);
-        if !files.contains(&p) {
-            files.push(p);
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
         }
     }
     if files.is_empty() {
@@ -83,13 +88,41 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(shard_names(index)?.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// The format of a single weights file the user named, from its name.
+pub fn weights_file(path: &Path) -> Result<(WeightsFormat, Vec<PathBuf>)> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name.ends_with(".index.json") {
+        let format = if name.contains("safetensors") { WeightsFormat::Safetensors } else { WeightsFormat::PytorchBin };
+        return Ok((format, shard_files(path)?));
+    }
+    let format = if name.ends_with(".safetensors") {
+        WeightsFormat::Safetensors
+    } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
+        WeightsFormat::PytorchBin
+    } else if name.ends_with(".msgpack") {
+        WeightsFormat::FlaxMsgpack
+    } else {
+        return Err(BeitError::checkpoint(
+            path,
+            "unknown weights format: expected .safetensors, .bin, .msgpack or an .index.json",
+        ));
+    };
+    Ok((format, vec![path.to_path_buf()]))
+}
+
 /// Every tensor of the given files, by name.
 pub fn load_tensors(format: WeightsFormat, files: &[PathBuf], device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in files {
         let tensors = match format {
             WeightsFormat::Safetensors => read_safetensors(f, device)?,
-            WeightsFormat::PytorchBin => read_pytorch_bin(f, device)?,
+            WeightsFormat::PytorchBin => raw_to_tensors(f, pickle::read_torch_checkpoint(f)?, device)?,
+            WeightsFormat::FlaxMsgpack => raw_to_tensors(f, msgpack::read_flax_as_pytorch(f)?, device)?,
         };
         for (name, t) in tensors {
             if all.insert(name.clone(), t).is_some() {
@@ -129,9 +162,9 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
     Ok(out)
 }
 
-pub fn read_pytorch_bin(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+/// Tensors from the pickle or msgpack readers (raw little-endian bytes) as candle tensors.
+fn raw_to_tensors(path: &Path, raw: Vec<(String, pickle::RawTensor)>, device: &Device) -> Result<Vec<(String, Tensor)>> {
     use pickle::PtDtype;
-    let raw = pickle::read_torch_checkpoint(path)?;
     raw.into_iter()
         .map(|(name, r)| {
             let dtype = match r.dtype {
