@@ -4,17 +4,18 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use beit::checkpoint::WeightsFormat;
+use beit::hub::resolve_model;
 use beit::npy::{read_npy, NpyData};
 use beit::{load_pretrained, Architecture, ForwardOptions, LoadOptions, ModelInputs};
 use candle_core::{Device, Tensor};
 use clap::Args;
 
+use crate::common::ModelArgs;
+
 #[derive(Args)]
 pub struct ForwardArgs {
-    /// Model directory (config.json plus model.safetensors, a sharded index, or pytorch_model.bin).
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     /// float32 (or float64) array of shape (batch, channels, height, width).
     #[arg(long)]
     pixel_values: PathBuf,
@@ -36,9 +37,6 @@ pub struct ForwardArgs {
     /// Class to run instead of config.json's `architectures` (e.g. BeitModel).
     #[arg(long)]
     head: Option<String>,
-    /// Force a weights format when the directory has several: safetensors or bin.
-    #[arg(long)]
-    weights_format: Option<String>,
     /// Where to write the outputs (safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -46,11 +44,13 @@ pub struct ForwardArgs {
 
 pub fn run(a: ForwardArgs) -> Result<()> {
     let device = Device::Cpu;
+    let loc = resolve_model(&a.model.model, &a.model.hub())?;
     let opts = LoadOptions {
         architecture: a.head.as_deref().map(Architecture::from_name).transpose()?,
-        weights_format: a.weights_format.as_deref().map(WeightsFormat::from_name).transpose()?,
+        weights_file: loc.weights_file.clone(),
+        ..a.model.load_options()?
     };
-    let loaded = load_pretrained(&a.model, &opts, &device)?;
+    let loaded = load_pretrained(&loc.dir, &opts, &device)?;
     let config = &loaded.config;
 
     let pv = read_npy(&a.pixel_values)?;
@@ -106,7 +106,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         labels,
     };
     let start = std::time::Instant::now();
-    let outputs = loaded.model.forward_named(&pixel_values, &inputs).with_context(|| format!("{}", a.model.display()))?;
+    let outputs = loaded.model.forward_named(&pixel_values, &inputs).with_context(|| a.model.model.clone())?;
     tracing::info!("forward pass: {:.3} s", start.elapsed().as_secs_f64());
     let map: HashMap<String, Tensor> = outputs.into_iter().collect();
     candle_core::safetensors::save(&map, &a.out).with_context(|| format!("writing {}", a.out.display()))?;

@@ -1,6 +1,13 @@
 //! The `beit` command. Thin: argument parsing and file formats here, everything else in the `beit` library.
 
+mod classify;
+mod common;
+mod convert;
+mod embed;
 mod forward;
+mod mim;
+mod preprocess;
+mod segment;
 
 use std::process::ExitCode;
 
@@ -15,8 +22,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Classify images: top-k labels with scores.
+    Classify(classify::ClassifyArgs),
+    /// Segment images: class-id PNGs, colour overlays with a legend, and per-class pixel shares.
+    Segment(segment::SegmentArgs),
+    /// Embed images: pooled vectors (or every token) as .npy or .safetensors.
+    Embed(embed::EmbedArgs),
+    /// Predict the visual tokens of masked patches with a masked-image-modeling checkpoint.
+    Mim(mim::MimArgs),
+    /// Run BeitImageProcessor on an image and write the pixel values (and segmentation labels) as .npy.
+    Preprocess(preprocess::PreprocessArgs),
     /// Run a model on float32 NCHW pixel values and write every output tensor to a safetensors file.
     Forward(forward::ForwardArgs),
+    /// Convert a checkpoint (.bin, msgpack, Hub id) to config.json + model.safetensors.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,7 +54,13 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Forward(args) => forward::run(args),
+        Command::Classify(a) => classify::run(a),
+        Command::Segment(a) => segment::run(a),
+        Command::Embed(a) => embed::run(a),
+        Command::Mim(a) => mim::run(a),
+        Command::Preprocess(a) => preprocess::run(a),
+        Command::Forward(a) => forward::run(a),
+        Command::Convert(a) => convert::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

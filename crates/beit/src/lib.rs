@@ -10,6 +10,7 @@ pub mod model;
 pub mod nn;
 pub mod npy;
 pub mod ops;
+pub mod pipeline;
 pub mod pretrained;
 pub mod processor;
 pub mod weights;

@@ -1,0 +1,137 @@
+//! What every model-taking command shares: `--model` (directory, weights file or Hub id), image collection,
+//! batching with a progress bar, and per-image failure reporting.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use beit::checkpoint::WeightsFormat;
+use beit::hub::HubOptions;
+use beit::pipeline::Pipeline;
+use beit::processor::load_image;
+use beit::LoadOptions;
+use candle_core::Device;
+use clap::Args;
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A model directory, a single weights file (beside its config.json), or a Hub repo id.
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// Force a weights format when the directory has several: safetensors, bin or msgpack.
+    #[arg(long)]
+    pub weights_format: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            weights_format: self.weights_format.as_deref().map(WeightsFormat::from_name).transpose()?,
+            ..Default::default()
+        })
+    }
+
+    pub fn hub(&self) -> HubOptions {
+        HubOptions { revision: self.revision.clone(), ..HubOptions::from_env() }
+    }
+
+    pub fn pipeline(&self) -> Result<Pipeline> {
+        Ok(Pipeline::load(&self.model, &self.load_options()?, &self.hub(), &Device::Cpu)?)
+    }
+}
+
+const IMAGE_EXTENSIONS: [&str; 9] = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm"];
+
+/// The given files, and the image files inside given directories (sorted, recursively).
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            walk(p, &mut found).with_context(|| format!("reading directory {}", p.display()))?;
+            found.sort();
+            if found.is_empty() {
+                tracing::warn!("{}: no image files found", p.display());
+            }
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("no images given");
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on batches of decoded images, in order. An image that fails to decode, or a batch that fails,
+/// is reported for its images and the others go on. Returns how many images failed.
+pub fn for_each_batch<F>(paths: &[PathBuf], batch_size: usize, mut f: F) -> usize
+where
+    F: FnMut(&[PathBuf], &[RgbImage]) -> Result<()>,
+{
+    let bar = if paths.len() > 4 {
+        let b = ProgressBar::new(paths.len() as u64);
+        b.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut failed = 0;
+    for chunk in paths.chunks(batch_size.max(1)) {
+        let mut ok_paths = Vec::with_capacity(chunk.len());
+        let mut images = Vec::with_capacity(chunk.len());
+        for p in chunk {
+            match load_image(p) {
+                Ok(img) => {
+                    ok_paths.push(p.clone());
+                    images.push(img);
+                }
+                Err(e) => {
+                    failed += 1;
+                    bar.suspend(|| eprintln!("error: {e}"));
+                }
+            }
+        }
+        if !images.is_empty() {
+            if let Err(e) = f(&ok_paths, &images) {
+                failed += ok_paths.len();
+                bar.suspend(|| eprintln!("error: {e:#}"));
+            }
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    failed
+}
+
+/// The exit status of a command over many images: an error when any failed.
+pub fn finish(failed: usize, total: usize) -> Result<()> {
+    if failed > 0 {
+        anyhow::bail!("{failed} of {total} images failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! `beit convert`: any checkpoint beit-rs reads (.bin, msgpack, a Hub id) to config.json + model.safetensors.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use beit::hub::resolve_model;
+use beit::load_pretrained;
+use candle_core::Device;
+use clap::Args;
+
+use crate::common::ModelArgs;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output directory (Hugging Face layout).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(a: ConvertArgs) -> Result<()> {
+    let loc = resolve_model(&a.model.model, &a.model.hub())?;
+    let mut opts = a.model.load_options()?;
+    opts.weights_file = loc.weights_file.clone();
+    let m = load_pretrained(&loc.dir, &opts, &Device::Cpu)?;
+    m.save(&a.out)?;
+    let pre = loc.dir.join("preprocessor_config.json");
+    if pre.is_file() {
+        std::fs::copy(&pre, a.out.join("preprocessor_config.json")).with_context(|| format!("copying {}", pre.display()))?;
+    }
+    eprintln!(
+        "wrote {} ({}, {} tensors) from {}",
+        a.out.display(),
+        m.model.architecture().name(),
+        m.weights.params().len(),
+        m.weight_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}

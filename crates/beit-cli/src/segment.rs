@@ -1,0 +1,128 @@
+//! `beit segment`: per image, a PNG of class ids at the image's size, a colour overlay with a legend, and a
+//! JSON summary of each class's share of the pixels.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use image::{ImageBuffer, Luma, RgbImage};
+use plotters::prelude::*;
+
+use crate::common::{collect_images, finish, for_each_batch, ModelArgs};
+
+#[derive(Args)]
+pub struct SegmentArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Output directory: <name>.png (class ids), <name>_overlay.png, <name>.json.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+}
+
+/// A fixed, well-spread colour per class (golden-ratio hues).
+pub fn class_color(class: u32) -> [u8; 3] {
+    let h = (class as f64 * 0.618_033_988_75).fract() * 6.0;
+    let (s, v) = (0.65 + 0.35 * ((class / 7) % 2) as f64, 0.95 - 0.3 * ((class / 3) % 2) as f64);
+    let (i, f) = (h.floor() as u32, h.fract());
+    let (p, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
+    let (r, g, b) = match i {
+        0 => (v, t, p),
+        1 => (q, v, p),
+        2 => (p, v, t),
+        3 => (p, q, v),
+        4 => (t, p, v),
+        _ => (v, p, q),
+    };
+    [(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8]
+}
+
+const LEGEND_WIDTH: u32 = 260;
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+
+pub fn register_font() {
+    // ok to ignore: a second registration of the same font is refused and changes nothing.
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+}
+
+fn write_overlay(path: &Path, image: &RgbImage, ids: &[u32], shares: &[(u32, String, f64)]) -> Result<()> {
+    let (w, h) = image.dimensions();
+    let (tw, th) = (w + LEGEND_WIDTH, h.max(24 * shares.len() as u32 + 16));
+    let mut buf = vec![255u8; (tw * th * 3) as usize];
+    for y in 0..h {
+        for x in 0..w {
+            let c = class_color(ids[(y * w + x) as usize]);
+            let p = image.get_pixel(x, y).0;
+            let o = ((y * tw + x) * 3) as usize;
+            for k in 0..3 {
+                buf[o + k] = ((p[k] as u16 + c[k] as u16) / 2) as u8;
+            }
+        }
+    }
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (tw, th)).into_drawing_area();
+        let style = ("sans-serif", 14).into_font().color(&BLACK);
+        for (row, (class, name, share)) in shares.iter().enumerate() {
+            let y = 8 + 24 * row as i32;
+            let [r, g, b] = class_color(*class);
+            let x0 = w as i32 + 10;
+            root.draw(&Rectangle::new([(x0, y), (x0 + 16, y + 16)], RGBColor(r, g, b).filled()))
+                .map_err(|e| anyhow::anyhow!("drawing the legend: {e}"))?;
+            root.draw(&Text::new(format!("{name} {:.1}%", share * 100.0), (x0 + 24, y + 1), style.clone()))
+                .map_err(|e| anyhow::anyhow!("drawing the legend: {e}"))?;
+        }
+        root.present().map_err(|e| anyhow::anyhow!("drawing the legend: {e}"))?;
+    }
+    let img = RgbImage::from_raw(tw, th, buf).context("overlay buffer")?;
+    img.save(path).with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn run(a: SegmentArgs) -> Result<()> {
+    register_font();
+    let pipe = a.model.pipeline()?;
+    let labels = pipe.pretrained.config.id2label.clone();
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let paths = collect_images(&a.images)?;
+    let failed = for_each_batch(&paths, a.batch_size, |batch_paths, images| {
+        let maps = pipe.segment(images)?;
+        for ((p, image), (ids, (h, w))) in batch_paths.iter().zip(images).zip(maps) {
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            let (w32, h32) = (w as u32, h as u32);
+            let ids_path = a.out.join(format!("{stem}.png"));
+            if labels.len() > 256 {
+                let data: Vec<u16> = ids.iter().map(|&i| i as u16).collect();
+                ImageBuffer::<Luma<u16>, _>::from_raw(w32, h32, data).context("label map")?.save(&ids_path)?;
+            } else {
+                let data: Vec<u8> = ids.iter().map(|&i| i as u8).collect();
+                ImageBuffer::<Luma<u8>, _>::from_raw(w32, h32, data).context("label map")?.save(&ids_path)?;
+            }
+            let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+            for &i in &ids {
+                *counts.entry(i).or_default() += 1;
+            }
+            let mut shares: Vec<(u32, String, f64)> = counts
+                .iter()
+                .map(|(&c, &n)| {
+                    let name = labels.get(&(c as usize)).cloned().unwrap_or_else(|| format!("LABEL_{c}"));
+                    (c, name, n as f64 / ids.len() as f64)
+                })
+                .collect();
+            shares.sort_by(|x, y| y.2.total_cmp(&x.2));
+            write_overlay(&a.out.join(format!("{stem}_overlay.png")), image, &ids, &shares)?;
+            let summary = serde_json::json!({
+                "image": p.display().to_string(),
+                "height": h,
+                "width": w,
+                "classes": shares.iter().map(|(c, name, s)| serde_json::json!({"id": c, "label": name, "share": s})).collect::<Vec<_>>(),
+            });
+            std::fs::write(a.out.join(format!("{stem}.json")), serde_json::to_string_pretty(&summary)? + "\n")?;
+            println!("{}: {}", p.display(), shares.iter().take(3).map(|(_, n, s)| format!("{n} {:.1}%", s * 100.0)).collect::<Vec<_>>().join(", "));
+        }
+        Ok(())
+    });
+    finish(failed, paths.len())
+}

@@ -1,0 +1,191 @@
+//! `beit classify | segment | embed | mim | preprocess | convert` end to end on the tiny fixture models and real
+//! photographs, against transformers' pipelines (scripts/gen_e2e_fixtures.py).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use beit::npy::{read_npy, NpyData};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../beit/tests/fixtures")
+}
+
+fn image(name: &str) -> String {
+    fixtures().join("processor/images").join(name).display().to_string()
+}
+
+fn model(name: &str) -> String {
+    fixtures().join("model").join(name).display().to_string()
+}
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("beit-pipe-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn beit(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_beit")).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+fn f32s(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let a = read_npy(path).unwrap();
+    match a.data {
+        NpyData::F32(v) => (a.shape, v),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn classify_matches_the_transformers_pipeline() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("e2e/expected.json")).unwrap()).unwrap();
+    let names = ["astronaut.png", "chelsea.png", "coffee_q90.jpg", "camera.png", "rgba.png"];
+    let mut args = vec!["classify".to_string(), "--model".into(), model("cls_single"), "--top-k".into(), "3".into(), "--json".into()];
+    args.extend(names.iter().map(|n| image(n)));
+    let (code, out, err) = beit(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let (g, e) = (&got[i], &expected["classify"][name]);
+        assert_eq!(g.as_array().unwrap().len(), 3);
+        for k in 0..3 {
+            assert_eq!(g[k]["label"], e[k]["label"], "{name}");
+            let d = (g[k]["score"].as_f64().unwrap() - e[k]["score"].as_f64().unwrap()).abs();
+            assert!(d <= 1e-4, "{name}: score differs by {d}");
+        }
+    }
+    // One image: just the list.
+    let (code, out, _) = beit(&["classify", "--model", &model("cls_single"), &image("chelsea.png"), "--json"]);
+    assert_eq!(code, 0);
+    let one: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(one[0]["label"].is_string() && one.as_array().unwrap().len() == 5);
+}
+
+#[test]
+fn segment_matches_post_processed_transformers_maps() {
+    let out = temp("seg");
+    let names = ["astronaut.png", "chelsea.png", "coffee_q90.jpg"];
+    let mut args = vec!["segment".to_string(), "--model".into(), model("seg_uper_aux1"), "--out".into(), out.display().to_string()];
+    args.extend(names.iter().map(|n| image(n)));
+    let (code, _, err) = beit(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    for name in names {
+        let stem = Path::new(name).file_stem().unwrap().to_str().unwrap();
+        let got = image::open(out.join(format!("{stem}.png"))).unwrap().to_luma8();
+        let want = image::open(fixtures().join(format!("e2e/seg_{stem}.png"))).unwrap().to_luma8();
+        assert_eq!(got.dimensions(), want.dimensions(), "{name}: the map is at the image's own size");
+        let same = got.pixels().zip(want.pixels()).filter(|(a, b)| a == b).count();
+        let share = same as f64 / (got.width() * got.height()) as f64;
+        assert!(share >= 0.999, "{name}: {:.4}% of pixels agree", share * 100.0);
+        assert!(out.join(format!("{stem}_overlay.png")).is_file());
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(format!("{stem}.json"))).unwrap()).unwrap();
+        let total: f64 = summary["classes"].as_array().unwrap().iter().map(|c| c["share"].as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn embed_tokens_match_the_backbone() {
+    let out = temp("embed").join("tokens.npy");
+    let (code, _, err) =
+        beit(&["embed", "--model", &model("mim"), &image("chelsea.png"), "--tokens", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (shape, got) = f32s(&out);
+    let (wshape, want) = f32s(&fixtures().join("e2e/embed_tokens_chelsea.npy"));
+    assert_eq!(shape, wshape);
+    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err <= 1e-4, "{err}");
+    let pooled = out.with_file_name("pooled.safetensors");
+    let (code, _, err) = beit(&["embed", "--model", &model("cls_single"), &image("chelsea.png"), &image("camera.png"), "--out", pooled.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let t = candle_core::safetensors::load(&pooled, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["embeddings"].dims(), &[2, 32]);
+}
+
+#[test]
+fn preprocess_writes_what_transformers_produces() {
+    let out = temp("pre").join("x.npy");
+    let config = fixtures().join("processor/configs/beit_base_224.json");
+    let (code, _, err) = beit(&["preprocess", "--processor", config.to_str().unwrap(), &image("astronaut.png"), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (shape, got) = f32s(&out);
+    let (wshape, want) = f32s(&fixtures().join("processor/pixel_values/beit_base_224_astronaut.npy"));
+    assert_eq!(shape, wshape);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn mim_predicts_tokens_for_masked_patches() {
+    let (code, out, err) = beit(&["mim", "--model", &model("mim"), &image("chelsea.png"), "--mask-ratio", "0.5", "--seed", "3", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["masked"].as_array().unwrap().len(), 8);
+    assert!(v["tokens"].as_array().unwrap().iter().all(|t| t.as_u64().unwrap() < 64));
+    // A classification checkpoint is not a MIM one.
+    let (code, _, err) = beit(&["mim", "--model", &model("cls_single"), &image("chelsea.png")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("BeitForImageClassification"), "{err}");
+}
+
+#[test]
+fn a_bad_image_fails_alone() {
+    let dir = temp("bad");
+    let bytes = std::fs::read(image("chelsea.png")).unwrap();
+    let truncated = dir.join("truncated.png");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let garbage = dir.join("garbage.jpg");
+    std::fs::write(&garbage, b"definitely not a jpeg").unwrap();
+    // A PNG whose header claims 50000 x 50000 pixels: refused before decoding.
+    let mut huge = bytes.clone();
+    huge[16..20].copy_from_slice(&50000u32.to_be_bytes());
+    huge[20..24].copy_from_slice(&50000u32.to_be_bytes());
+    let crc = crc32(&huge[12..29]);
+    huge[29..33].copy_from_slice(&crc.to_be_bytes());
+    let bomb = dir.join("bomb.png");
+    std::fs::write(&bomb, &huge).unwrap();
+    let empty = dir.join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    let args = [
+        "classify", "--model", &model("cls_single"), "--json", "--batch-size", "2",
+        &image("astronaut.png"), truncated.to_str().unwrap(), garbage.to_str().unwrap(),
+        bomb.to_str().unwrap(), empty.to_str().unwrap(), &image("chelsea.png"),
+    ];
+    let (code, out, err) = beit(&args);
+    assert_eq!(code, 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "the two good images are answered");
+    for f in ["truncated.png", "garbage.jpg", "bomb.png", "empty.png", "4 of 6 images failed"] {
+        assert!(err.contains(f), "{f}: {err}");
+    }
+    assert!(err.contains("50000"), "{err}");
+}
+
+#[test]
+fn convert_writes_safetensors_that_load_identically() {
+    let out = temp("convert");
+    let bin = fixtures().join("model/cls_single/pytorch_model.bin");
+    let (code, _, err) = beit(&["convert", "--model", bin.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("model.safetensors").is_file() && out.join("preprocessor_config.json").is_file());
+    let (_, a, _) = beit(&["classify", "--model", out.to_str().unwrap(), &image("chelsea.png"), "--json"]);
+    let (_, b, _) = beit(&["classify", "--model", &model("cls_single"), &image("chelsea.png"), "--json"]);
+    assert_eq!(a, b);
+}
+
+/// PNG chunk checksum (CRC-32), so the oversized header is otherwise valid.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}

@@ -1,0 +1,193 @@
+//! Images in, answers out: the model, its image processor, and the tasks transformers' pipelines offer
+//! (image classification, semantic segmentation, feature extraction) plus masked-token prediction.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use image::RgbImage;
+
+use crate::error::{BeitError, Result};
+use crate::heads::AnyBeitModel;
+use crate::hub::{resolve_model, HubOptions};
+use crate::model::{BeitModelOutput, ForwardOptions};
+use crate::pretrained::{load_pretrained, LoadOptions, Pretrained};
+use crate::processor::{BeitImageProcessor, SegmentationMap};
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Prediction {
+    pub label: String,
+    pub score: f32,
+}
+
+pub struct Pipeline {
+    pub pretrained: Pretrained,
+    pub processor: BeitImageProcessor,
+    pub model_dir: PathBuf,
+    pub device: Device,
+}
+
+/// A masked-image-modeling prediction: which patches were masked and the visual token predicted for each.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MimPrediction {
+    pub grid: (usize, usize),
+    pub masked: Vec<usize>,
+    pub tokens: Vec<u32>,
+    pub scores: Vec<f32>,
+}
+
+impl Pipeline {
+    pub fn load(spec: &str, load: &LoadOptions, hub: &HubOptions, device: &Device) -> Result<Self> {
+        let loc = resolve_model(spec, hub)?;
+        let mut load = load.clone();
+        if loc.weights_file.is_some() {
+            load.weights_file = loc.weights_file.clone();
+        }
+        let pretrained = load_pretrained(&loc.dir, &load, device)?;
+        let processor = processor_for(&loc.dir)?;
+        Ok(Pipeline { pretrained, processor, model_dir: loc.dir, device: device.clone() })
+    }
+
+    pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let pv = self.processor.preprocess_rgb(images)?;
+        Ok(Tensor::from_vec(pv.data, pv.shape.to_vec(), &self.device)?)
+    }
+
+    /// Softmax scores of the `top_k` best classes for each image, best first (as the image-classification
+    /// pipeline; sigmoid when the config says multi-label).
+    pub fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>> {
+        let AnyBeitModel::ImageClassification(m) = &self.pretrained.model else {
+            return Err(self.wrong_class("an image-classification"));
+        };
+        let logits = m.forward(&self.pixel_values(images)?, &ForwardOptions::default(), None)?.logits;
+        let probs = if self.pretrained.config.problem_type.as_deref() == Some("multi_label_classification")
+            || self.pretrained.config.num_labels() == 1
+        {
+            candle_nn::ops::sigmoid(&logits)?
+        } else {
+            candle_nn::ops::softmax(&logits, D::Minus1)?
+        };
+        let probs = probs.to_vec2::<f32>()?;
+        let labels = &self.pretrained.config.id2label;
+        Ok(probs
+            .into_iter()
+            .map(|row| {
+                let mut idx: Vec<usize> = (0..row.len()).collect();
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                idx.into_iter()
+                    .take(top_k)
+                    .map(|i| Prediction {
+                        label: labels.get(&i).cloned().unwrap_or_else(|| format!("LABEL_{i}")),
+                        score: row[i],
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Class ids per pixel at each image's own size (post_process_semantic_segmentation with target sizes).
+    pub fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>> {
+        let AnyBeitModel::SemanticSegmentation(m) = &self.pretrained.model else {
+            return Err(self.wrong_class("a semantic-segmentation"));
+        };
+        let logits = m.forward(&self.pixel_values(images)?, &ForwardOptions::default(), None)?.logits;
+        let dims: [usize; 4] = logits.dims4()?.into();
+        let data = logits.flatten_all()?.to_vec1::<f32>()?;
+        let sizes: Vec<(usize, usize)> = images.iter().map(|i| (i.height() as usize, i.width() as usize)).collect();
+        Ok(self.processor.post_process_semantic_segmentation(&data, dims, Some(&sizes))?)
+    }
+
+    /// The backbone's output for each image: the pooled vector (batch, hidden) or every token
+    /// (batch, 1 + patches, hidden).
+    pub fn embed(&self, images: &[RgbImage], tokens: bool) -> Result<Tensor> {
+        let x = self.pixel_values(images)?;
+        let o = ForwardOptions::default();
+        let base: BeitModelOutput = match &self.pretrained.model {
+            AnyBeitModel::Model(m) => m.forward(&x, &o)?,
+            AnyBeitModel::ImageClassification(m) => m.beit.forward(&x, &o)?,
+            AnyBeitModel::MaskedImageModeling(m) => m.beit.forward(&x, &o)?,
+            AnyBeitModel::SemanticSegmentation(m) => m.beit.forward(&x, &o)?,
+            AnyBeitModel::Backbone(_) => return Err(self.wrong_class("a BeitModel-based")),
+        };
+        if tokens {
+            return Ok(base.last_hidden_state);
+        }
+        match base.pooler_output {
+            Some(p) => Ok(p),
+            // No pooler (MIM and segmentation checkpoints): pool as the config says, without the pooler's norm.
+            None => {
+                let h = &base.last_hidden_state;
+                let n = h.dim(1)?;
+                if self.pretrained.config.use_mean_pooling {
+                    Ok(h.narrow(1, 1, n - 1)?.mean(1)?)
+                } else {
+                    Ok(h.narrow(1, 0, 1)?.squeeze(1)?)
+                }
+            }
+        }
+    }
+
+    /// Masks `mask_ratio` of the patches (seeded) and predicts the visual token of each masked one.
+    pub fn mim(&self, image: &RgbImage, mask_ratio: f64, seed: u64) -> Result<MimPrediction> {
+        let AnyBeitModel::MaskedImageModeling(m) = &self.pretrained.model else {
+            return Err(self.wrong_class("a masked-image-modeling"));
+        };
+        if !(0.0..=1.0).contains(&mask_ratio) {
+            return Err(BeitError::input("--mask-ratio", format!("{mask_ratio} is not in [0, 1]")));
+        }
+        let x = self.pixel_values(std::slice::from_ref(image))?;
+        let (_, _, h, w) = x.dims4()?;
+        let p = self.pretrained.config.patch_size.height;
+        let grid = (h / p, w / p);
+        let n = grid.0 * grid.1;
+        let masked = random_mask(n, (mask_ratio * n as f64).round() as usize, seed);
+        let mut flags = vec![0u8; n];
+        for &i in &masked {
+            flags[i] = 1;
+        }
+        let o = ForwardOptions { bool_masked_pos: Some(Tensor::from_vec(flags, (1, n), &self.device)?), ..Default::default() };
+        let logits = m.forward(&x, &o, None)?.logits.squeeze(0)?;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let tokens = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let best = probs.max(D::Minus1)?.to_vec1::<f32>()?;
+        Ok(MimPrediction {
+            grid,
+            tokens: masked.iter().map(|&i| tokens[i]).collect(),
+            scores: masked.iter().map(|&i| best[i]).collect(),
+            masked,
+        })
+    }
+
+    fn wrong_class(&self, what: &str) -> BeitError {
+        BeitError::input(
+            "--model",
+            format!("{} is a {} checkpoint, not {what} one", self.model_dir.display(), self.pretrained.model.architecture().name()),
+        )
+    }
+}
+
+/// The model directory's preprocessor_config.json, else transformers' defaults (with a warning).
+pub fn processor_for(dir: &Path) -> Result<BeitImageProcessor> {
+    let p = dir.join("preprocessor_config.json");
+    if p.is_file() {
+        Ok(BeitImageProcessor::from_json_file(&p)?)
+    } else {
+        tracing::warn!("{} has no preprocessor_config.json; using BeitImageProcessor's defaults", dir.display());
+        Ok(BeitImageProcessor::default())
+    }
+}
+
+/// `count` distinct patch indices, sorted, from a seeded shuffle.
+pub fn random_mask(n: usize, count: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed ^ 0x5DEE_CE66_D1CE_4E5B;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let mut idx: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        idx.swap(i, next() % (i + 1));
+    }
+    let mut chosen: Vec<usize> = idx.into_iter().take(count.min(n)).collect();
+    chosen.sort_unstable();
+    chosen
+}

@@ -1,0 +1,118 @@
+//! Hub resolution from a cache laid out as huggingface_hub lays it out (no network), and save_pretrained ->
+//! load -> identical outputs.
+
+use std::path::{Path, PathBuf};
+
+use beit::hub::{resolve_model, HubOptions};
+use beit::{load_pretrained, LoadOptions, ModelInputs};
+use candle_core::{Device, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model").join(name)
+}
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("beit-hub-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// models--org--name/{blobs/<hash>, snapshots/<commit>/<file> -> ../../blobs/<hash>, refs/main}.
+fn build_cache(cache: &Path, repo: &str, commit: &str, src: &Path, files: &[&str]) {
+    let root = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let snap = root.join("snapshots").join(commit);
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    for (i, f) in files.iter().enumerate() {
+        let blob = format!("{commit}{i:04}");
+        std::fs::copy(src.join(f), root.join("blobs").join(&blob)).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(f)).unwrap();
+    }
+    std::fs::write(root.join("refs/main"), commit).unwrap();
+}
+
+fn options(cache: &Path) -> HubOptions {
+    HubOptions { revision: "main".into(), cache_dir: cache.to_path_buf(), offline: true, token: None, progress: false }
+}
+
+fn logits(dir: &Path, file: Option<PathBuf>) -> Tensor {
+    let opts = LoadOptions { weights_file: file, ..Default::default() };
+    let m = load_pretrained(dir, &opts, &Device::Cpu).unwrap();
+    let x = Tensor::read_npy(fixture("cls_single").join("pixel_values.npy")).unwrap();
+    let out = m.model.forward_named(&x, &ModelInputs::default()).unwrap();
+    out.into_iter().find(|(k, _)| k == "logits").unwrap().1
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn resolves_repo_ids_from_the_python_cache_layout() {
+    let cache = temp("cache");
+    build_cache(&cache, "test-org/tiny-beit", "0123abcd", &fixture("cls_single"), &["config.json", "model.safetensors"]);
+    let loc = resolve_model("test-org/tiny-beit", &options(&cache)).unwrap();
+    assert!(loc.dir.ends_with("snapshots/0123abcd"), "{loc:?}");
+    assert!(same(&logits(&loc.dir, None), &logits(&fixture("cls_single"), None)));
+
+    // A revision given as a commit hash.
+    let mut o = options(&cache);
+    o.revision = "0123abcd".into();
+    assert_eq!(resolve_model("test-org/tiny-beit", &o).unwrap(), loc);
+
+    // Offline with nothing cached: the error says what was needed and where it looked.
+    let e = resolve_model("test-org/absent", &options(&cache)).unwrap_err().to_string();
+    assert!(e.contains("offline") && e.contains("config.json") && e.contains("model.safetensors"), "{e}");
+    assert!(e.contains("models--test-org--absent"), "{e}");
+    // Config but no weights.
+    build_cache(&cache, "test-org/no-weights", "ffff", &fixture("cls_single"), &["config.json"]);
+    assert!(resolve_model("test-org/no-weights", &options(&cache)).is_err());
+    // Neither a path nor a repo id.
+    assert!(resolve_model("./not/here", &options(&cache)).is_err());
+}
+
+#[test]
+fn a_single_weights_file_loads_with_its_directorys_config() {
+    let loc = resolve_model(fixture("cls_single").join("pytorch_model.bin").to_str().unwrap(), &options(Path::new("/nonexistent")))
+        .unwrap();
+    let bin = logits(&loc.dir, loc.weights_file.clone());
+    assert!(same(&bin, &logits(&fixture("cls_single"), None)));
+}
+
+#[test]
+fn save_then_load_gives_identical_outputs() {
+    for case in ["cls_single", "mim", "seg_uper_aux1", "backbone_fpn", "relpos_shared_cls"] {
+        let src = load_pretrained(&fixture(case), &LoadOptions::default(), &Device::Cpu).unwrap();
+        let out = temp(&format!("save-{case}"));
+        src.save(&out).unwrap();
+        let back = load_pretrained(&out, &LoadOptions::default(), &Device::Cpu).unwrap();
+        assert!(back.report.unused.is_empty() && back.report.newly_initialized.is_empty(), "{case}: {:?}", back.report);
+        assert_eq!(back.config, src.config, "{case}");
+        let x = beit::checkpoint::read_safetensors(&fixture(case).join("inputs.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k == "pixel_values")
+            .unwrap()
+            .1;
+        let a = src.model.forward_named(&x, &ModelInputs::default()).unwrap();
+        let b = back.model.forward_named(&x, &ModelInputs::default()).unwrap();
+        for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
+            assert_eq!(ka, kb);
+            assert!(same(ta, tb), "{case}: {ka}");
+        }
+        // Every checkpoint tensor was written back under its own name (BatchNorm counters aside).
+        let names = |p: &Path| -> Vec<String> {
+            let mut v: Vec<String> = beit::checkpoint::read_safetensors(p, &Device::Cpu)
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| !k.ends_with("num_batches_tracked"))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&out.join("model.safetensors")), names(&fixture(case).join("model.safetensors")), "{case}");
+    }
+}
