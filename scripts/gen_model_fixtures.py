@@ -80,7 +80,7 @@ def randomize(model, seed):
                 b.copy_(0.5 + torch.rand(b.shape, generator=g))
 
 
-def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2label=None, npy=False):
+def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2label=None, npy=False, grads=False):
     torch.manual_seed(seed)
     kw = dict(TINY)
     kw.update(config_kw)
@@ -100,6 +100,17 @@ def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2
     if save_bin:
         model.save_pretrained(out_dir, safe_serialization=False)
 
+    if grads:
+        # One training step's gradients (dropout and drop path are 0 in TINY, so train mode is deterministic).
+        model.train()
+        with torch.enable_grad():
+            out = model(**inputs, **call, return_dict=True)
+            out.loss.backward()
+        save_file(
+            {f"grad.{n}": p.grad.clone().contiguous() for n, p in model.named_parameters() if p.grad is not None},
+            os.path.join(out_dir, "grads.safetensors"),
+        )
+        model.eval()
     with torch.no_grad():
         outputs = model(**inputs, **call, return_dict=True)
 
@@ -154,7 +165,7 @@ def main():
     save_case(
         "relpos_layer", "BeitModel",
         dict(use_relative_position_bias=True, num_hidden_layers=3),
-        1, dict(pixel_values=pixels(1, 2, 3, 32, 32)), ALL, save_bin=True,
+        1, dict(pixel_values=pixels(1, 2, 3, 32, 32)), ALL,
     )
     # Shared relative position bias, CLS pooling (layernorm on the sequence), gelu_new.
     save_case(
@@ -291,6 +302,20 @@ def main():
              batch_norm_eps=1e-3, hidden_size=16, intermediate_size=24),
         25, dict(pixel_values=pixels(25, 2, 3, 32, 48)), dict(output_hidden_states=True),
     )
+    # One training step: loss and the gradient of every parameter.
+    save_case(
+        "train_cls", "BeitForImageClassification",
+        dict(use_relative_position_bias=True), 30,
+        dict(pixel_values=pixels(30, 4, 3, 32, 32), labels=torch.tensor([0, 4, 2, 2])), {},
+        id2label=labels5, grads=True,
+    )
+    save_case(
+        "train_cls_shared", "BeitForImageClassification",
+        dict(use_shared_relative_position_bias=True, use_absolute_position_embeddings=True, use_mean_pooling=False,
+             hidden_act="gelu_new"), 31,
+        dict(pixel_values=pixels(31, 3, 3, 32, 32), labels=torch.tensor([1, 0, 3])), {},
+        id2label=labels5, grads=True,
+    )
     # Every activation transformers names for hidden_act (one layer each).
     for i, act in enumerate([
         "gelu_10", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate", "laplace", "leaky_relu",
@@ -298,7 +323,8 @@ def main():
     ]):
         save_case(
             f"act_{act}", "BeitModel",
-            dict(hidden_act=act, num_hidden_layers=1, use_relative_position_bias=True),
+            dict(hidden_act=act, num_hidden_layers=1, use_relative_position_bias=True, hidden_size=16,
+                 intermediate_size=24),
             100 + i, dict(pixel_values=pixels(100 + i, 1, 3, 32, 32)), {},
         )
 

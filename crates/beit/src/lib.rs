@@ -13,6 +13,8 @@ pub mod ops;
 pub mod pipeline;
 pub mod pretrained;
 pub mod processor;
+pub mod rng;
+pub mod train;
 pub mod weights;
 
 pub use config::BeitConfig;

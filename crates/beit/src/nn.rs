@@ -1,9 +1,10 @@
 //! The few torch.nn layers BEiT is built from, loaded under PyTorch's parameter names (`weight`, `bias`).
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Tensor, D};
 
 use crate::config::HiddenAct;
 use crate::error::Result;
+use crate::rng::Rng;
 use crate::weights::{Init, Weights};
 
 /// Whether a forward pass records gradients: the fused CPU kernels (LayerNorm, softmax) have no backward pass,
@@ -11,6 +12,8 @@ use crate::weights::{Init, Weights};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Mode {
     pub train: bool,
+    /// The weights may change between calls (evaluation during training): derive nothing to keep.
+    pub uncached: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -212,12 +215,28 @@ pub fn activation(act: HiddenAct, x: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// The generator behind dropout and drop path. candle's CPU generator cannot be seeded, so training draws its
+/// masks here; the trainer reseeds it per epoch so that a resumed run repeats an uninterrupted one.
+static TRAIN_RNG: std::sync::Mutex<Rng> = std::sync::Mutex::new(Rng(0));
+
+pub fn seed_training_rng(seed: u64) {
+    *TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner()) = Rng::new(seed);
+}
+
+/// A (shape) tensor of 0 or 1/keep, 1 with probability keep.
+fn keep_mask(shape: &[usize], keep: f64, device: &candle_core::Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut rng = TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let v: Vec<f32> = (0..n).map(|_| if rng.uniform() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
 /// Dropout as torch applies it in training (scaled by 1/(1-p)); identity at inference.
 pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     if !mode.train || p <= 0.0 {
         return Ok(x.clone());
     }
-    Ok(candle_nn::ops::dropout(x, p as f32)?)
+    Ok(x.mul(&keep_mask(x.dims(), 1.0 - p, x.device())?)?)
 }
 
 /// Stochastic depth per sample (transformers' drop_path); identity at inference.
@@ -225,16 +244,8 @@ pub fn drop_path(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     if !mode.train || p <= 0.0 {
         return Ok(x.clone());
     }
-    let keep = 1.0 - p;
     let mut shape = vec![1usize; x.rank()];
     shape[0] = x.dim(0)?;
-    let r = Tensor::rand(0f32, 1f32, shape, x.device())?;
-    let mask = (r + keep)?.floor()?;
-    Ok(x.affine(1.0 / keep, 0.0)?.broadcast_mul(&mask)?)
+    Ok(x.broadcast_mul(&keep_mask(&shape, 1.0 - p, x.device())?)?)
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Linear::forward(self, x).map_err(candle_core::Error::wrap)
-    }
-}

@@ -178,15 +178,8 @@ pub fn processor_for(dir: &Path) -> Result<BeitImageProcessor> {
 
 /// `count` distinct patch indices, sorted, from a seeded shuffle.
 pub fn random_mask(n: usize, count: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed ^ 0x5DEE_CE66_D1CE_4E5B;
-    let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 33) as usize
-    };
     let mut idx: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        idx.swap(i, next() % (i + 1));
-    }
+    crate::rng::Rng::new(seed).shuffle(&mut idx);
     let mut chosen: Vec<usize> = idx.into_iter().take(count.min(n)).collect();
     chosen.sort_unstable();
     chosen

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 
 use crate::error::{BeitError, Result};
+use crate::rng::Rng;
 
 /// How a parameter is initialized when the checkpoint lacks it (transformers' `_init_weights`).
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +40,7 @@ struct Inner {
     /// Every tensor handed to the model, by checkpoint name: what save_pretrained writes. A Var's tensor shares
     /// its storage, so this stays current while training updates it.
     params: Mutex<Vec<(String, Tensor)>>,
-    rng: Mutex<SplitMix64>,
+    rng: Mutex<Rng>,
 }
 
 #[derive(Clone)]
@@ -83,7 +84,7 @@ impl Weights {
                 initialized: Mutex::new(Vec::new()),
                 vars: trainable.then(|| Mutex::new(Vec::new())),
                 params: Mutex::new(Vec::new()),
-                rng: Mutex::new(SplitMix64(seed)),
+                rng: Mutex::new(Rng::new(seed)),
             }),
             prefix: String::new(),
         }
@@ -216,29 +217,6 @@ impl Weights {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked mid-insert; the sets stay usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A tiny seeded generator, so that fresh weights are reproducible without a dependency.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Box-Muller.
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,23 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Res
     Ok((picked.mul(&keep)?.sum_all()?.neg()? / count as f64)?)
 }
 
+/// Cross-entropy with label smoothing (torch's `label_smoothing`): (1 - e) * nll + e * mean over classes of
+/// -log p. No ignored labels.
+pub fn cross_entropy_smoothed(logits: &Tensor, labels: &[u32], smoothing: f64) -> Result<Tensor> {
+    let (n, c) = logits.dims2()?;
+    if labels.len() != n || labels.iter().any(|&l| l as usize >= c) {
+        return Err(BeitError::input("labels", format!("{} labels for {n} predictions of {c} classes", labels.len())));
+    }
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = Tensor::from_vec(labels.to_vec(), (n, 1), logits.device())?;
+    let nll = logp.gather(&idx, 1)?.neg()?.mean_all()?;
+    if smoothing <= 0.0 {
+        return Ok(nll);
+    }
+    let uniform = logp.neg()?.mean_all()?;
+    Ok(((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?)
+}
+
 /// BCEWithLogitsLoss: mean of max(x, 0) - x*y + log(1 + exp(-|x|)).
 pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let y = targets.to_dtype(DType::F32)?;

@@ -85,7 +85,8 @@ impl BeitRelativePositionBias {
     pub fn forward(&self, window: (usize, usize), interpolate_pos_encoding: bool, dim_size: usize, mode: Mode) -> Result<Tensor> {
         let target = if interpolate_pos_encoding { dim_size } else { 0 };
         let key = (window.0, window.1, target);
-        if !mode.train {
+        let cacheable = !mode.train && !mode.uncached;
+        if cacheable {
             if let Some(t) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
                 return Ok(t.clone());
             }
@@ -100,7 +101,7 @@ impl BeitRelativePositionBias {
             bias
         };
         let bias = bias.unsqueeze(0)?;
-        if !mode.train {
+        if cacheable {
             self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, bias.clone());
         }
         Ok(bias)
