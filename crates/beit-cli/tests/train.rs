@@ -1,0 +1,143 @@
+//! `beit train` / `beit eval` end to end on a small slice of the committed digits: checkpoints, metrics, plots,
+//! a SIGKILLed run resumed to the same result, and the dataset errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn digits() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/digits")
+}
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("beit-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// An image folder with the first `per_class` digits of `classes`.
+fn slice(tag: &str, classes: &[&str], per_class: usize) -> PathBuf {
+    let root = temp(tag).join("data");
+    for c in classes {
+        let dst = root.join(c);
+        std::fs::create_dir_all(&dst).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(digits().join(c)).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for f in files.iter().take(per_class) {
+            std::fs::copy(f, dst.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    root
+}
+
+fn config(dir: &Path) -> PathBuf {
+    let p = dir.join("config.json");
+    std::fs::write(
+        &p,
+        r#"{"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+            "image_size": 8, "patch_size": 4, "use_relative_position_bias": true, "drop_path_rate": 0.1,
+            "hidden_dropout_prob": 0.1}"#,
+    )
+    .unwrap();
+    p
+}
+
+fn train_args(data: &Path, cfg: &Path, out: &Path, epochs: &str) -> Vec<String> {
+    [
+        "train", "--model", cfg.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--epochs", epochs, "--batch-size", "8", "--lr", "3e-3", "--layer-decay", "1.0", "--warmup-epochs", "1",
+        "--val-split", "0.25", "--no-hflip", "--crop-scale-min", "0.6", "--seed", "7",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn beit(args: &[String]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_beit")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (out.status.code().unwrap_or(-1), err)
+}
+
+fn last_metrics(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn trains_writes_checkpoints_and_resumes_after_sigkill() {
+    let data = slice("run", &["0", "1", "2"], 60);
+    let cfg = config(data.parent().unwrap());
+    let whole = data.parent().unwrap().join("whole");
+    let (code, err) = beit(&train_args(&data, &cfg, &whole, "4"));
+    assert_eq!(code, 0, "{err}");
+    for f in ["best/model.safetensors", "best/config.json", "best/preprocessor_config.json", "last/optimizer.safetensors",
+              "last/trainer_state.json", "metrics.png"] {
+        assert!(whole.join(f).is_file(), "{f}");
+    }
+    let m = last_metrics(&whole);
+    assert_eq!(m["epoch"], 4);
+    assert!(m["top1"].as_f64().unwrap() > 0.5, "{m}");
+
+    // The same run, killed with SIGKILL during epoch 3 and resumed.
+    let killed = data.parent().unwrap().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(train_args(&data, &cfg, &killed, "4"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let done = std::fs::read_to_string(killed.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+        if done >= 2 || start.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    child.kill().unwrap(); // SIGKILL, during epoch 3
+    child.wait().unwrap();
+    let done = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap().lines().count();
+    assert!(done < 4, "the run finished before it could be killed; make the test's epochs longer");
+    let mut args = train_args(&data, &cfg, &killed, "4");
+    args.push("--resume".into());
+    let (code, err) = beit(&args);
+    assert_eq!(code, 0, "{err}");
+    let resumed = last_metrics(&killed);
+    assert_eq!(resumed["epoch"], 4);
+    for k in ["train_loss", "val_loss", "top1", "top5"] {
+        assert_eq!(resumed[k], m[k], "{k}: resumed {resumed} vs uninterrupted {m}");
+    }
+
+    // beit eval on the best checkpoint and the same held-out split.
+    let (code, _) = beit(&[
+        "eval".into(), "--model".into(), whole.join("best").display().to_string(), "--data".into(), data.display().to_string(),
+        "--val-split".into(), "0.25".into(), "--seed".into(), "7".into(), "--plot".into(), whole.join("confusion.png").display().to_string(),
+    ]);
+    assert_eq!(code, 0);
+    assert!(whole.join("confusion.png").is_file());
+}
+
+#[test]
+fn dataset_problems_are_clear() {
+    let data = slice("bad", &["0", "1"], 6);
+    let cfg = config(data.parent().unwrap());
+    let out = data.parent().unwrap().join("out");
+    // An unreadable image is skipped and reported; training goes on.
+    std::fs::write(data.join("1/broken.png"), b"not a png").unwrap();
+    let (code, err) = beit(&train_args(&data, &cfg, &out, "1"));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("skipped") && err.contains("broken.png"), "{err}");
+    // An empty class is an error.
+    std::fs::create_dir_all(data.join("2")).unwrap();
+    let (code, err) = beit(&train_args(&data, &cfg, &out, "1"));
+    assert_eq!(code, 1);
+    assert!(err.contains("\"2\" has no images"), "{err}");
+    // A single class is an error.
+    let one = slice("one", &["0"], 5);
+    let (code, err) = beit(&train_args(&one, &cfg, &out, "1"));
+    assert_eq!(code, 1);
+    assert!(err.contains("at least 2"), "{err}");
+}
