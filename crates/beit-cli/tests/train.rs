@@ -141,3 +141,34 @@ fn dataset_problems_are_clear() {
     assert_eq!(code, 1);
     assert!(err.contains("at least 2"), "{err}");
 }
+
+#[test]
+fn fine_tuning_a_mim_checkpoint_unshares_its_relative_bias() {
+    let data = slice("ft", &["0", "1"], 8);
+    let mim = Path::new(env!("CARGO_MANIFEST_DIR")).join("../beit/tests/fixtures/model/mim");
+    let out = data.parent().unwrap().join("out");
+    // lr 0: the weights stay as loaded, so the copies can be compared with the shared table.
+    let args: Vec<String> = [
+        "train", "--model", mim.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--epochs", "1", "--batch-size", "4", "--lr", "0", "--val-split", "0.25",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (code, err) = beit(&args);
+    assert_eq!(code, 0, "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("last/config.json")).unwrap()).unwrap();
+    assert_eq!(config["use_shared_relative_position_bias"], false);
+    assert_eq!(config["use_relative_position_bias"], true);
+    assert_eq!(config["id2label"]["1"], "1");
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let before = load(&mim.join("model.safetensors"));
+    let after = load(&out.join("last/model.safetensors"));
+    let shared = before["beit.encoder.relative_position_bias.relative_position_bias_table"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for i in 0..2 {
+        let t = &after[&format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table")];
+        assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), shared, "layer {i}");
+    }
+    assert_eq!(after["classifier.weight"].dims(), &[2, 32], "a fresh two-class head");
+}

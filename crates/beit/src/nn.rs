@@ -158,7 +158,7 @@ pub struct BatchNorm2d {
 
 impl BatchNorm2d {
     pub fn load_head(w: &Weights, channels: usize, eps: f64) -> Result<Self> {
-        w.mark_used("num_batches_tracked");
+        w.passthrough_counter("num_batches_tracked")?;
         Ok(BatchNorm2d {
             weight: w.get_or_init(channels, "weight", Init::Const(1.0))?,
             bias: w.get_or_init(channels, "bias", Init::Zeros)?,

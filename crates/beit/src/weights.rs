@@ -122,12 +122,20 @@ impl Weights {
         self.inner.tensors.keys().any(|k| k.starts_with(&p))
     }
 
-    /// Counts a tensor the model does not need (BatchNorm's num_batches_tracked) as used, if present.
-    pub fn mark_used(&self, name: &str) {
+    /// A buffer the model does not compute with but a checkpoint carries (BatchNorm's num_batches_tracked):
+    /// kept as it is, or a 0 scalar of int64 when absent, so that saved checkpoints load in transformers
+    /// without warnings.
+    pub fn passthrough_counter(&self, name: &str) -> Result<()> {
         let full = self.full_name(name);
-        if self.inner.tensors.contains_key(&full) {
-            lock(&self.inner.used).insert(full);
-        }
+        let t = match self.inner.tensors.get(&full) {
+            Some(t) => {
+                lock(&self.inner.used).insert(full.clone());
+                t.clone()
+            }
+            None => Tensor::zeros((), DType::I64, &self.inner.device)?,
+        };
+        lock(&self.inner.params).push((full, t));
+        Ok(())
     }
 
     /// A backbone parameter: missing from a checkpoint is an error.
