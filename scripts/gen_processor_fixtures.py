@@ -240,7 +240,7 @@ def main():
             Image.fromarray(lv.astype(np.uint8).transpose(1, 2, 0), "RGB").save(path(entry["levels"]), optimize=True)
         manifest["processor_cases"].append(entry)
 
-    add_case("beit_base_224_astronaut", "beit_base_224", ["images/astronaut.png"], "npy")
+    add_case("beit_base_224_astronaut", "beit_base_224", ["images/astronaut.png"], "levels")
     add_case("class_defaults_coffee_jpeg", "class_defaults", ["images/coffee_q90.jpg"], "levels")
     add_case("class_defaults_coffee", "class_defaults", ["images/coffee.png"], "levels")
     add_case("bicubic_384_chelsea", "bicubic_384", ["images/chelsea.png"], "levels")

@@ -25,12 +25,17 @@ pub struct ModelArgs {
     /// Force a weights format when the directory has several: safetensors, bin or msgpack.
     #[arg(long)]
     pub weights_format: Option<String>,
+    /// The checkpoint is timm's beit/beitv2 model NAME (e.g. beit_base_patch16_224.in22k_ft_in22k_in1k): its
+    /// config comes from the name, so it needs no config.json (timm's own config.json is recognized without it).
+    #[arg(long, value_name = "NAME")]
+    pub timm_model: Option<String>,
 }
 
 impl ModelArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
         Ok(LoadOptions {
             weights_format: self.weights_format.as_deref().map(WeightsFormat::from_name).transpose()?,
+            timm_model: self.timm_model.clone(),
             ..Default::default()
         })
     }

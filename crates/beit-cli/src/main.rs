@@ -8,6 +8,9 @@ mod forward;
 mod mim;
 mod preprocess;
 mod segment;
+mod train;
+mod serve;
+mod tokenize;
 
 use std::process::ExitCode;
 
@@ -34,8 +37,16 @@ enum Command {
     Preprocess(preprocess::PreprocessArgs),
     /// Run a model on float32 NCHW pixel values and write every output tensor to a safetensors file.
     Forward(forward::ForwardArgs),
+    /// Fine-tune (or train from scratch) an image classifier on an image folder.
+    Train(train::TrainArgs),
+    /// Evaluate an image classifier on an image folder: top-1, top-5, confusion matrix.
+    Eval(train::EvalArgs),
     /// Convert a checkpoint (.bin, msgpack, Hub id) to config.json + model.safetensors.
     Convert(convert::ConvertArgs),
+    /// Serve classify, segment and embed over HTTP, with dynamic batching, health, info and Prometheus metrics.
+    Serve(serve::ServeArgs),
+    /// Visual tokens of images with the DALL-E dVAE encoder (BEiT's tokenizer): int64 .npy.
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +72,10 @@ fn main() -> ExitCode {
         Command::Preprocess(a) => preprocess::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => train::eval(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -111,11 +111,11 @@ fn embed_tokens_match_the_backbone() {
 #[test]
 fn preprocess_writes_what_transformers_produces() {
     let out = temp("pre").join("x.npy");
-    let config = fixtures().join("processor/configs/beit_base_224.json");
-    let (code, _, err) = beit(&["preprocess", "--processor", config.to_str().unwrap(), &image("astronaut.png"), "--out", out.to_str().unwrap()]);
+    let config = fixtures().join("processor/configs/imagenet_lanczos.json");
+    let (code, _, err) = beit(&["preprocess", "--processor", config.to_str().unwrap(), &image("camera.png"), "--out", out.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let (shape, got) = f32s(&out);
-    let (wshape, want) = f32s(&fixtures().join("processor/pixel_values/beit_base_224_astronaut.npy"));
+    let (wshape, want) = f32s(&fixtures().join("processor/pixel_values/imagenet_lanczos_camera.npy"));
     assert_eq!(shape, wshape);
     assert_eq!(got, want);
 }

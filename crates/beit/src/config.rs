@@ -220,9 +220,18 @@ fn take_size2(map: &mut Map<String, Value>, key: &str, default: usize) -> Result
     }
 }
 
+/// The `model_type`s beit-rs builds: BEiT itself, and Data2VecVision, whose models are BEiT's under other names.
+pub const BEIT: &str = "beit";
+pub const DATA2VEC_VISION: &str = "data2vec-vision";
+pub const MODEL_TYPES: [&str; 2] = [BEIT, DATA2VEC_VISION];
+
+/// Data2VecVisionConfig's out_indices default (BeitConfig's aligns to the last stage instead).
+const DATA2VEC_OUT_INDICES: [i64; 4] = [3, 5, 7, 11];
+
 /// Upper bounds that keep a hostile config.json from asking for absurd allocations.
 pub const MAX_DIM: usize = 1 << 16;
 pub const MAX_LAYERS: usize = 1024;
+pub const MAX_NUM_LABELS: usize = 1 << 20;
 
 impl BeitConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -244,7 +253,27 @@ impl BeitConfig {
         let Value::Object(mut m) = value else {
             return Err(BeitError::config("<root>", format!("expected a JSON object, found {value}")));
         };
+        if m.contains_key("architecture") && !m.contains_key("model_type") {
+            return Err(BeitError::config(
+                "model_type",
+                format!(
+                    "missing, and \"architecture\": {} says this is timm's config.json, not transformers'; \
+                     load the model directory (load_pretrained maps timm checkpoints)",
+                    m["architecture"]
+                ),
+            ));
+        }
         let d = BeitConfig::default();
+        let model_type: String = take(&mut m, "model_type", d.model_type.clone(), "a string")?;
+        if !MODEL_TYPES.contains(&model_type.as_str()) {
+            return Err(BeitError::config(
+                "model_type",
+                format!("unknown model type {model_type:?}; beit-rs loads {}", MODEL_TYPES.join(", ")),
+            ));
+        }
+        // Data2VecVisionConfig declares no vocab_size (no MIM head), no backbone fields and no out_features
+        // alignment: those keys, when present, stay unknown keys and are written back as they were.
+        let is_d2v = model_type == DATA2VEC_VISION;
         let int = "a non-negative integer";
         let float = "a number";
         let boolean = "true or false";
@@ -252,6 +281,11 @@ impl BeitConfig {
         let id2label_raw: Option<BTreeMap<String, String>> =
             take_opt(&mut m, "id2label", "an object mapping ids to label names")?;
         let num_labels: Option<usize> = take_opt(&mut m, "num_labels", int)?;
+        // Bounded before the default labels are built from it (found by fuzzing: `"num_labels": 999932999932`
+        // allocated ~30 TB); the same bound `validate` puts on the number of labels.
+        if let Some(n) = num_labels.filter(|&n| n > MAX_NUM_LABELS) {
+            return Err(BeitError::config("num_labels", format!("{n} is larger than the supported maximum {MAX_NUM_LABELS}")));
+        }
         let id2label = match id2label_raw {
             Some(raw) => raw
                 .into_iter()
@@ -264,15 +298,23 @@ impl BeitConfig {
             None => (0..num_labels.unwrap_or(2)).map(|i| (i, format!("LABEL_{i}"))).collect(),
         };
         m.remove("label2id"); // derived from id2label
-        m.remove("stage_names"); // derived from num_hidden_layers
-        let out_features: Option<Vec<String>> = take_opt(&mut m, "out_features", "a list of stage names")?;
-        let mut out_indices: Option<Vec<i64>> = take_opt(&mut m, "out_indices", "a list of integers")?;
-        if let Some(seg) = take_opt::<Vec<i64>>(&mut m, "segmentation_indices", "a list of integers")? {
-            out_indices = Some(seg); // the deprecated name, as transformers accepts it
+        let (out_features, mut out_indices): (Option<Vec<String>>, Option<Vec<i64>>) = if is_d2v {
+            (None, take_opt(&mut m, "out_indices", "a list of integers")?)
+        } else {
+            m.remove("stage_names"); // derived from num_hidden_layers
+            (take_opt(&mut m, "out_features", "a list of stage names")?, take_opt(&mut m, "out_indices", "a list of integers")?)
+        };
+        if !is_d2v {
+            if let Some(seg) = take_opt::<Vec<i64>>(&mut m, "segmentation_indices", "a list of integers")? {
+                out_indices = Some(seg); // the deprecated name, as transformers accepts it
+            }
         }
+        let beit_only = |m: &mut Map<String, Value>, key: &str, default: bool| -> Result<bool> {
+            if is_d2v { Ok(default) } else { take(m, key, default, boolean) }
+        };
         let mut c = BeitConfig {
-            model_type: take(&mut m, "model_type", d.model_type.clone(), "a string")?,
-            vocab_size: take(&mut m, "vocab_size", d.vocab_size, int)?,
+            model_type,
+            vocab_size: if is_d2v { d.vocab_size } else { take(&mut m, "vocab_size", d.vocab_size, int)? },
             hidden_size: take(&mut m, "hidden_size", d.hidden_size, int)?,
             num_hidden_layers: take(&mut m, "num_hidden_layers", d.num_hidden_layers, int)?,
             num_attention_heads: take(&mut m, "num_attention_heads", d.num_attention_heads, int)?,
@@ -326,9 +368,9 @@ impl BeitConfig {
             )?,
             out_features: vec![],
             out_indices: vec![],
-            add_fpn: take(&mut m, "add_fpn", d.add_fpn, boolean)?,
-            reshape_hidden_states: take(&mut m, "reshape_hidden_states", d.reshape_hidden_states, boolean)?,
-            batch_norm_eps: take(&mut m, "batch_norm_eps", d.batch_norm_eps, float)?,
+            add_fpn: beit_only(&mut m, "add_fpn", d.add_fpn)?,
+            reshape_hidden_states: beit_only(&mut m, "reshape_hidden_states", d.reshape_hidden_states)?,
+            batch_norm_eps: if is_d2v { d.batch_norm_eps } else { take(&mut m, "batch_norm_eps", d.batch_norm_eps, float)? },
             id2label,
             architectures: take_opt(&mut m, "architectures", "a list of class names")?,
             problem_type: take_opt(&mut m, "problem_type", "a string")?,
@@ -337,8 +379,23 @@ impl BeitConfig {
             extra: m,
         };
         c.validate()?;
-        c.align_out_features(out_features, out_indices)?;
+        if is_d2v {
+            // Kept as given: only Data2VecVisionForSemanticSegmentation reads them, and checks them when built.
+            c.out_features = vec![];
+            c.out_indices = out_indices.unwrap_or_else(|| DATA2VEC_OUT_INDICES.to_vec());
+        } else {
+            c.align_out_features(out_features, out_indices)?;
+        }
         Ok(c)
+    }
+
+    pub fn is_data2vec(&self) -> bool {
+        self.model_type == DATA2VEC_VISION
+    }
+
+    /// transformers' `base_model_prefix`: where head classes keep the backbone's weights.
+    pub fn base_model_prefix(&self) -> &'static str {
+        if self.is_data2vec() { "data2vec_vision" } else { "beit" }
     }
 
     /// transformers' get_aligned_output_features_output_indices.
@@ -445,7 +502,7 @@ impl BeitConfig {
             ("vocab_size", self.vocab_size, 1 << 20),
             ("image_size", self.image_size.height.max(self.image_size.width), MAX_DIM),
             ("auxiliary_channels", self.auxiliary_channels, MAX_DIM),
-            ("num_labels", self.id2label.len(), 1 << 20),
+            ("num_labels", self.id2label.len(), MAX_NUM_LABELS),
         ];
         for (field, v, max) in bounded {
             if v > max {
@@ -505,8 +562,11 @@ impl BeitConfig {
         let mut put = |k: &str, v: Value| {
             m.insert(k.to_string(), v);
         };
+        let is_d2v = self.is_data2vec();
         put("model_type", json!(self.model_type));
-        put("vocab_size", json!(self.vocab_size));
+        if !is_d2v {
+            put("vocab_size", json!(self.vocab_size));
+        }
         put("hidden_size", json!(self.hidden_size));
         put("num_hidden_layers", json!(self.num_hidden_layers));
         put("num_attention_heads", json!(self.num_attention_heads));
@@ -533,13 +593,15 @@ impl BeitConfig {
         put("auxiliary_num_convs", json!(self.auxiliary_num_convs));
         put("auxiliary_concat_input", json!(self.auxiliary_concat_input));
         put("semantic_loss_ignore_index", json!(self.semantic_loss_ignore_index));
-        put("out_features", json!(self.out_features));
         put("out_indices", json!(self.out_indices));
-        put("stage_names", json!(self.stage_names()));
-        put("add_fpn", json!(self.add_fpn));
-        put("reshape_hidden_states", json!(self.reshape_hidden_states));
-        if self.batch_norm_eps != 1e-5 {
-            put("batch_norm_eps", json!(self.batch_norm_eps));
+        if !is_d2v {
+            put("out_features", json!(self.out_features));
+            put("stage_names", json!(self.stage_names()));
+            put("add_fpn", json!(self.add_fpn));
+            put("reshape_hidden_states", json!(self.reshape_hidden_states));
+            if self.batch_norm_eps != 1e-5 {
+                put("batch_norm_eps", json!(self.batch_norm_eps));
+            }
         }
         let id2label: BTreeMap<String, &String> = self.id2label.iter().map(|(k, v)| (k.to_string(), v)).collect();
         let label2id: BTreeMap<&String, usize> = self.id2label.iter().map(|(k, v)| (v, *k)).collect();
@@ -623,8 +685,48 @@ mod tests {
     }
 
     #[test]
+    fn data2vec_defaults_and_round_trip() {
+        // What Data2VecVisionConfig.save_pretrained writes for a 2-layer model: out_indices beyond the layers.
+        let text = r#"{"model_type": "data2vec-vision", "num_hidden_layers": 2, "hidden_size": 32,
+            "num_attention_heads": 4, "custom": 1}"#;
+        let c = BeitConfig::from_json_str(text).unwrap();
+        assert!(c.is_data2vec());
+        assert_eq!(c.base_model_prefix(), "data2vec_vision");
+        assert_eq!(c.out_indices, vec![3, 5, 7, 11]);
+        assert!(c.out_features.is_empty());
+        let v = c.to_json();
+        for key in ["vocab_size", "out_features", "stage_names", "add_fpn", "reshape_hidden_states"] {
+            assert!(v.get(key).is_none(), "{key} written for data2vec-vision");
+        }
+        assert_eq!(v["out_indices"], json!([3, 5, 7, 11]));
+        assert_eq!(BeitConfig::from_json(v).unwrap(), c);
+        // A BEiT-only key in a data2vec config is an unknown key, kept as it was.
+        let c = BeitConfig::from_json_str(r#"{"model_type": "data2vec-vision", "vocab_size": 5, "add_fpn": "x"}"#).unwrap();
+        assert_eq!(c.to_json()["vocab_size"], json!(5));
+        assert_eq!(c.to_json()["add_fpn"], json!("x"));
+    }
+
+    #[test]
+    fn unknown_model_types_and_timm_configs_are_errors() {
+        let e = BeitConfig::from_json_str(r#"{"model_type": "vit"}"#).unwrap_err().to_string();
+        assert!(e.contains("model_type") && e.contains("\"vit\"") && e.contains("data2vec-vision"), "{e}");
+        let e = BeitConfig::from_json_str(r#"{"architecture": "beit_base_patch16_224", "num_classes": 3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("timm") && e.contains("beit_base_patch16_224"), "{e}");
+    }
+
+    #[test]
     fn num_labels_without_id2label() {
         let c = BeitConfig::from_json_str(r#"{"num_labels": 4}"#).unwrap();
         assert_eq!(c.id2label.get(&3).map(String::as_str), Some("LABEL_3"));
+    }
+
+    /// Fuzz regression (fuzz target config_json): a huge `num_labels` is refused before building its labels.
+    #[test]
+    fn fuzz_huge_num_labels_is_refused_without_allocating() {
+        let text = include_str!("../tests/fixtures/fuzz/config_huge_num_labels.json");
+        let e = BeitConfig::from_json_str(text).unwrap_err().to_string();
+        assert!(e.contains("num_labels") && e.contains("999932999932"), "{e}");
     }
 }

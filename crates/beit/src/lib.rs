@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod heads;
 pub mod hub;
+pub mod masking;
 pub mod model;
 pub mod nn;
 pub mod npy;
@@ -14,6 +15,7 @@ pub mod pipeline;
 pub mod pretrained;
 pub mod processor;
 pub mod rng;
+pub mod tokenizer;
 pub mod train;
 pub mod weights;
 

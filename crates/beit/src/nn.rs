@@ -194,6 +194,8 @@ pub fn activation(act: HiddenAct, x: &Tensor) -> Result<Tensor> {
         GeluNew | GeluPytorchTanh | GeluPythonTanh | GeluAccurate | GeluFast => x.gelu()?,
         Gelu10 => x.gelu_erf()?.clamp(-10f32, 10f32)?,
         Laplace => {
+            // transformers' LaplaceActivation defaults, rounded as it writes them (not 1/sqrt(2)).
+            #[allow(clippy::approx_constant)]
             let (mu, sigma) = (0.707107f64, 0.282095f64);
             (((x - mu)? / (sigma * std::f64::consts::SQRT_2))?.erf()? + 1.0)?.affine(0.5, 0.0)?
         }

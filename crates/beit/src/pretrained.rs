@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::checkpoint::{align_prefix, find_weight_files, load_tensors, weights_file, WeightsFormat};
+use crate::checkpoint::{align_prefix, find_weight_files, load_tensors, rename_prefix, timm, weights_file, WeightsFormat};
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
 use crate::heads::{AnyBeitModel, Architecture};
@@ -19,6 +19,9 @@ pub struct LoadOptions {
     pub weights_format: Option<WeightsFormat>,
     /// One weights file to load instead of searching the directory.
     pub weights_file: Option<PathBuf>,
+    /// The checkpoint is timm's beit/beitv2 named so (e.g. `beit_base_patch16_224.in22k_ft_in22k_in1k`): its
+    /// config is derived from the name, and config.json may be absent.
+    pub timm_model: Option<String>,
 }
 
 pub struct Pretrained {
@@ -37,13 +40,16 @@ impl Pretrained {
 }
 
 /// Writes `dir/config.json` (architectures set to `arch`) and `dir/model.safetensors`, each through a temporary
-/// file and a rename, so that a reader never sees half a file.
+/// file and a rename, so that a reader never sees half a file. A data2vec-vision config is written with its own
+/// class names and the `data2vec_vision.` weight prefix, so that transformers loads it as it saved it.
 pub fn save_pretrained(dir: &Path, config: &BeitConfig, arch: Architecture, params: &[(String, Tensor)]) -> Result<()> {
+    let arch = arch.for_model_type(&config.model_type)?;
     std::fs::create_dir_all(dir).map_err(|e| BeitError::io(dir, e))?;
     let mut config = config.clone();
     config.architectures = Some(vec![arch.name().to_string()]);
     let tensors: HashMap<String, Tensor> =
         params.iter().map(|(name, t)| Ok((name.clone(), t.contiguous()?))).collect::<Result<_>>()?;
+    let tensors = rename_prefix(tensors, "beit", config.base_model_prefix());
     let weights = dir.join("model.safetensors");
     let tmp = dir.join(".model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp).map_err(|e| BeitError::checkpoint(&tmp, e.to_string()))?;
@@ -80,29 +86,126 @@ fn add_pt_format_metadata(bytes: &mut Vec<u8>) {
     *bytes = out;
 }
 
+/// How the checkpoint's own tensor names relate to the ones the BEiT modules ask for, so that errors and the load
+/// report speak of the tensors in the file.
+enum Naming {
+    Transformers,
+    /// `data2vec_vision.` read as `beit.`.
+    Data2Vec,
+    /// timm's names (checkpoint/timm.rs).
+    Timm,
+}
+
+impl Naming {
+    fn checkpoint_name(&self, name: &str) -> String {
+        match self {
+            Naming::Transformers => name.to_string(),
+            Naming::Data2Vec => match name.strip_prefix("beit.") {
+                Some(rest) => format!("data2vec_vision.{rest}"),
+                None => name.to_string(),
+            },
+            Naming::Timm => timm::timm_name(name).unwrap_or_else(|| name.to_string()),
+        }
+    }
+
+    fn error(&self, e: BeitError) -> BeitError {
+        match e {
+            BeitError::MissingTensor { path, name } => BeitError::MissingTensor { name: self.checkpoint_name(&name), path },
+            BeitError::ShapeMismatch { path, name, expected, found } => {
+                BeitError::ShapeMismatch { name: self.checkpoint_name(&name), path, expected, found }
+            }
+            other => other,
+        }
+    }
+
+    fn report(&self, r: LoadReport) -> LoadReport {
+        let names = |v: Vec<String>| {
+            // query, key and value all come from one timm qkv: list it once.
+            let mut seen = std::collections::HashSet::new();
+            v.iter().map(|n| self.checkpoint_name(n)).filter(|n| seen.insert(n.clone())).collect()
+        };
+        LoadReport { newly_initialized: names(r.newly_initialized), unused: names(r.unused) }
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| BeitError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| BeitError::Json { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// from_pretrained on a directory: transformers' BEiT and Data2VecVision checkpoints, and timm's beit/beitv2 (with
+/// timm's config.json, with `opts.timm_model`, or beside a transformers config.json describing them).
 pub fn load_pretrained(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Pretrained> {
     if !dir.is_dir() {
         return Err(BeitError::checkpoint(dir, "not a directory (expected config.json and model weights)"));
     }
     let config_path = dir.join("config.json");
-    if !config_path.is_file() {
-        return Err(BeitError::checkpoint(&config_path, "missing: a model directory needs config.json beside its weights"));
+    let config_json = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
+    if config_json.is_none() && opts.timm_model.is_none() {
+        return Err(BeitError::checkpoint(
+            &config_path,
+            "missing: a model directory needs config.json beside its weights (a timm checkpoint without one: \
+             name its model, --timm-model)",
+        ));
     }
-    let config = BeitConfig::from_file(&config_path)?;
-    let arch = match opts.architecture {
-        Some(a) => a,
-        None => Architecture::from_config(&config)?,
-    };
+    let timm_config = config_json.as_ref().filter(|v| timm::is_timm_config(v));
+    let from_timm_name = opts.timm_model.is_some() || timm_config.is_some();
+    // A transformers config is checked before any weights are read; a timm one needs the head's shape.
+    let hf_config = if from_timm_name { None } else { Some(BeitConfig::from_file(&config_path)?) };
     let (format, files) = match &opts.weights_file {
         Some(f) => weights_file(f)?,
         None => find_weight_files(dir, opts.weights_format)?,
     };
     let tensors = load_tensors(format, &files, device)?;
-    let tensors = align_prefix(tensors, "beit", arch.has_base_prefix());
     let source = files.first().cloned().unwrap_or_else(|| dir.to_path_buf());
+
+    let (config, tensors, naming) = if let Some(config) = hf_config {
+        let tensors = timm::unwrap_state_dict(tensors);
+        if timm::is_timm_state_dict(&tensors) {
+            // timm weights beside a transformers config that describes them (e.g. a size timm has no name for).
+            if config.layer_norm_eps != timm::TIMM_LAYER_NORM_EPS {
+                tracing::warn!(
+                    "{}: layer_norm_eps is {}, timm's LayerNorm uses {}: outputs will differ from timm's",
+                    config_path.display(),
+                    config.layer_norm_eps,
+                    timm::TIMM_LAYER_NORM_EPS
+                );
+            }
+            let tensors = timm::convert_state_dict(tensors, &config, &source)?;
+            (config, tensors, Naming::Timm)
+        } else if config.is_data2vec() {
+            (config, rename_prefix(tensors, "data2vec_vision", "beit"), Naming::Data2Vec)
+        } else {
+            (config, tensors, Naming::Transformers)
+        }
+    } else {
+        if config_json.is_some() && timm_config.is_none() {
+            tracing::warn!("{}: ignored, the config comes from --timm-model", config_path.display());
+        }
+        let tensors = timm::unwrap_state_dict(tensors);
+        if !timm::is_timm_state_dict(&tensors) {
+            let mut some: Vec<&String> = tensors.keys().collect();
+            some.sort();
+            some.truncate(4);
+            return Err(BeitError::checkpoint(
+                &source,
+                format!("expected timm's beit state dict (cls_token, patch_embed.proj.weight, blocks.N.…), found {some:?}…"),
+            ));
+        }
+        let config =
+            timm::config_for_checkpoint(opts.timm_model.as_deref(), timm_config, &tensors, &config_path, &source)?;
+        let tensors = timm::convert_state_dict(tensors, &config, &source)?;
+        (config, tensors, Naming::Timm)
+    };
+    let arch = match opts.architecture {
+        Some(a) => a,
+        None => Architecture::from_config(&config)?,
+    }
+    .for_model_type(&config.model_type)?;
+    let tensors = align_prefix(tensors, "beit", arch.has_base_prefix());
     let weights = Weights::new(tensors, source, device);
-    let model = AnyBeitModel::load(&weights, &config, arch)?;
-    let report = weights.report();
+    let model = AnyBeitModel::load(&weights, &config, arch).map_err(|e| naming.error(e))?;
+    let report = naming.report(weights.report());
     for name in &report.newly_initialized {
         tracing::warn!("{name} was not in the checkpoint and is newly initialized");
     }

@@ -4,6 +4,7 @@
 
 pub mod msgpack;
 pub mod pickle;
+pub mod timm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -138,7 +139,13 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
     // SAFETY: the map is read-only and dropped before returning; a file changed underneath us while loading
     // can only yield wrong numbers, which the format's own checks then catch or not, as for any reader.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| BeitError::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
+    parse_safetensors(&mmap, path, device)
+}
+
+/// [`read_safetensors`] on bytes already in memory; `origin` only names them in errors.
+pub fn parse_safetensors(bytes: &[u8], origin: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let path = origin;
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| BeitError::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = Vec::with_capacity(st.len());
     for (name, view) in st.tensors() {
@@ -199,4 +206,17 @@ pub fn align_prefix(tensors: HashMap<String, Tensor>, prefix: &str, model_has_pr
         }
         _ => tensors,
     }
+}
+
+/// Renames `from.`-prefixed tensors to `to.`: Data2VecVision checkpoints keep the backbone under
+/// `data2vec_vision.` where the BEiT modules read `beit.`. Other names are left alone.
+pub fn rename_prefix(tensors: HashMap<String, Tensor>, from: &str, to: &str) -> HashMap<String, Tensor> {
+    let from = format!("{from}.");
+    tensors
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix(&from) {
+            Some(rest) => (format!("{to}.{rest}"), v),
+            None => (k, v),
+        })
+        .collect()
 }

@@ -102,6 +102,29 @@ pub fn read_torch_checkpoint_with(
     let file_len = file.metadata().map_err(io)?.len();
     let mut magic = Vec::with_capacity(4);
     (&mut file).take(4).read_to_end(&mut magic).map_err(io)?;
+    file.rewind().map_err(io)?;
+    read_archive(path, BufReader::new(file), &magic, file_len, allowed_module_classes)
+}
+
+/// [`read_torch_checkpoint_with`] on the bytes of a checkpoint already in memory; `origin` only names them
+/// in errors.
+pub fn read_torch_checkpoint_bytes(
+    origin: &Path,
+    bytes: &[u8],
+    allowed_module_classes: &[&str],
+) -> Result<Vec<(String, RawTensor)>, PickleError> {
+    let magic = &bytes[..bytes.len().min(4)];
+    read_archive(origin, std::io::Cursor::new(bytes), magic, bytes.len() as u64, allowed_module_classes)
+}
+
+/// The shared body of the readers: `magic` is the file's first (up to) 4 bytes, `reader` is at its start.
+fn read_archive<F: Read + Seek>(
+    path: &Path,
+    reader: F,
+    magic: &[u8],
+    file_len: u64,
+    allowed_module_classes: &[&str],
+) -> Result<Vec<(String, RawTensor)>, PickleError> {
     // Sniff the format first so the common mistakes get a precise message.
     if magic.is_empty() {
         return Err(bad(
@@ -119,12 +142,11 @@ pub fn read_torch_checkpoint_with(
         let msg = format!("not a zip archive: expected bytes `PK..`, found {magic:02x?}");
         return Err(bad(path, msg));
     }
-    file.rewind().map_err(io)?;
     let zip = |source| PickleError::Zip {
         path: path.to_owned(),
         source,
     };
-    let archive = ZipArchive::new(BufReader::new(file)).map_err(zip)?;
+    let archive = ZipArchive::new(reader).map_err(zip)?;
     // Entries live under one top directory named after the file ("archive/", "pytorch_model/").
     let prefix = archive
         .file_names()

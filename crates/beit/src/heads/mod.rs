@@ -17,7 +17,8 @@ pub use image_classification::BeitForImageClassification;
 pub use masked_image_modeling::BeitForMaskedImageModeling;
 pub use semantic_segmentation::BeitForSemanticSegmentation;
 
-/// transformers' class names for what beit-rs can build.
+/// transformers' class names for what beit-rs can build. The Data2VecVision classes are BEiT's with another
+/// weight prefix (`data2vec_vision.`), and Data2VecVisionModel has no pooler unless a head asks for one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     BeitModel,
@@ -25,15 +26,21 @@ pub enum Architecture {
     BeitForImageClassification,
     BeitForSemanticSegmentation,
     BeitBackbone,
+    Data2VecVisionModel,
+    Data2VecVisionForImageClassification,
+    Data2VecVisionForSemanticSegmentation,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 5] = [
+    pub const ALL: [Architecture; 8] = [
         Architecture::BeitModel,
         Architecture::BeitForMaskedImageModeling,
         Architecture::BeitForImageClassification,
         Architecture::BeitForSemanticSegmentation,
         Architecture::BeitBackbone,
+        Architecture::Data2VecVisionModel,
+        Architecture::Data2VecVisionForImageClassification,
+        Architecture::Data2VecVisionForSemanticSegmentation,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -43,6 +50,9 @@ impl Architecture {
             Architecture::BeitForImageClassification => "BeitForImageClassification",
             Architecture::BeitForSemanticSegmentation => "BeitForSemanticSegmentation",
             Architecture::BeitBackbone => "BeitBackbone",
+            Architecture::Data2VecVisionModel => "Data2VecVisionModel",
+            Architecture::Data2VecVisionForImageClassification => "Data2VecVisionForImageClassification",
+            Architecture::Data2VecVisionForSemanticSegmentation => "Data2VecVisionForSemanticSegmentation",
         }
     }
 
@@ -63,9 +73,40 @@ impl Architecture {
         }
     }
 
-    /// Head classes keep the backbone under `beit.`; BeitModel and BeitBackbone keep it at the top.
+    /// Head classes keep the backbone under `beit.` (`data2vec_vision.`); the bare models keep it at the top.
     pub fn has_base_prefix(&self) -> bool {
-        !matches!(self, Architecture::BeitModel | Architecture::BeitBackbone)
+        !matches!(self, Architecture::BeitModel | Architecture::BeitBackbone | Architecture::Data2VecVisionModel)
+    }
+
+    /// The same task in the family a config's `model_type` names: the class picks the task, the checkpoint the
+    /// family (so `--head BeitModel` on a data2vec-vision checkpoint builds Data2VecVisionModel). Data2VecVision
+    /// has no masked-image-modeling head and no backbone in transformers: asking for one is an error.
+    pub fn for_model_type(self, model_type: &str) -> Result<Self> {
+        use Architecture::*;
+        if model_type != crate::config::DATA2VEC_VISION {
+            return Ok(match self {
+                Data2VecVisionModel => BeitModel,
+                Data2VecVisionForImageClassification => BeitForImageClassification,
+                Data2VecVisionForSemanticSegmentation => BeitForSemanticSegmentation,
+                other => other,
+            });
+        }
+        match self {
+            BeitModel | Data2VecVisionModel => Ok(Data2VecVisionModel),
+            BeitForImageClassification | Data2VecVisionForImageClassification => Ok(Data2VecVisionForImageClassification),
+            BeitForSemanticSegmentation | Data2VecVisionForSemanticSegmentation => {
+                Ok(Data2VecVisionForSemanticSegmentation)
+            }
+            BeitForMaskedImageModeling | BeitBackbone => Err(BeitError::config(
+                "architectures",
+                format!(
+                    "{} has no Data2VecVision counterpart in transformers (model_type {:?}); expected one of \
+                     Data2VecVisionModel, Data2VecVisionForImageClassification, Data2VecVisionForSemanticSegmentation",
+                    self.name(),
+                    model_type
+                ),
+            )),
+        }
     }
 }
 
@@ -87,7 +128,7 @@ pub struct ModelInputs {
 
 impl AnyBeitModel {
     pub fn load(w: &Weights, c: &BeitConfig, arch: Architecture) -> Result<Self> {
-        Ok(match arch {
+        Ok(match arch.for_model_type(&c.model_type)? {
             Architecture::BeitModel => AnyBeitModel::Model(BeitModel::load(w, c, true)?),
             Architecture::BeitForMaskedImageModeling => {
                 AnyBeitModel::MaskedImageModeling(BeitForMaskedImageModeling::load(w, c)?)
@@ -99,17 +140,28 @@ impl AnyBeitModel {
                 AnyBeitModel::SemanticSegmentation(BeitForSemanticSegmentation::load(w, c)?)
             }
             Architecture::BeitBackbone => AnyBeitModel::Backbone(BeitBackbone::load(w, c)?),
+            // Data2VecVisionModel is built with add_pooling_layer=False: no pooler_output.
+            Architecture::Data2VecVisionModel => AnyBeitModel::Model(BeitModel::load(w, c, false)?),
+            Architecture::Data2VecVisionForImageClassification => {
+                AnyBeitModel::ImageClassification(BeitForImageClassification::load(w, c)?)
+            }
+            Architecture::Data2VecVisionForSemanticSegmentation => {
+                AnyBeitModel::SemanticSegmentation(BeitForSemanticSegmentation::load(w, c)?)
+            }
         })
     }
 
+    /// The transformers class this is, in the family of its config's model_type.
     pub fn architecture(&self) -> Architecture {
-        match self {
+        let beit = match self {
             AnyBeitModel::Model(_) => Architecture::BeitModel,
             AnyBeitModel::MaskedImageModeling(_) => Architecture::BeitForMaskedImageModeling,
             AnyBeitModel::ImageClassification(_) => Architecture::BeitForImageClassification,
             AnyBeitModel::SemanticSegmentation(_) => Architecture::BeitForSemanticSegmentation,
             AnyBeitModel::Backbone(_) => Architecture::BeitBackbone,
-        }
+        };
+        // ok: only MIM and Backbone have no data2vec counterpart, and those are never built from a data2vec config.
+        beit.for_model_type(&self.config().model_type).unwrap_or(beit)
     }
 
     pub fn config(&self) -> &BeitConfig {

@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod optim;
+pub mod pretrain_data;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -139,23 +140,22 @@ pub struct Evaluation {
     pub count: usize,
 }
 
-/// The processor a trained checkpoint ships: resize to the training resolution, then normalize.
-pub fn eval_processor(size: usize) -> BeitImageProcessor {
-    let json = serde_json::json!({
+/// The preprocessor_config.json a trained checkpoint ships: resize to the training resolution, then normalize.
+fn processor_config(size: usize) -> serde_json::Value {
+    serde_json::json!({
         "do_resize": true, "size": {"height": size, "width": size}, "resample": 3, "do_center_crop": false,
         "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_processor_type": "BeitImageProcessor",
-    });
-    BeitImageProcessor::from_json_value(&json, "<training>").unwrap_or_default() // ok: a fixed valid config
+    })
+}
+
+/// The processor evaluation uses during training: the one the checkpoint will ship.
+pub fn eval_processor(size: usize) -> BeitImageProcessor {
+    BeitImageProcessor::from_json_value(&processor_config(size), "<training>").unwrap_or_default() // ok: a fixed valid config
 }
 
 fn processor_json(size: usize) -> String {
-    serde_json::to_string_pretty(&serde_json::json!({
-        "do_resize": true, "size": {"height": size, "width": size}, "resample": 3, "do_center_crop": false,
-        "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_processor_type": "BeitImageProcessor",
-    }))
-    .unwrap_or_default() // ok: a Value always serializes
+    serde_json::to_string_pretty(&processor_config(size)).unwrap_or_default() // ok: a Value always serializes
 }
 
 /// Evaluates `model` on decoded images with `processor`, `batch_size` at a time.

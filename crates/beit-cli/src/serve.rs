@@ -1,0 +1,65 @@
+//! `beit serve`: an HTTP inference server (crates/beit-server) over the model's pipeline.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use beit_server::ServerConfig;
+use clap::Args;
+
+use crate::common::ModelArgs;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Most images per model call (1 turns batching off).
+    #[arg(long, default_value_t = 8)]
+    max_batch_size: usize,
+    /// How long to wait for more requests after the first of a batch, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    max_batch_delay_ms: u64,
+    /// Requests that may wait beyond a running batch; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest request body, in bytes (413 above).
+    #[arg(long, default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+    /// Largest image, in pixels, checked from the header before decoding (400 above).
+    #[arg(long, default_value_t = 25_000_000)]
+    max_image_pixels: u64,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let config = ServerConfig {
+        host: a.host,
+        port: a.port,
+        max_batch_size: a.max_batch_size,
+        max_batch_delay: Duration::from_millis(a.max_batch_delay_ms),
+        max_queue: a.max_queue,
+        max_body_bytes: a.max_body_bytes,
+        max_image_pixels: a.max_image_pixels,
+        model_id: a.model.model.clone(),
+    };
+    config.validate()?;
+    let model = a.model;
+    beit_server::run_blocking(
+        config,
+        move || model.pipeline().map_err(|e| format!("{e:#}")),
+        |addr, info| {
+            let tasks: Vec<&str> = info.tasks.iter().map(|t| t.as_str()).collect();
+            eprintln!(
+                "beit serve: {} ({}) on http://{addr}; tasks: {}",
+                info.model_dir,
+                info.architecture,
+                tasks.join(", ")
+            );
+        },
+    )?;
+    eprintln!("beit serve: stopped");
+    Ok(())
+}

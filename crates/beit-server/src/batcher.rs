@@ -1,0 +1,394 @@
+//! Dynamic batching: one OS thread owns the model and runs the requests that arrive together as one batch.
+//!
+//! Handlers send a `Job` (a decoded image and a oneshot reply) into a bounded channel. The model thread takes the
+//! first job, then keeps taking jobs until it has `max_batch_size` of them or `max_batch_delay` has passed since
+//! the first — waiting only while other admitted requests are still being read or decoded, so a lone request is
+//! not delayed — drops those whose client has gone, groups the rest by task and runs each group as one call. The
+//! async runtime's threads never run the model.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use beit::pipeline::{Pipeline, Prediction};
+use beit::processor::{SegmentationMap, SizeDict};
+use beit::{AnyBeitModel, Architecture};
+use image::RgbImage;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::error::{ApiError, ErrorType, ServerError};
+use crate::metrics::Metrics;
+
+/// The three things the server asks of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Classify,
+    Segment,
+    Embed,
+}
+
+impl Task {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Task::Classify => "classify",
+            Task::Segment => "segment",
+            Task::Embed => "embed",
+        }
+    }
+}
+
+/// What the server says about its model on /info.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub model_dir: String,
+    pub architecture: String,
+    pub tasks: Vec<Task>,
+    pub id2label: BTreeMap<usize, String>,
+    pub config: serde_json::Value,
+    pub processor: serde_json::Value,
+}
+
+impl ModelInfo {
+    pub fn label(&self, id: u32) -> String {
+        self.id2label.get(&(id as usize)).cloned().unwrap_or_else(|| format!("LABEL_{id}"))
+    }
+}
+
+/// The model behind the server: `Pipeline`, or anything else that answers the same way (tests use a slow one).
+/// It is created and used on the model thread only, so it need not be `Send`.
+pub trait Backend {
+    fn info(&self) -> ModelInfo;
+    /// The `top_k` best classes per image, best first.
+    fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>, String>;
+    /// Class ids per pixel at each image's size.
+    fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>, String>;
+    /// The pooled vector per image.
+    fn embed(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, String>;
+}
+
+impl Backend for Pipeline {
+    fn info(&self) -> ModelInfo {
+        let c = &self.pretrained.config;
+        let arch = self.pretrained.model.architecture();
+        let tasks = match &self.pretrained.model {
+            AnyBeitModel::ImageClassification(_) => vec![Task::Classify, Task::Embed],
+            AnyBeitModel::SemanticSegmentation(_) => vec![Task::Segment, Task::Embed],
+            AnyBeitModel::Backbone(_) => vec![],
+            _ => vec![Task::Embed],
+        };
+        let p = &self.processor;
+        ModelInfo {
+            model_dir: self.model_dir.display().to_string(),
+            architecture: arch.name().to_string(),
+            tasks,
+            id2label: if arch == Architecture::BeitModel { BTreeMap::new() } else { c.id2label.clone() },
+            config: serde_json::json!({
+                "hidden_size": c.hidden_size,
+                "num_hidden_layers": c.num_hidden_layers,
+                "num_attention_heads": c.num_attention_heads,
+                "intermediate_size": c.intermediate_size,
+                "image_size": [c.image_size.height, c.image_size.width],
+                "patch_size": [c.patch_size.height, c.patch_size.width],
+                "num_labels": c.num_labels(),
+                "use_mean_pooling": c.use_mean_pooling,
+                "problem_type": c.problem_type,
+            }),
+            processor: serde_json::json!({
+                "do_resize": p.do_resize,
+                "size": size_json(&p.size),
+                "do_center_crop": p.do_center_crop,
+                "crop_size": size_json(&p.crop_size),
+                "do_normalize": p.do_normalize,
+                "image_mean": p.image_mean,
+                "image_std": p.image_std,
+            }),
+        }
+    }
+
+    fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>, String> {
+        Pipeline::classify(self, images, top_k).map_err(|e| e.to_string())
+    }
+
+    fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>, String> {
+        Pipeline::segment(self, images).map_err(|e| e.to_string())
+    }
+
+    fn embed(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, String> {
+        let t = Pipeline::embed(self, images, false).map_err(|e| e.to_string())?;
+        t.to_vec2::<f32>().map_err(|e| e.to_string())
+    }
+}
+
+fn size_json(s: &SizeDict) -> serde_json::Value {
+    match s {
+        SizeDict::HeightWidth { height, width } => serde_json::json!({"height": height, "width": width}),
+        SizeDict::Other(keys) => serde_json::json!({"keys": keys}),
+    }
+}
+
+/// A model answer for one image.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Classify(Vec<Prediction>),
+    Segment(SegmentationMap),
+    Embed(Vec<f32>),
+}
+
+pub type Reply = oneshot::Sender<Result<Output, ApiError>>;
+
+/// One image waiting for the model.
+pub struct Job {
+    pub task: Task,
+    pub image: RgbImage,
+    /// Classification only.
+    pub top_k: usize,
+    pub enqueued: Instant,
+    pub reply: Reply,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_batch_size: usize,
+    pub max_batch_delay: Duration,
+    /// Capacity of the channel to the model thread.
+    pub capacity: usize,
+}
+
+/// The async side's handle on the model thread.
+pub struct Batcher {
+    /// `None` once closed: the model thread then drains what is queued and exits.
+    tx: Mutex<Option<SyncSender<Job>>>,
+    alive: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Batcher {
+    /// Starts the model thread, which builds the backend with `loader` and then serves jobs. Returns once the
+    /// model is loaded (or failed to load).
+    pub async fn spawn<F, B>(
+        loader: F,
+        cfg: BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Batcher, ModelInfo), ServerError>
+    where
+        F: FnOnce() -> Result<B, String> + Send + 'static,
+        B: Backend + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.capacity.max(1));
+        let (init_tx, init_rx) = oneshot::channel::<Result<ModelInfo, String>>();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (alive2, metrics2) = (alive.clone(), metrics.clone());
+        let thread = std::thread::Builder::new()
+            .name("beit-model".into())
+            .spawn(move || {
+                let backend = match catch_unwind(AssertUnwindSafe(loader)) {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        let _ = init_tx.send(Err(e));
+                        alive2.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = init_tx.send(Err("the model loader panicked".into()));
+                        alive2.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                };
+                let info = backend.info();
+                if init_tx.send(Ok(info.clone())).is_err() {
+                    return; // the server gave up waiting
+                }
+                worker_loop(&backend, &info, rx, cfg, &metrics2);
+                alive2.store(false, Ordering::SeqCst);
+            })
+            .map_err(|e| ServerError::Worker(e.to_string()))?;
+        let info = match init_rx.await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(ServerError::Load(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(ServerError::Worker("the model thread stopped while loading".into()));
+            }
+        };
+        let b = Batcher { tx: Mutex::new(Some(tx)), alive, thread: Mutex::new(Some(thread)), metrics };
+        Ok((b, info))
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Queues a job without waiting: a full queue is a 503.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = guard.as_ref() else {
+            return Err(ApiError::new(ErrorType::Unhealthy, "the server is shutting down"));
+        };
+        // Count before sending so the model thread's decrement never runs first.
+        self.metrics.queue_depth.fetch_add(1, Ordering::SeqCst);
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => {
+                        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                        ApiError::new(ErrorType::Overloaded, "the queue is full; retry later")
+                    }
+                    TrySendError::Disconnected(_) => {
+                        ApiError::new(ErrorType::Unhealthy, "the model thread has stopped")
+                    }
+                })
+            }
+        }
+    }
+
+    /// Stops taking jobs and waits until the model thread has run the queued ones and exited.
+    pub async fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            // ok to ignore: a panicked model thread has nothing more to report at shutdown.
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+/// How often the model thread rechecks, while forming a batch, whether requests are still on their way.
+const WAIT_SLICE: Duration = Duration::from_micros(250);
+
+fn worker_loop<B: Backend>(
+    backend: &B,
+    info: &ModelInfo,
+    rx: mpsc::Receiver<Job>,
+    cfg: BatchConfig,
+    metrics: &Metrics,
+) {
+    let max = cfg.max_batch_size.max(1);
+    // Every job is received here: `recv` returns queued jobs before reporting that the channel was closed.
+    while let Ok(first) = rx.recv() {
+        metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+        let deadline = Instant::now() + cfg.max_batch_delay;
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(j) => {
+                    metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+                    batch.push(j);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {}
+            }
+            // Wait only while some admitted request is still on its way (being read or decoded), and never past
+            // the deadline: a lone request runs at once.
+            let now = Instant::now();
+            if now >= deadline || metrics.arriving.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            match rx.recv_timeout((deadline - now).min(WAIT_SLICE)) {
+                Ok(j) => {
+                    metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+                    batch.push(j);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        run_batch(backend, info, batch, metrics);
+    }
+}
+
+/// Runs one batch: skips jobs whose client has gone, one model call per task, one call per image if the batch
+/// call fails (so one bad input fails alone).
+fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics: &Metrics) {
+    let now = Instant::now();
+    let mut groups: BTreeMap<Task, Vec<Job>> = BTreeMap::new();
+    for job in batch {
+        if job.reply.is_closed() {
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        metrics.observe_queue_wait(now.duration_since(job.enqueued));
+        groups.entry(job.task).or_default().push(job);
+    }
+    for (task, jobs) in groups {
+        let (images, rest): (Vec<RgbImage>, Vec<(usize, Reply)>) =
+            jobs.into_iter().map(|j| (j.image, (j.top_k, j.reply))).unzip();
+        let top_k = rest.iter().map(|r| r.0).max().unwrap_or(1);
+        let started = Instant::now();
+        let result = run_task(backend, info, task, &images, top_k);
+        metrics.observe_batch(task.as_str(), images.len(), started.elapsed());
+        match result {
+            Ok(outputs) => {
+                for (out, (k, reply)) in outputs.into_iter().zip(rest) {
+                    // ok to ignore: the client may have gone while the batch ran.
+                    let _ = reply.send(Ok(truncate(out, k)));
+                }
+            }
+            Err(e) if images.len() == 1 => {
+                for (_, reply) in rest {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+            Err(_) => {
+                for (image, (k, reply)) in images.into_iter().zip(rest) {
+                    if reply.is_closed() {
+                        metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let started = Instant::now();
+                    let r = run_task(backend, info, task, std::slice::from_ref(&image), k);
+                    metrics.observe_batch(task.as_str(), 1, started.elapsed());
+                    let _ = reply.send(r.and_then(|mut v| v.pop().ok_or_else(|| ApiError::backend("no output"))));
+                }
+            }
+        }
+    }
+}
+
+fn truncate(out: Output, k: usize) -> Output {
+    match out {
+        Output::Classify(mut p) => {
+            p.truncate(k);
+            Output::Classify(p)
+        }
+        other => other,
+    }
+}
+
+/// One model call, with panics and wrong output counts turned into errors.
+fn run_task<B: Backend>(
+    backend: &B,
+    info: &ModelInfo,
+    task: Task,
+    images: &[RgbImage],
+    top_k: usize,
+) -> Result<Vec<Output>, ApiError> {
+    if !info.tasks.contains(&task) {
+        return Err(ApiError::new(ErrorType::Unsupported, format!("this model cannot {}", task.as_str())));
+    }
+    let r = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Output>, String> {
+        Ok(match task {
+            Task::Classify => backend.classify(images, top_k)?.into_iter().map(Output::Classify).collect(),
+            Task::Segment => backend.segment(images)?.into_iter().map(Output::Segment).collect(),
+            Task::Embed => backend.embed(images)?.into_iter().map(Output::Embed).collect(),
+        })
+    }));
+    match r {
+        Ok(Ok(v)) if v.len() == images.len() => Ok(v),
+        Ok(Ok(v)) => Err(ApiError::backend(format!("the model gave {} outputs for {} images", v.len(), images.len()))),
+        Ok(Err(e)) => Err(ApiError::backend(e)),
+        Err(_) => Err(ApiError::backend("the model failed on this input")),
+    }
+}

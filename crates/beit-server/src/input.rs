@@ -1,0 +1,267 @@
+//! The image and parameters of a request: raw bytes, a multipart form, or JSON `{"inputs": "<base64>"}`.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::header;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine;
+use serde_json::Value;
+
+use crate::error::{ApiError, ErrorType};
+
+/// A request's image bytes and the parameters that came with them.
+#[derive(Debug, Default)]
+pub struct Input {
+    pub image: Bytes,
+    /// From JSON (`parameters.top_k` or `top_k`) or a form field `top_k`.
+    pub top_k: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Raw,
+    Json,
+    Multipart,
+}
+
+pub fn body_kind(content_type: Option<&str>) -> BodyKind {
+    let ct = content_type.unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.starts_with("multipart/") {
+        BodyKind::Multipart
+    } else if essence == "application/json" || essence.ends_with("+json") {
+        BodyKind::Json
+    } else {
+        BodyKind::Raw
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        ErrorType::PayloadTooLarge,
+        format!("the body is larger than the server's limit of {limit} bytes (--max-body-bytes)"),
+    )
+    .closing()
+}
+
+/// Reads the whole body, refusing (413) as soon as it passes `limit` bytes — from Content-Length when the client
+/// sends one, else while streaming.
+pub async fn read_body(body: Body, content_length: Option<u64>, limit: usize) -> Result<Bytes, ApiError> {
+    if content_length.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let mut body = body;
+    let mut buf: Vec<u8> = Vec::with_capacity(content_length.map(|n| n as usize).unwrap_or(0).min(limit));
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(|e| ApiError::validation(format!("reading the body: {e}")).closing())?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(too_large(limit));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// How long a request may take to send its body: a client trickling bytes would otherwise hold its place in the
+/// queue for ever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The image and parameters of a request whose body is at most `limit` bytes.
+pub async fn parse(req: Request, limit: usize) -> Result<Input, ApiError> {
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let content_length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let (parts, body) = req.into_parts();
+    let bytes = tokio::time::timeout(BODY_TIMEOUT, read_body(body, content_length, limit)).await.map_err(|_| {
+        ApiError::new(ErrorType::Timeout, format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()))
+            .closing()
+    })??;
+    match body_kind(content_type.as_deref()) {
+        BodyKind::Raw => Ok(Input { image: bytes, top_k: None }),
+        BodyKind::Json => parse_json(&bytes),
+        BodyKind::Multipart => parse_multipart(Request::from_parts(parts, Body::from(bytes))).await,
+    }
+}
+
+fn base64_engine() -> GeneralPurpose {
+    GeneralPurpose::new(
+        &alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    )
+}
+
+fn base64_url_engine() -> GeneralPurpose {
+    GeneralPurpose::new(
+        &alphabet::URL_SAFE,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    )
+}
+
+/// Base64 (standard or URL-safe, padded or not, whitespace ignored), optionally as a `data:` URL.
+pub fn decode_base64(s: &str) -> Result<Vec<u8>, ApiError> {
+    let s = s.trim();
+    let s = match s.strip_prefix("data:") {
+        Some(rest) => match rest.split_once(',') {
+            Some((meta, data)) if meta.ends_with(";base64") => data,
+            _ => return Err(ApiError::validation("a data: URL must be base64 (data:<type>;base64,<data>)")),
+        },
+        None => s,
+    };
+    let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64_engine()
+        .decode(&compact)
+        .or_else(|_| base64_url_engine().decode(&compact))
+        .map_err(|e| ApiError::validation(format!("`inputs` is not valid base64: {e}")))
+}
+
+fn parse_top_k(v: &Value) -> Result<usize, ApiError> {
+    v.as_u64()
+        .filter(|&k| k >= 1)
+        .map(|k| k.min(usize::MAX as u64) as usize)
+        .ok_or_else(|| ApiError::validation(format!("`top_k` must be an integer of at least 1, found {v}")))
+}
+
+pub fn parse_json(bytes: &[u8]) -> Result<Input, ApiError> {
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::validation(format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(map) = v else {
+        return Err(ApiError::validation(r#"expected a JSON object {"inputs": "<base64 image>"}"#));
+    };
+    let data = match map.get("inputs").or_else(|| map.get("image")) {
+        Some(Value::String(s)) => decode_base64(s)?,
+        Some(other) => {
+            return Err(ApiError::validation(format!("`inputs` must be a base64 string, found {}", kind(other))))
+        }
+        None => return Err(ApiError::validation(r#"missing `inputs`: expected {"inputs": "<base64 image>"}"#)),
+    };
+    let top_k = match map.get("parameters").and_then(|p| p.get("top_k")).or_else(|| map.get("top_k")) {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_top_k(v)?),
+    };
+    Ok(Input { image: Bytes::from(data), top_k })
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The first file field (a field with a filename; else the first field not named `top_k`), and `top_k`.
+async fn parse_multipart(req: Request) -> Result<Input, ApiError> {
+    let mut form = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::validation(format!("invalid multipart form: {}", e.body_text())))?;
+    let mut file: Option<Bytes> = None;
+    let mut other: Option<Bytes> = None;
+    let mut top_k = None;
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(ApiError::validation(format!("invalid multipart form: {}", e.body_text()))),
+        };
+        let name = field.name().unwrap_or("").to_string();
+        let is_file = field.file_name().is_some();
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::validation(format!("invalid multipart form: {}", e.body_text())))?;
+        if name == "top_k" && !is_file {
+            let text = std::str::from_utf8(&data).unwrap_or("").trim();
+            let k: Value = serde_json::from_str(text).unwrap_or(Value::String(text.to_string()));
+            top_k = Some(parse_top_k(&k)?);
+        } else if is_file && file.is_none() {
+            file = Some(data);
+        } else if other.is_none() {
+            other = Some(data);
+        }
+    }
+    match file.or(other) {
+        Some(image) => Ok(Input { image, top_k }),
+        None => Err(ApiError::validation("the multipart form has no file field")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds() {
+        assert_eq!(body_kind(Some("multipart/form-data; boundary=x")), BodyKind::Multipart);
+        assert_eq!(body_kind(Some("Application/JSON; charset=utf-8")), BodyKind::Json);
+        assert_eq!(body_kind(Some("application/vnd.api+json")), BodyKind::Json);
+        assert_eq!(body_kind(Some("image/png")), BodyKind::Raw);
+        assert_eq!(body_kind(Some("application/octet-stream")), BodyKind::Raw);
+        assert_eq!(body_kind(None), BodyKind::Raw);
+    }
+
+    #[test]
+    fn json_inputs() {
+        let i = parse_json(br#"{"inputs": "aGVsbG8=", "parameters": {"top_k": 2}}"#).unwrap();
+        assert_eq!(&i.image[..], b"hello");
+        assert_eq!(i.top_k, Some(2));
+        let i = parse_json(br#"{"image": "data:image/png;base64,aGVsbG8", "top_k": 3}"#).unwrap();
+        assert_eq!(&i.image[..], b"hello");
+        assert_eq!(i.top_k, Some(3));
+        let i = parse_json(br#"{"inputs": "_-8"}"#).unwrap(); // URL-safe alphabet
+        assert_eq!(&i.image[..], &[0xFF, 0xEF]);
+        for bad in [
+            &br#"{"inputs": 3}"#[..],
+            br#"{"input": "aGVsbG8="}"#,
+            br#"["aGVsbG8="]"#,
+            br#"{"inputs": "not base64!!"}"#,
+            br#"{"inputs": "aGVsbG8=", "top_k": 0}"#,
+            br#"{"inputs": "aGVsbG8=", "top_k": "x"}"#,
+            b"{not json",
+        ] {
+            let e = parse_json(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorType::Validation, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[tokio::test]
+    async fn body_limit() {
+        let b = read_body(Body::from(vec![0u8; 10]), None, 10).await.unwrap();
+        assert_eq!(b.len(), 10);
+        let e = read_body(Body::from(vec![0u8; 11]), None, 10).await.unwrap_err();
+        assert_eq!(e.kind, ErrorType::PayloadTooLarge);
+        let e = read_body(Body::from(vec![0u8; 1]), Some(11), 10).await.unwrap_err();
+        assert_eq!(e.kind, ErrorType::PayloadTooLarge);
+    }
+
+    #[tokio::test]
+    async fn multipart_first_file_field() {
+        let body = "--XX\r\nContent-Disposition: form-data; name=\"top_k\"\r\n\r\n2\r\n\
+                    --XX\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n\
+                    --XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\
+                    Content-Type: image/png\r\n\r\nPNGDATA\r\n--XX--\r\n";
+        let req = Request::builder()
+            .header(header::CONTENT_TYPE, "multipart/form-data; boundary=XX")
+            .body(Body::from(body))
+            .unwrap();
+        let i = parse(req, 1 << 20).await.unwrap();
+        assert_eq!(&i.image[..], b"PNGDATA");
+        assert_eq!(i.top_k, Some(2));
+        let req = Request::builder()
+            .header(header::CONTENT_TYPE, "multipart/form-data; boundary=XX")
+            .body(Body::from("garbage"))
+            .unwrap();
+        assert_eq!(parse(req, 1 << 20).await.unwrap_err().kind, ErrorType::Validation);
+    }
+}
