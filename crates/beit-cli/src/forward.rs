@@ -57,6 +57,9 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     if pv.shape.len() != 4 {
         bail!("{}: shape {:?}, expected 4 dimensions (batch, channels, height, width)", a.pixel_values.display(), pv.shape);
     }
+    if pv.shape.contains(&0) {
+        bail!("{}: shape {:?} has an empty dimension", a.pixel_values.display(), pv.shape);
+    }
     if pv.shape[1] != config.num_channels {
         bail!(
             "{}: {} channels, but the model's config has num_channels = {}",

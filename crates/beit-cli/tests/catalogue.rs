@@ -308,8 +308,7 @@ fn broken_npy_inputs() {
     // An empty batch and a zero-sized image.
     let p = d.join("zero.npy");
     write_npy_f32(&p, &[0, 3, 32, 32], &[]).unwrap();
-    // (The message names the input, `pixel_values`, but not the file: see the report of issue 10.)
-    run(&p, &["pixel_values", "empty dimension"], false);
+    run(&p, &["zero.npy", "empty dimension"], false);
 
     // Headers claiming huge arrays over a tiny body: refused before allocating, under the address-space cap.
     let p = d.join("huge.npy");
