@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::common::{collect_images, finish, for_each_batch, ModelArgs};
+use crate::common::{collect_images, finish, for_each_batch, ImageArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct ClassifyArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    limits: ImageArgs,
     /// Image files or directories.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -27,7 +29,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     let pipe = a.model.pipeline()?;
     let paths = collect_images(&a.images)?;
     let mut results: Vec<serde_json::Value> = Vec::new();
-    let failed = for_each_batch(&paths, a.batch_size, |batch_paths, images| {
+    let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
         let preds = pipe.classify(images, a.top_k)?;
         for (p, pred) in batch_paths.iter().zip(preds) {
             if a.json {

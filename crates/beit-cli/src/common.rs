@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use beit::checkpoint::WeightsFormat;
 use beit::hub::HubOptions;
 use beit::pipeline::Pipeline;
-use beit::processor::load_image;
+use beit::processor::load_image_with_limit;
 use beit::LoadOptions;
 use candle_core::Device;
 use clap::Args;
@@ -25,10 +25,20 @@ pub struct ModelArgs {
     /// Force a weights format when the directory has several: safetensors, bin or msgpack.
     #[arg(long)]
     pub weights_format: Option<String>,
+
     /// The checkpoint is timm's beit/beitv2 model NAME (e.g. beit_base_patch16_224.in22k_ft_in22k_in1k): its
     /// config comes from the name, so it needs no config.json (timm's own config.json is recognized without it).
     #[arg(long, value_name = "NAME")]
     pub timm_model: Option<String>,
+}
+
+/// Options of the commands that decode image files.
+#[derive(Args, Clone)]
+pub struct ImageArgs {
+    /// Refuse images with more pixels than this, from their header, before decoding (Pillow's
+    /// decompression-bomb limit by default).
+    #[arg(long, default_value_t = beit::processor::PIL_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
 }
 
 impl ModelArgs {
@@ -91,7 +101,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// Runs `f` on batches of decoded images, in order. An image that fails to decode, or a batch that fails,
 /// is reported for its images and the others go on. Returns how many images failed.
-pub fn for_each_batch<F>(paths: &[PathBuf], batch_size: usize, mut f: F) -> usize
+pub fn for_each_batch<F>(paths: &[PathBuf], batch_size: usize, max_pixels: u64, mut f: F) -> usize
 where
     F: FnMut(&[PathBuf], &[RgbImage]) -> Result<()>,
 {
@@ -110,7 +120,7 @@ where
         let mut ok_paths = Vec::with_capacity(chunk.len());
         let mut images = Vec::with_capacity(chunk.len());
         for p in chunk {
-            match load_image(p) {
+            match load_image_with_limit(p, Some(max_pixels)) {
                 Ok(img) => {
                     ok_paths.push(p.clone());
                     images.push(img);

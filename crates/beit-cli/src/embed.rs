@@ -8,12 +8,14 @@ use beit::npy::write_npy_f32;
 use candle_core::Tensor;
 use clap::Args;
 
-use crate::common::{collect_images, finish, for_each_batch, ModelArgs};
+use crate::common::{collect_images, finish, for_each_batch, ImageArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct EmbedArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    limits: ImageArgs,
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Output file: .npy (one array, images in order) or .safetensors (`embeddings` plus `images` order in metadata).
@@ -35,7 +37,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let paths = collect_images(&a.images)?;
     let mut parts: Vec<Tensor> = Vec::new();
     let mut done: Vec<String> = Vec::new();
-    let failed = for_each_batch(&paths, a.batch_size, |batch_paths, images| {
+    let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
         parts.push(pipe.embed(images, a.tokens)?);
         done.extend(batch_paths.iter().map(|p| p.display().to_string()));
         Ok(())

@@ -3,15 +3,17 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use beit::processor::load_image;
+use beit::processor::load_image_with_limit;
 use clap::Args;
 
-use crate::common::ModelArgs;
+use crate::common::{ImageArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct MimArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    limits: ImageArgs,
     image: PathBuf,
     /// Share of patches to mask.
     #[arg(long, default_value_t = 0.4)]
@@ -24,7 +26,7 @@ pub struct MimArgs {
 
 pub fn run(a: MimArgs) -> Result<()> {
     let pipe = a.model.pipeline()?;
-    let image = load_image(&a.image)?;
+    let image = load_image_with_limit(&a.image, Some(a.limits.max_image_pixels))?;
     let pred = pipe.mim(&image, a.mask_ratio, a.seed)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&pred)?);

@@ -9,12 +9,14 @@ use clap::Args;
 use image::{ImageBuffer, Luma, RgbImage};
 use plotters::prelude::*;
 
-use crate::common::{collect_images, finish, for_each_batch, ModelArgs};
+use crate::common::{collect_images, finish, for_each_batch, ImageArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct SegmentArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    limits: ImageArgs,
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Output directory: <name>.png (class ids), <name>_overlay.png, <name>.json.
@@ -87,7 +89,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let labels = pipe.pretrained.config.id2label.clone();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let paths = collect_images(&a.images)?;
-    let failed = for_each_batch(&paths, a.batch_size, |batch_paths, images| {
+    let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
         let maps = pipe.segment(images)?;
         for ((p, image), (ids, (h, w))) in batch_paths.iter().zip(images).zip(maps) {
             let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
