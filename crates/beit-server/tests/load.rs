@@ -191,6 +191,10 @@ async fn load_mixed_good_and_bad_requests() {
                                 a.status,
                                 a.text()
                             )),
+                            // The server answers 413 from Content-Length and closes at once; a client still
+                            // writing the body may see the closed socket before it reads the answer. Refused
+                            // either way (the server staying up is checked below).
+                            Err(e) if *status == 413 && format!("{e:?}").contains("BrokenPipe") => {}
                             Err(e) => failures.push(format!("#{i} {what}: {e}")),
                         }
                     }
