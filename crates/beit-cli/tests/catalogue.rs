@@ -4,6 +4,8 @@
 //! of the wrong type, wrong tensor shape, missing tensor, NaN and wrong-rank .npy) and pipelines.rs (truncated,
 //! empty, garbage and 50000x50000 PNG images) are not repeated here.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -179,17 +181,6 @@ fn absurd_config_values() {
     }
 }
 
-/// PNG chunk checksum (CRC-32).
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-        }
-    }
-    !c
-}
 
 #[test]
 fn broken_images() {
@@ -223,11 +214,7 @@ fn broken_images() {
     std::fs::write(&p, &huge).unwrap();
     classify(&p, &["bomb.jpg", "50000"], true);
     // The same PNG bomb as pipelines.rs, now under the address-space cap and through `preprocess`.
-    let mut png = std::fs::read(fixtures().join("processor/images/gray4.png")).unwrap();
-    png[16..20].copy_from_slice(&50000u32.to_be_bytes());
-    png[20..24].copy_from_slice(&50000u32.to_be_bytes());
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    let png = common::png_claiming(&std::fs::read(fixtures().join("processor/images/gray4.png")).unwrap(), 50000, 50000);
     let p = d.join("bomb.png");
     std::fs::write(&p, &png).unwrap();
     let out = d.join("pv.npy");

@@ -1,6 +1,8 @@
 //! `beit classify | segment | embed | mim | preprocess | convert` end to end on the tiny fixture models and real
 //! photographs, against transformers' pipelines (scripts/gen_e2e_fixtures.py).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -142,11 +144,7 @@ fn a_bad_image_fails_alone() {
     let garbage = dir.join("garbage.jpg");
     std::fs::write(&garbage, b"definitely not a jpeg").unwrap();
     // A PNG whose header claims 50000 x 50000 pixels: refused before decoding.
-    let mut huge = bytes.clone();
-    huge[16..20].copy_from_slice(&50000u32.to_be_bytes());
-    huge[20..24].copy_from_slice(&50000u32.to_be_bytes());
-    let crc = crc32(&huge[12..29]);
-    huge[29..33].copy_from_slice(&crc.to_be_bytes());
+    let huge = common::png_claiming(&bytes, 50000, 50000);
     let bomb = dir.join("bomb.png");
     std::fs::write(&bomb, &huge).unwrap();
     let empty = dir.join("empty.png");
@@ -176,16 +174,4 @@ fn convert_writes_safetensors_that_load_identically() {
     let (_, a, _) = beit(&["classify", "--model", out.to_str().unwrap(), &image("chelsea.png"), "--json"]);
     let (_, b, _) = beit(&["classify", "--model", &model("cls_single"), &image("chelsea.png"), "--json"]);
     assert_eq!(a, b);
-}
-
-/// PNG chunk checksum (CRC-32), so the oversized header is otherwise valid.
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-        }
-    }
-    !c
 }

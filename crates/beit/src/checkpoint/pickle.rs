@@ -483,7 +483,8 @@ impl<'a> Machine<'a> {
             msg: msg.into(),
         })
     }
-    fn expect<T>(&self, got: Option<T>, what: &str, found: Option<&Value>) -> R<T> {
+    /// `got`, or an error saying what was expected and what the pickle held instead.
+    fn require<T>(&self, got: Option<T>, what: &str, found: Option<&Value>) -> R<T> {
         match got {
             Some(x) => Ok(x),
             None => self.fail(format!("expected {what}, found {}", self.describe(found))),
@@ -593,7 +594,7 @@ impl<'a> Machine<'a> {
     }
     fn pop(&mut self) -> R<Value> {
         let v = self.pop_n(1)?.pop();
-        self.expect(v, "a value", None)
+        self.require(v, "a value", None)
     }
     fn pop_mark(&mut self) -> R<Vec<Value>> {
         match self.marks.pop() {
@@ -606,7 +607,7 @@ impl<'a> Machine<'a> {
         let above_mark = self.stack.len() > self.marks.last().copied().unwrap_or(0);
         match self.stack.last().filter(|_| above_mark) {
             Some(Value::Ref(i)) => Ok(*i),
-            other => self.expect(None, "a container on the stack", other),
+            other => self.require(None, "a container on the stack", other),
         }
     }
     /// APPEND(S), ADDITEMS on a list or set; SETITEM(S) on a dict (`items` are key, value...).
@@ -622,7 +623,7 @@ impl<'a> Machine<'a> {
                 }
             }
             _ => {
-                return self.expect(
+                return self.require(
                     None,
                     "a list, set or dict (with key/value pairs)",
                     Some(&Value::Ref(i)),
@@ -634,7 +635,7 @@ impl<'a> Machine<'a> {
     fn usizes(&self, v: Option<&Value>, what: &str) -> R<Vec<usize>> {
         let seq = self.seq(v).filter(|s| s.len() <= MAX_NDIM);
         let ints: Option<Vec<usize>> = self
-            .expect(
+            .require(
                 seq,
                 &format!("{what} (a tuple of at most {MAX_NDIM} ints)"),
                 v,
@@ -645,7 +646,7 @@ impl<'a> Machine<'a> {
                 _ => None,
             })
             .collect();
-        self.expect(ints, &format!("{what} of non-negative ints"), v)
+        self.require(ints, &format!("{what} of non-negative ints"), v)
     }
 
     /// `torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, ...)`.
@@ -654,12 +655,12 @@ impl<'a> Machine<'a> {
             Some(Obj::Storage(s)) => Some(s.clone()),
             _ => None,
         };
-        let storage = self.expect(storage, "a storage as tensor argument 0", args.first())?;
+        let storage = self.require(storage, "a storage as tensor argument 0", args.first())?;
         let offset = match args.get(1) {
             Some(Value::Int(n)) => usize::try_from(*n).ok(),
             _ => None,
         };
-        let offset = self.expect(offset, "a non-negative storage offset", args.get(1))?;
+        let offset = self.require(offset, "a non-negative storage offset", args.get(1))?;
         let shape = self.usizes(args.get(2), "tensor size")?;
         let stride = self.usizes(args.get(3), "tensor stride")?;
         if shape.len() != stride.len() {
@@ -702,10 +703,10 @@ impl<'a> Machine<'a> {
     /// REDUCE / NEWOBJ: builds the inert equivalent of calling an allowed global.
     fn call(&mut self, f: Value, args: Value) -> R<Value> {
         let Value::Global(g) = f else {
-            return self.expect(None, "an allowed callable", Some(&f));
+            return self.require(None, "an allowed callable", Some(&f));
         };
         let args = self.seq(Some(&args)).map(<[Value]>::to_vec);
-        let args = self.expect(args, "an argument tuple", None)?;
+        let args = self.require(args, "an argument tuple", None)?;
         let items = (args
             .first()
             .and_then(|a| self.seq(Some(a)))
@@ -713,7 +714,7 @@ impl<'a> Machine<'a> {
         .unwrap_or_default();
         match g {
             Global::RebuildTensor => self.rebuild_tensor(&args),
-            Global::RebuildParameter => self.expect(args.first().cloned(), "parameter data", None),
+            Global::RebuildParameter => self.require(args.first().cloned(), "parameter data", None),
             Global::Size => self.alloc(Obj::Tuple(items)),
             Global::Set => self.alloc(Obj::Set(items)),
             Global::OrderedDict => {
@@ -723,7 +724,7 @@ impl<'a> Machine<'a> {
                         _ => None,
                     })
                     .collect();
-                let pairs = self.expect(pairs, "OrderedDict (key, value) pairs", None)?;
+                let pairs = self.require(pairs, "OrderedDict (key, value) pairs", None)?;
                 self.alloc(Obj::Dict(pairs))
             }
             Global::Device => Ok(Value::Opaque),
@@ -735,7 +736,7 @@ impl<'a> Machine<'a> {
     /// BINPERSID: ('storage', storage_type, key, location, numel) names zip entry data/<key>.
     fn persistent_load(&mut self, pid: Value) -> R<Value> {
         let what = "a persistent id ('storage', torch.<T>Storage, key, location, numel)";
-        let t = self.expect(self.seq(Some(&pid)), what, Some(&pid))?;
+        let t = self.require(self.seq(Some(&pid)), what, Some(&pid))?;
         let (key, numel) = match t {
             [Value::Str(tag), Value::Global(Global::Storage(dtype)), key, _, Value::Int(numel), ..]
                 if &**tag == "storage" =>
@@ -747,10 +748,10 @@ impl<'a> Machine<'a> {
                 };
                 ((key, *dtype), usize::try_from(*numel).ok())
             }
-            _ => return self.expect(None, what, Some(&pid)),
+            _ => return self.require(None, what, Some(&pid)),
         };
         // Keys are decimal in practice; refuse anything that could name another entry.
-        let ((key, dtype), numel) = (key, self.expect(numel, "a storage numel", None)?);
+        let ((key, dtype), numel) = (key, self.require(numel, "a storage numel", None)?);
         if key.is_empty() || key.len() > 64 || !key.chars().all(|c| c.is_ascii_alphanumeric()) {
             return self.fail(format!(
                 "expected an alphanumeric storage key, found {key:?}"
@@ -786,7 +787,7 @@ impl<'a> Machine<'a> {
                     self.pop_mark()?; // POP_MARK
                     continue;
                 }
-                b'2' => self.expect(self.stack.last().cloned(), "a value to DUP", None)?,
+                b'2' => self.require(self.stack.last().cloned(), "a value to DUP", None)?,
                 b'N' => Value::None,
                 0x88 | 0x89 => Value::Bool(op == 0x88),
                 b'J' => Value::Int(self.int(4, true)?),
@@ -862,8 +863,8 @@ impl<'a> Machine<'a> {
                     // REDUCE, NEWOBJ, NEWOBJ_EX (its kwargs ignored)
                     let mut v = self.pop_n(if op == 0x92 { 3 } else { 2 })?;
                     v.truncate(2);
-                    let args = self.expect(v.pop(), "arguments", None)?;
-                    let f = self.expect(v.pop(), "a callable", None)?;
+                    let args = self.require(v.pop(), "arguments", None)?;
+                    let f = self.require(v.pop(), "a callable", None)?;
                     self.call(f, args)?
                 }
                 b'b' => {
@@ -887,7 +888,7 @@ impl<'a> Machine<'a> {
                         _ => self.memo.len() as u64,
                     };
                     let top =
-                        self.expect(self.stack.last().cloned(), "a value to memoize", None)?;
+                        self.require(self.stack.last().cloned(), "a value to memoize", None)?;
                     if self.memo.len() >= MAX_MEMO {
                         return self.fail(format!("memo larger than {MAX_MEMO} entries"));
                     }
@@ -898,7 +899,7 @@ impl<'a> Machine<'a> {
                     // BINGET, LONG_BINGET
                     let idx = self.len(if op == b'h' { 1 } else { 4 })? as u32;
                     let v = self.memo.get(&idx).cloned();
-                    self.expect(v, &format!("memo entry {idx} to be set"), None)?
+                    self.require(v, &format!("memo entry {idx} to be set"), None)?
                 }
                 _ => {
                     self.pos = self.pos.saturating_sub(1);
