@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import torch
 import transformers
+from fixture_common import pixels, randomize
 from safetensors.torch import save_file
 from transformers import (
     BeitBackbone,
@@ -56,28 +57,6 @@ CLASSES = {
     "BeitForSemanticSegmentation": BeitForSemanticSegmentation,
     "BeitBackbone": BeitBackbone,
 }
-
-
-def randomize(model, seed):
-    """Seeded random weights far from the initial ones (zeros and ones hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "layernorm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif "relative_position_bias_table" in name or "position_embeddings" in name:
-                p.copy_(0.5 * noise)
-            elif "lambda_" in name:
-                p.copy_(0.5 + 0.3 * noise)
-            else:
-                p.copy_(0.3 * noise)
-        # BatchNorm statistics: fresh ones (0 and 1) would hide a wrong normalization.
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.3 * torch.randn(b.shape, generator=g))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g))
 
 
 def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2label=None, npy=False, grads=False):
@@ -139,11 +118,6 @@ def save_case(name, cls_name, config_kw, seed, inputs, call, save_bin=False, id2
     with open(os.path.join(out_dir, "case.json"), "w") as f:
         json.dump({"class": cls_name, "call": call, "inputs": sorted(inputs), "seed": seed}, f, indent=2)
     print(f"{name}: {cls_name} {sorted(tensors)}")
-
-
-def pixels(seed, batch, channels, height, width):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, channels, height, width, generator=g)
 
 
 def mask(seed, batch, num_patches, count):
