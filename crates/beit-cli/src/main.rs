@@ -1,5 +1,6 @@
 //! The `beit` command. Thin: argument parsing and file formats here, everything else in the `beit` library.
 
+mod bench;
 mod classify;
 mod common;
 mod convert;
@@ -7,6 +8,7 @@ mod embed;
 mod forward;
 mod mim;
 mod preprocess;
+mod pretrain;
 mod segment;
 mod train;
 mod serve;
@@ -27,6 +29,8 @@ struct Cli {
 enum Command {
     /// Classify images: top-k labels with scores.
     Classify(classify::ClassifyArgs),
+    /// Time the forward pass: images/s, peak RSS, load time and share of the sgemm ceiling (--json for scripts).
+    Bench(bench::BenchArgs),
     /// Segment images: class-id PNGs, colour overlays with a legend, and per-class pixel shares.
     Segment(segment::SegmentArgs),
     /// Embed images: pooled vectors (or every token) as .npy or .safetensors.
@@ -39,6 +43,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Fine-tune (or train from scratch) an image classifier on an image folder.
     Train(train::TrainArgs),
+    /// Pre-train a masked-image-modeling model (BEiT) on an image folder, with DALL-E visual tokens as targets.
+    Pretrain(pretrain::PretrainArgs),
     /// Evaluate an image classifier on an image folder: top-1, top-5, confusion matrix.
     Eval(train::EvalArgs),
     /// Convert a checkpoint (.bin, msgpack, Hub id) to config.json + model.safetensors.
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Classify(a) => classify::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Segment(a) => segment::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Mim(a) => mim::run(a),
@@ -74,6 +81,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => train::eval(a),
+        Command::Pretrain(a) => pretrain::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Tokenize(a) => tokenize::run(a),
     };

@@ -73,13 +73,15 @@ pub struct TrainArgs {
     stop_after: Option<usize>,
 }
 
-struct Observer {
+/// The per-epoch progress bar on stderr (images done, images/s, the last batch's loss), shared by `beit train`
+/// and `beit pretrain`.
+#[derive(Default)]
+pub struct EpochBar {
     bar: Option<ProgressBar>,
-    out: PathBuf,
 }
 
-impl TrainObserver for Observer {
-    fn batch(&mut self, epoch: usize, done: usize, total: usize, loss: f64) {
+impl EpochBar {
+    pub fn update(&mut self, epoch: usize, done: usize, total: usize, loss: f64) {
         let bar = self.bar.get_or_insert_with(|| {
             let b = ProgressBar::new(total as u64);
             b.set_style(
@@ -93,10 +95,26 @@ impl TrainObserver for Observer {
         bar.set_message(format!("{loss:.4}"));
     }
 
-    fn epoch(&mut self, m: &EpochMetrics, history: &[EpochMetrics]) {
+    /// Clears the bar before the epoch's summary line is printed.
+    pub fn finish(&mut self) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
+    }
+}
+
+struct Observer {
+    bar: EpochBar,
+    out: PathBuf,
+}
+
+impl TrainObserver for Observer {
+    fn batch(&mut self, epoch: usize, done: usize, total: usize, loss: f64) {
+        self.bar.update(epoch, done, total, loss);
+    }
+
+    fn epoch(&mut self, m: &EpochMetrics, history: &[EpochMetrics]) {
+        self.bar.finish();
         let pct = |v: Option<f64>| v.map(|x| format!("{:.2}%", x * 100.0)).unwrap_or_else(|| "-".into());
         eprintln!(
             "epoch {:3}  train loss {:.4}  val loss {}  top-1 {}  top-5 {}  lr {:.2e}  {:.1} images/s  {:.1} s",
@@ -119,50 +137,70 @@ impl TrainObserver for Observer {
     }
 }
 
-/// Loss (left) and accuracy (right) curves per epoch.
-fn plot_curves(path: &Path, history: &[EpochMetrics]) -> Result<()> {
+/// One line of a chart: its legend label, colour and (epoch, value) points.
+pub struct Series {
+    pub label: &'static str,
+    pub color: RGBColor,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One chart of a per-epoch plot: title, y range top (from 0) and lines.
+pub struct Panel {
+    pub caption: &'static str,
+    pub y_max: f64,
+    pub series: Vec<Series>,
+}
+
+/// Side-by-side per-epoch charts (500 pixels wide each) over epochs 1..=`epochs`, as a PNG: the metrics plots
+/// of `beit train` and `beit pretrain`.
+pub fn plot_epochs(path: &Path, epochs: usize, panels: &[Panel]) -> Result<()> {
     register_font();
-    let root = BitMapBackend::new(path, (1000, 400)).into_drawing_area();
+    let root = BitMapBackend::new(path, (500 * panels.len().max(1) as u32, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (left, right) = root.split_horizontally(500);
-    let n = history.len().max(2) as f64;
-    let max_loss = history.iter().flat_map(|h| [Some(h.train_loss), h.val_loss]).flatten().fold(0.1f64, f64::max);
-    let mut c = ChartBuilder::on(&left)
-        .caption("loss", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .build_cartesian_2d(1f64..n, 0f64..max_loss * 1.05)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    c.configure_mesh().x_desc("epoch").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
-    c.draw_series(LineSeries::new(history.iter().map(|h| (h.epoch as f64, h.train_loss)), &BLUE))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("train")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-    c.draw_series(LineSeries::new(history.iter().filter_map(|h| h.val_loss.map(|v| (h.epoch as f64, v))), &RED))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("val")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
-    c.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut a = ChartBuilder::on(&right)
-        .caption("validation accuracy", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .build_cartesian_2d(1f64..n, 0f64..1f64)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    a.configure_mesh().x_desc("epoch").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
-    a.draw_series(LineSeries::new(history.iter().filter_map(|h| h.top1.map(|v| (h.epoch as f64, v))), &BLUE))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("top-1")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-    a.draw_series(LineSeries::new(history.iter().filter_map(|h| h.top5.map(|v| (h.epoch as f64, v))), &GREEN))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("top-5")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN));
-    a.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let n = epochs.max(2) as f64;
+    for (area, panel) in root.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
+        let mut c = ChartBuilder::on(area)
+            .caption(panel.caption, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(1f64..n, 0f64..panel.y_max)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.configure_mesh().x_desc("epoch").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        for s in &panel.series {
+            let color = s.color;
+            c.draw_series(LineSeries::new(s.points.iter().copied(), &color))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(s.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        }
+        c.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+/// Loss (left) and accuracy (right) curves per epoch.
+fn plot_curves(path: &Path, history: &[EpochMetrics]) -> Result<()> {
+    let max_loss = history.iter().flat_map(|h| [Some(h.train_loss), h.val_loss]).flatten().fold(0.1f64, f64::max);
+    let e = |h: &EpochMetrics| h.epoch as f64;
+    let loss = Panel {
+        caption: "loss",
+        y_max: max_loss * 1.05,
+        series: vec![
+            Series { label: "train", color: BLUE, points: history.iter().map(|h| (e(h), h.train_loss)).collect() },
+            Series { label: "val", color: RED, points: history.iter().filter_map(|h| h.val_loss.map(|v| (e(h), v))).collect() },
+        ],
+    };
+    let accuracy = Panel {
+        caption: "validation accuracy",
+        y_max: 1.0,
+        series: vec![
+            Series { label: "top-1", color: BLUE, points: history.iter().filter_map(|h| h.top1.map(|v| (e(h), v))).collect() },
+            Series { label: "top-5", color: GREEN, points: history.iter().filter_map(|h| h.top5.map(|v| (e(h), v))).collect() },
+        ],
+    };
+    plot_epochs(path, history.len(), &[loss, accuracy])
 }
 
 fn source(spec: &str) -> Result<ModelSource> {
@@ -213,7 +251,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         trainer.weights.params().iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
         trainer.completed_epochs()
     );
-    let mut obs = Observer { bar: None, out: a.out.clone() };
+    let mut obs = Observer { bar: EpochBar::default(), out: a.out.clone() };
     let history = trainer.run(&a.out, a.stop_after, &mut obs)?;
     if let Some(best) = history.iter().filter_map(|h| h.top1).reduce(f64::max) {
         eprintln!("best top-1 {:.2}%; checkpoints in {}/best and {}/last", best * 100.0, a.out.display(), a.out.display());

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod heads;
 pub mod hub;
+pub mod kernels;
 pub mod masking;
 pub mod model;
 pub mod nn;

@@ -2,7 +2,10 @@
 
 use candle_core::{Tensor, D};
 
+use std::sync::Arc;
+
 use crate::config::HiddenAct;
+use crate::kernels::int8::QuantizedLinear;
 use crate::error::Result;
 use crate::rng::Rng;
 use crate::weights::{Init, Weights};
@@ -20,30 +23,59 @@ pub struct Mode {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Set by [`Linear::quantize_int8`] for int8 inference; the f32 weights stay (training uses them).
+    pub quantized: Option<Arc<QuantizedLinear>>,
 }
 
 impl Linear {
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = w.get((out_dim, in_dim), "weight", Init::Normal(std))?;
         let bias = if bias { Some(w.get(out_dim, "bias", Init::Zeros)?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, quantized: None })
     }
 
     /// A head layer: initialized when the checkpoint lacks it.
     pub fn load_head(w: &Weights, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
         let weight = w.get_or_init((out_dim, in_dim), "weight", Init::Normal(std))?;
         let bias = Some(w.get_or_init(out_dim, "bias", Init::Zeros)?);
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, quantized: None })
+    }
+
+    pub fn out_features(&self) -> Result<usize> {
+        Ok(self.weight.dim(0)?)
+    }
+
+    /// Dynamic int8 quantization (per-channel int8 weights, per-token uint8 activations), as onnxruntime's
+    /// quantize_dynamic: inference through this layer then runs on the int8 kernel.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let weight = self.weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        self.quantized = Some(Arc::new(QuantizedLinear::quantize(&weight, out_dim, in_dim, bias.as_deref())?));
+        Ok(())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let y = match &self.quantized {
+            Some(q) if x.device().is_cpu() => {
+                let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * q.out_features()];
+                q.forward(&xs, rows, &mut out)?;
+                Tensor::from_vec(out, (rows, q.out_features()), x.device())?
+            }
+            _ => {
+                let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {

@@ -22,6 +22,8 @@ pub struct LoadOptions {
     /// The checkpoint is timm's beit/beitv2 named so (e.g. `beit_base_patch16_224.in22k_ft_in22k_in1k`): its
     /// config is derived from the name, and config.json may be absent.
     pub timm_model: Option<String>,
+    /// Run the encoder's Linear layers in int8 (dynamic quantization) after loading.
+    pub int8: bool,
 }
 
 pub struct Pretrained {
@@ -204,7 +206,10 @@ pub fn load_pretrained(dir: &Path, opts: &LoadOptions, device: &Device) -> Resul
     .for_model_type(&config.model_type)?;
     let tensors = align_prefix(tensors, "beit", arch.has_base_prefix());
     let weights = Weights::new(tensors, source, device);
-    let model = AnyBeitModel::load(&weights, &config, arch).map_err(|e| naming.error(e))?;
+    let mut model = AnyBeitModel::load(&weights, &config, arch).map_err(|e| naming.error(e))?;
+    if opts.int8 {
+        model.quantize_int8()?;
+    }
     let report = naming.report(weights.report());
     for name in &report.newly_initialized {
         tracing::warn!("{name} was not in the checkpoint and is newly initialized");

@@ -139,11 +139,25 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
     // SAFETY: the map is read-only and dropped before returning; a file changed underneath us while loading
     // can only yield wrong numbers, which the format's own checks then catch or not, as for any reader.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| BeitError::io(path, e))?;
-    parse_safetensors(&mmap, path, device)
+    // Each tensor is copied out of the map; handing its pages back right after keeps the peak resident memory
+    // near one copy of the weights instead of two (the file's pages stay in the page cache).
+    parse_safetensors_with(&mmap, path, device, |data| {
+        let offset = data.as_ptr() as usize - mmap.as_ptr() as usize;
+        // SAFETY: DONTNEED on a read-only file mapping only drops this process's copies of the pages; any later
+        // read of them (the next tensor sharing a page) faults them back in from the file.
+        #[cfg(unix)]
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len()) };
+        let _ = offset;
+    })
 }
 
 /// [`read_safetensors`] on bytes already in memory; `origin` only names them in errors.
 pub fn parse_safetensors(bytes: &[u8], origin: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    parse_safetensors_with(bytes, origin, device, |_| {})
+}
+
+/// [`parse_safetensors`], calling `copied` with each tensor's bytes once they are copied out.
+fn parse_safetensors_with(bytes: &[u8], origin: &Path, device: &Device, mut copied: impl FnMut(&[u8])) -> Result<Vec<(String, Tensor)>> {
     let path = origin;
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| BeitError::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
@@ -164,6 +178,7 @@ pub fn parse_safetensors(bytes: &[u8], origin: &Path, device: &Device) -> Result
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
             .map_err(|e| BeitError::checkpoint(path, format!("tensor `{name}`: {e}")))?;
+        copied(view.data());
         out.push((name, t));
     }
     Ok(out)

@@ -164,6 +164,17 @@ impl AnyBeitModel {
         beit.for_model_type(&self.config().model_type).unwrap_or(beit)
     }
 
+    /// int8 inference for the encoder (see [`BeitModel::quantize_int8`]).
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        match self {
+            AnyBeitModel::Model(m) => m.quantize_int8(),
+            AnyBeitModel::MaskedImageModeling(m) => m.beit.quantize_int8(),
+            AnyBeitModel::ImageClassification(m) => m.beit.quantize_int8(),
+            AnyBeitModel::SemanticSegmentation(m) => m.beit.quantize_int8(),
+            AnyBeitModel::Backbone(m) => m.encoder.quantize_int8(),
+        }
+    }
+
     pub fn config(&self) -> &BeitConfig {
         match self {
             AnyBeitModel::Model(m) => &m.config,

@@ -53,6 +53,12 @@ impl BeitEncoder {
         Ok(BeitEncoder { relative_position_bias, layer })
     }
 
+    /// int8 inference for every layer's Linear layers.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        use rayon::prelude::*;
+        self.layer.par_iter_mut().try_for_each(|l| l.quantize_int8())
+    }
+
     /// head_mask as transformers takes it ([heads] for every layer, or [layers, heads]) -> one (1, heads, 1, 1)
     /// multiplier per layer.
     fn layer_head_masks(&self, head_mask: Option<&Tensor>, heads: usize) -> Result<Vec<Option<Tensor>>> {

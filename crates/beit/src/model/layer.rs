@@ -22,6 +22,10 @@ impl BeitIntermediate {
         })
     }
 
+    pub fn act(&self) -> HiddenAct {
+        self.act
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         activation(self.act, &self.dense.forward(x)?)
     }
@@ -80,7 +84,18 @@ impl BeitLayer {
         })
     }
 
+    /// int8 inference for every Linear of the layer (see [`Linear::quantize_int8`]).
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        self.attention.attention.quantize_int8()?;
+        self.attention.output.dense.quantize_int8()?;
+        self.intermediate.dense.quantize_int8()?;
+        self.output.dense.quantize_int8()
+    }
+
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(y) = crate::model::fast_path::layer_forward(self, x, a)? {
+            return Ok((y, None));
+        }
         let (mut attn, probs) = self.attention.forward(&self.layernorm_before.forward(x, a.mode)?, a)?;
         if let Some(l1) = &self.lambda_1 {
             attn = attn.broadcast_mul(l1)?;

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod embeddings;
 pub mod encoder;
+pub(crate) mod fast_path;
 pub mod layer;
 pub mod relative_position;
 
@@ -76,6 +77,12 @@ pub struct BeitModel {
 }
 
 impl BeitModel {
+    /// int8 inference for the encoder's Linear layers (what onnxruntime's quantize_dynamic quantizes, less the
+    /// small head); the patch embedding and the heads stay f32.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        self.encoder.quantize_int8()
+    }
+
     pub fn load(w: &Weights, c: &BeitConfig, add_pooling_layer: bool) -> Result<Self> {
         c.validate()?;
         Ok(BeitModel {

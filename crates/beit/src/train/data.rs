@@ -10,7 +10,8 @@ use crate::processor::resample::{resize, Filter};
 use crate::processor::{load_image, BeitImageProcessor};
 use crate::rng::Rng;
 
-const IMAGE_EXTENSIONS: [&str; 9] = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm"];
+/// The file extensions read as images when listing folders (lower case).
+pub const IMAGE_EXTENSIONS: [&str; 9] = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm"];
 
 /// Decoded images with their class index.
 #[derive(Debug, Clone, Default)]

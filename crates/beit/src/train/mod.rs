@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod optim;
+pub mod pretrain;
 pub mod pretrain_data;
 
 use std::collections::HashMap;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{align_prefix, find_weight_files, load_tensors};
@@ -113,10 +115,11 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
-/// What the trainer reports while it runs.
-pub trait TrainObserver {
+/// What a trainer reports while it runs; `M` is its per-epoch record ([`EpochMetrics`] for fine-tuning,
+/// [`pretrain::PretrainEpochMetrics`] for pre-training).
+pub trait TrainObserver<M = EpochMetrics> {
     fn batch(&mut self, _epoch: usize, _done: usize, _total: usize, _loss: f64) {}
-    fn epoch(&mut self, _metrics: &EpochMetrics, _history: &[EpochMetrics]) {}
+    fn epoch(&mut self, _metrics: &M, _history: &[M]) {}
     fn note(&mut self, _message: &str) {}
 }
 
@@ -211,6 +214,97 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| BeitError::io(path, e))
 }
 
+/// The learning rate of optimizer step `step` in a run of `epochs` epochs of `steps_per_epoch` steps: linear
+/// warmup over `warmup_epochs`, then cosine down to `min_lr` (unilm's per-step cosine_scheduler).
+pub fn scheduled_lr(step: usize, steps_per_epoch: usize, epochs: usize, warmup_epochs: f64, lr: f64, min_lr: f64) -> f64 {
+    let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
+    cosine_lr(step, steps_per_epoch * epochs, warmup, lr, min_lr)
+}
+
+/// A diverged loss stops the run with the place it happened, instead of writing NaN weights.
+fn check_loss(value: f64, epoch: usize, batch: usize) -> Result<()> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    Err(BeitError::input("training", format!("the loss became {value} at epoch {epoch}, batch {batch}; lower --lr")))
+}
+
+/// The last epoch this invocation runs: all of them, or `stop_after` more (for interrupted runs).
+fn end_epoch(start_epoch: usize, epochs: usize, stop_after: Option<usize>) -> usize {
+    match stop_after {
+        Some(k) => (start_epoch + k).min(epochs),
+        None => epochs,
+    }
+}
+
+/// The config and tensors of a checkpoint directory (`out/last` when resuming).
+fn read_checkpoint(dir: &Path, device: &Device) -> Result<(BeitConfig, HashMap<String, Tensor>)> {
+    let c = BeitConfig::from_file(&dir.join("config.json"))?;
+    let (format, files) = find_weight_files(dir, None)?;
+    Ok((c, load_tensors(format, &files, device)?))
+}
+
+/// `out/last/trainer_state.json`, and the optimizer moments beside it at optimizer step `step(&state)`.
+fn read_resume_state<S: DeserializeOwned>(
+    last: &Path,
+    optimizer: &mut AdamW,
+    step: impl FnOnce(&S) -> usize,
+    device: &Device,
+) -> Result<S> {
+    let state_path = last.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| BeitError::io(&state_path, e))?;
+    let state: S =
+        serde_json::from_str(&text).map_err(|e| BeitError::Json { path: state_path.clone(), message: e.to_string() })?;
+    let moments = candle_core::safetensors::load(last.join("optimizer.safetensors"), device)?;
+    optimizer.load_state(&moments, step(&state))?;
+    Ok(state)
+}
+
+/// What both trainers save: a Hugging Face model directory of `arch` with the preprocessor config of the
+/// training resolution.
+struct CheckpointWriter<'a> {
+    config: &'a BeitConfig,
+    arch: Architecture,
+    weights: &'a Weights,
+    image_size: usize,
+}
+
+impl CheckpointWriter<'_> {
+    fn save(&self, dir: &Path, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        write_dir_atomically(dir, |tmp| {
+            save_pretrained(tmp, self.config, self.arch, &self.weights.params())?;
+            write_file(&tmp.join("preprocessor_config.json"), &processor_json(self.image_size))?;
+            extra(tmp)
+        })
+    }
+
+    /// The end of an epoch: `out/best` when it improved, `out/last` with the optimizer and `state` (for
+    /// --resume), then `out/metrics.jsonl` with the whole `history`, each written atomically.
+    fn end_of_epoch<S: Serialize, M: Serialize>(
+        &self,
+        out: &Path,
+        improved: bool,
+        optimizer: &AdamW,
+        state: &S,
+        history: &[M],
+    ) -> Result<()> {
+        if improved {
+            self.save(&out.join("best"), |_| Ok(()))?;
+        }
+        let moments = optimizer.state();
+        self.save(&out.join("last"), |tmp| {
+            candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
+            let text = serde_json::to_string_pretty(state).map_err(|e| BeitError::input("trainer state", e.to_string()))?;
+            write_file(&tmp.join("trainer_state.json"), &text)
+        })?;
+        let lines: Vec<String> = history.iter().filter_map(|h| serde_json::to_string(h).ok()).collect();
+        let metrics = out.join("metrics.jsonl");
+        let tmp = out.join(".metrics.jsonl.tmp");
+        write_file(&tmp, &(lines.join("\n") + "\n"))?;
+        std::fs::rename(&tmp, &metrics).map_err(|e| BeitError::io(&metrics, e))
+    }
+}
+
 /// BEiT fine-tunes pre-trained checkpoints with per-layer relative bias: the shared table is copied into every
 /// layer (unilm's run_class_finetuning does the same).
 fn unshare_relative_bias(config: &mut BeitConfig, tensors: &mut HashMap<String, Tensor>) {
@@ -254,9 +348,7 @@ impl Trainer {
         let state_path = last.join("trainer_state.json");
         let resuming = resume && state_path.is_file();
         let (mut config, tensors) = if resuming {
-            let c = BeitConfig::from_file(&last.join("config.json"))?;
-            let (format, files) = find_weight_files(&last, None)?;
-            (c, load_tensors(format, &files, &device)?)
+            read_checkpoint(&last, &device)?
         } else {
             match source {
                 ModelSource::Pretrained(dir) => {
@@ -295,11 +387,7 @@ impl Trainer {
         let image_size = config.image_size.height;
         let (mut history, mut start_epoch, mut best_top1, mut opts) = (Vec::new(), 0, None, opts);
         if resuming {
-            let text = std::fs::read_to_string(&state_path).map_err(|e| BeitError::io(&state_path, e))?;
-            let state: TrainerState = serde_json::from_str(&text)
-                .map_err(|e| BeitError::Json { path: state_path.clone(), message: e.to_string() })?;
-            let moments = candle_core::safetensors::load(last.join("optimizer.safetensors"), &device)?;
-            optimizer.load_state(&moments, state.step)?;
+            let state: TrainerState = read_resume_state(&last, &mut optimizer, |s: &TrainerState| s.step, &device)?;
             // The run's own options win over the command line's, so the resumed run is the same run.
             let epochs = opts.epochs.max(state.options.epochs);
             opts = TrainOptions { epochs, ..state.options };
@@ -327,8 +415,7 @@ impl Trainer {
         rng.shuffle(&mut order);
         seed_training_rng(Rng::derive(o.seed, 3, epoch as u64).next_u64());
         let processor = eval_processor(self.image_size);
-        let total_steps = self.steps_per_epoch() * o.epochs;
-        let warmup = (o.warmup_epochs * self.steps_per_epoch() as f64).round() as usize;
+        let steps_per_epoch = self.steps_per_epoch();
         let mode = Mode { train: true, uncached: true };
         let (mut loss_sum, mut seen, mut lr) = (0f64, 0usize, 0f64);
         let start = Instant::now();
@@ -344,9 +431,7 @@ impl Trainer {
             let logits = self.model.forward(&x, &ForwardOptions { mode, ..Default::default() }, None)?.logits;
             let loss = cross_entropy_smoothed(&logits, &labels, o.label_smoothing)?;
             let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(BeitError::input("training", format!("the loss became {value} at epoch {epoch}, batch {bi}; lower --lr")));
-            }
+            check_loss(value, epoch, bi)?;
             let grads = self.optimizer.grads(&(loss / o.accum_steps.max(1) as f64)?.backward()?);
             accum = if accum.is_empty() {
                 grads
@@ -361,7 +446,7 @@ impl Trainer {
                     .collect::<Result<_>>()?
             };
             if (bi + 1) % o.accum_steps.max(1) == 0 || bi + 1 == batches.len() {
-                lr = cosine_lr(self.optimizer.step, total_steps, warmup, o.lr, o.min_lr);
+                lr = scheduled_lr(self.optimizer.step, steps_per_epoch, o.epochs, o.warmup_epochs, o.lr, o.min_lr);
                 self.optimizer.step(&accum, lr)?;
                 accum.clear();
             }
@@ -382,12 +467,13 @@ impl Trainer {
             .map(Some)
     }
 
-    fn save_model(&self, dir: &Path, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-        write_dir_atomically(dir, |tmp| {
-            save_pretrained(tmp, &self.config, Architecture::BeitForImageClassification, &self.weights.params())?;
-            write_file(&tmp.join("preprocessor_config.json"), &processor_json(self.image_size))?;
-            extra(tmp)
-        })
+    fn writer(&self) -> CheckpointWriter<'_> {
+        CheckpointWriter {
+            config: &self.config,
+            arch: Architecture::BeitForImageClassification,
+            weights: &self.weights,
+            image_size: self.image_size,
+        }
     }
 
     /// Trains up to `opts.epochs`, or `stop_after` more epochs when given (for interrupted runs), writing
@@ -397,10 +483,7 @@ impl Trainer {
         for (p, why) in &self.data.skipped {
             obs.note(&format!("skipped {}: {why}", p.display()));
         }
-        let end = match stop_after {
-            Some(k) => (self.start_epoch + k).min(self.opts.epochs),
-            None => self.opts.epochs,
-        };
+        let end = end_epoch(self.start_epoch, self.opts.epochs, stop_after);
         for epoch in self.start_epoch + 1..=end {
             let t = Instant::now();
             let (train_loss, ips, lr) = self.train_epoch(epoch, obs)?;
@@ -423,7 +506,6 @@ impl Trainer {
             };
             if improved {
                 self.best_top1 = m.top1;
-                self.save_model(&out.join("best"), |_| Ok(()))?;
             }
             let state = TrainerState {
                 epoch,
@@ -432,17 +514,7 @@ impl Trainer {
                 options: self.opts.clone(),
                 history: self.history.clone(),
             };
-            let moments = self.optimizer.state();
-            self.save_model(&out.join("last"), |tmp| {
-                candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
-                let text = serde_json::to_string_pretty(&state).map_err(|e| BeitError::input("trainer state", e.to_string()))?;
-                write_file(&tmp.join("trainer_state.json"), &text)
-            })?;
-            let lines: Vec<String> = self.history.iter().filter_map(|h| serde_json::to_string(h).ok()).collect();
-            let metrics = out.join("metrics.jsonl");
-            let tmp = out.join(".metrics.jsonl.tmp");
-            write_file(&tmp, &(lines.join("\n") + "\n"))?;
-            std::fs::rename(&tmp, &metrics).map_err(|e| BeitError::io(&metrics, e))?;
+            self.writer().end_of_epoch(out, improved, &self.optimizer, &state, &self.history)?;
             self.start_epoch = epoch;
             obs.epoch(&m, &self.history);
         }

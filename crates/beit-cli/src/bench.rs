@@ -1,0 +1,350 @@
+//! `beit bench`: forward-pass throughput on a seeded random pixel batch, with the numbers needed to compare
+//! engines (images/s, peak RSS, load time) and to see how far the run is from the machine's sgemm ceiling.
+//!
+//! Threads: candle's matmul (the `gemm` crate) and its other parallel ops run on rayon's global pool, and candle
+//! sizes its gemm parallelism from `RAYON_NUM_THREADS`. Both read the variable once, when first used, so
+//! `run` sets it before anything builds a tensor; `main` touches neither rayon nor candle before dispatching.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use beit::config::Size2;
+use beit::hub::resolve_model;
+use beit::rng::Rng;
+use beit::weights::Weights;
+use beit::{load_pretrained, AnyBeitModel, Architecture, BeitConfig, ForwardOptions, LoadOptions, ModelInputs};
+use candle_core::{Device, Tensor};
+use clap::{ArgGroup, Args, ValueEnum};
+
+use crate::common::ModelArgs;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchDtype {
+    F32,
+    Int8,
+}
+
+impl BenchDtype {
+    fn name(self) -> &'static str {
+        match self {
+            BenchDtype::F32 => "f32",
+            BenchDtype::Int8 => "int8",
+        }
+    }
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["model", "config"])))]
+pub struct BenchArgs {
+    /// A checkpoint (directory, weights file or Hub id), loaded as `beit classify` loads it; the load is timed
+    /// on its own (load_s).
+    #[arg(long)]
+    model: Option<String>,
+    /// Hub revision (branch, tag or commit), with --model.
+    #[arg(long, default_value = "main", requires = "model")]
+    revision: String,
+    /// Force a weights format when the directory has several: safetensors, bin or msgpack (with --model).
+    #[arg(long, requires = "model")]
+    weights_format: Option<String>,
+    /// Fresh random weights for a preset — base or large (the config.json of microsoft/beit-{base,large}-patch16-224:
+    /// BeitForImageClassification, 1000 labels), tiny or small (same head, DeiT sizes) — or a config.json.
+    #[arg(long)]
+    config: Option<String>,
+    /// Class to build (default: config.json's `architectures`, BeitModel when it names none).
+    #[arg(long)]
+    architecture: Option<String>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    batch_size: usize,
+    /// Square input size in pixels (default: the config's image_size). With --config the model is built at this
+    /// size; with --model a different size runs with interpolate_pos_encoding.
+    #[arg(long, value_parser = positive)]
+    image_size: Option<usize>,
+    #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
+    dtype: BenchDtype,
+    /// Untimed forward passes before the timed ones.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed forward passes; the median is reported.
+    #[arg(long, default_value_t = 10, value_parser = positive)]
+    runs: usize,
+    /// Worker threads (sets RAYON_NUM_THREADS for this process). Default: RAYON_NUM_THREADS if set, otherwise
+    /// the cores candle would use (the available physical cores).
+    #[arg(long, value_parser = positive)]
+    threads: Option<usize>,
+    /// The machine's sgemm peak in GFLOP/s, for ceiling_share (340: MKL's measured 2048³ sgemm on 2 cores here).
+    #[arg(long, default_value_t = 340.0)]
+    ceiling_gflops: f64,
+    /// Seed of the fresh weights and the pixel batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1, found 0".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a positive integer, found {s:?}")),
+    }
+}
+
+/// int8 inference: quantizes the model's weights in place. Not implemented yet; `--dtype int8` goes through here
+/// and nowhere else, so that this one function is what changes when the model gains an int8 path.
+fn prepare_int8(model: &mut AnyBeitModel) -> Result<()> {
+    Ok(model.quantize_int8()?)
+}
+
+/// The config.json of microsoft/beit-base-patch16-224 (and -large-): a fine-tuned ImageNet-1k classifier with a
+/// relative position bias per layer, layer scale 0.1 and mean pooling. The label names are placeholders (only
+/// their count matters for speed).
+pub fn microsoft_config(name: &str) -> Result<BeitConfig> {
+    let (hidden, layers, heads) = match name {
+        "base" => (768, 12, 12),
+        "large" => (1024, 24, 16),
+        _ => bail!("--config: unknown preset {name:?}; expected base, large, tiny, small or a config.json file"),
+    };
+    Ok(BeitConfig {
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        intermediate_size: 4 * hidden,
+        use_relative_position_bias: true,
+        use_shared_relative_position_bias: false,
+        use_absolute_position_embeddings: false,
+        use_mean_pooling: true,
+        layer_scale_init_value: 0.1,
+        drop_path_rate: 0.1,
+        id2label: (0..1000).map(|i| (i, format!("LABEL_{i}"))).collect(),
+        architectures: Some(vec![Architecture::BeitForImageClassification.name().to_string()]),
+        ..BeitConfig::default()
+    })
+}
+
+/// `--config`: a preset name or a config.json path (a path that exists wins over a preset of the same name).
+fn bench_config(spec: &str) -> Result<BeitConfig> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Ok(BeitConfig::from_file(path)?);
+    }
+    match spec {
+        "base" | "large" => microsoft_config(spec),
+        "tiny" | "small" => {
+            let mut c = beit::train::preset(spec)?;
+            c.id2label = (0..1000).map(|i| (i, format!("LABEL_{i}"))).collect();
+            c.architectures = Some(vec![Architecture::BeitForImageClassification.name().to_string()]);
+            Ok(c)
+        }
+        _ if spec.ends_with(".json") || spec.contains('/') => {
+            bail!("--config: {spec:?} is not a file (expected a preset: base, large, tiny, small, or a config.json)")
+        }
+        _ => bail!("--config: unknown preset {spec:?}; expected base, large, tiny, small or a config.json file"),
+    }
+}
+
+/// Forward-pass cost of one image in GFLOP (multiply-adds count 2): per layer the four d×d projections and the
+/// two MLP matmuls over every token, plus QKᵀ and AV; the patch embedding; the classifier when there is one.
+/// Norms, softmax, GELU and the segmentation decoders are not counted.
+pub fn gflop_per_image(c: &BeitConfig, height: usize, width: usize, arch: Architecture) -> f64 {
+    let patches = ((height / c.patch_size.height) * (width / c.patch_size.width)) as f64;
+    let tokens = patches + 1.0;
+    let (d, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let layer = 2.0 * tokens * (4.0 * d * d + 2.0 * d * i) + 2.0 * 2.0 * tokens * tokens * d;
+    let patch_embed = 2.0 * patches * (c.num_channels * c.patch_size.height * c.patch_size.width) as f64 * d;
+    let head = match arch {
+        Architecture::BeitForImageClassification | Architecture::Data2VecVisionForImageClassification => {
+            2.0 * d * c.num_labels() as f64
+        }
+        _ => 0.0,
+    };
+    (c.num_hidden_layers as f64 * layer + patch_embed + head) / 1e9
+}
+
+/// Peak resident set size of this process in MB (VmHWM), where /proc provides it.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    // Before any tensor exists: rayon's pool and candle's gemm read RAYON_NUM_THREADS once (see the module doc).
+    match a.threads {
+        Some(n) => std::env::set_var("RAYON_NUM_THREADS", n.to_string()),
+        None if std::env::var("RAYON_NUM_THREADS").is_err() => {
+            // Pin the pool to the count candle's gemm uses, so "threads" means one number for every op.
+            std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string())
+        }
+        None => {}
+    }
+    let threads = candle_core::utils::get_num_threads();
+    if !(a.ceiling_gflops.is_finite() && a.ceiling_gflops > 0.0) {
+        bail!("--ceiling-gflops: must be a positive number, found {}", a.ceiling_gflops);
+    }
+    let device = Device::Cpu;
+    let architecture = a.architecture.as_deref().map(Architecture::from_name).transpose()?;
+
+    let start = Instant::now();
+    let (mut model, source, spec) = match (&a.model, &a.config) {
+        (Some(spec), _) => {
+            let args = ModelArgs {
+                model: spec.clone(),
+                revision: a.revision.clone(),
+                weights_format: a.weights_format.clone(),
+                timm_model: None,
+                dtype: "f32".into(),
+            };
+            let loc = resolve_model(spec, &args.hub())?;
+            let opts = LoadOptions { architecture, weights_file: loc.weights_file.clone(), ..args.load_options()? };
+            let loaded = load_pretrained(&loc.dir, &opts, &device).with_context(|| spec.clone())?;
+            (loaded.model, "checkpoint", spec.clone())
+        }
+        (None, Some(spec)) => {
+            let mut config = bench_config(spec)?;
+            if let Some(s) = a.image_size {
+                config.image_size = Size2::square(s);
+            }
+            config.validate().with_context(|| format!("--config {spec}"))?;
+            let arch = match architecture {
+                Some(arch) => arch,
+                None => Architecture::from_config(&config)?,
+            };
+            (AnyBeitModel::load(&Weights::fresh(&device, a.seed), &config, arch)?, "fresh", spec.clone())
+        }
+        // clap's "source" group requires one of the two.
+        (None, None) => bail!("expected --model or --config"),
+    };
+    let load_s = start.elapsed().as_secs_f64();
+    if a.dtype == BenchDtype::Int8 {
+        prepare_int8(&mut model)?;
+    }
+
+    let config = model.config().clone();
+    let size = a.image_size.unwrap_or(config.image_size.height);
+    let (height, width) = match a.image_size {
+        Some(s) => (s, s),
+        None => (config.image_size.height, config.image_size.width),
+    };
+    if height < config.patch_size.height || width < config.patch_size.width {
+        bail!(
+            "--image-size: {size} is smaller than the model's patch_size {}x{}",
+            config.patch_size.height,
+            config.patch_size.width
+        );
+    }
+    let interpolate = (height, width) != (config.image_size.height, config.image_size.width);
+    let shape = [a.batch_size, config.num_channels, height, width];
+    let numel: usize = shape.iter().product();
+    let mut rng = Rng::new(a.seed ^ 0x5049_5845_4c53); // a stream of its own, apart from the weights'
+    let pixels: Vec<f32> = (0..numel).map(|_| rng.normal() as f32).collect();
+    let x = Tensor::from_vec(pixels, shape.to_vec(), &device)?;
+    let inputs = ModelInputs {
+        options: ForwardOptions { interpolate_pos_encoding: interpolate, ..Default::default() },
+        labels: None,
+    };
+
+    for _ in 0..a.warmup {
+        model.forward_named(&x, &inputs).context("warm-up forward pass")?;
+    }
+    let mut times = Vec::with_capacity(a.runs);
+    for _ in 0..a.runs {
+        let t = Instant::now();
+        let out = model.forward_named(&x, &inputs).context("timed forward pass")?;
+        times.push(t.elapsed().as_secs_f64());
+        drop(out);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let batch = a.batch_size as f64;
+    let med = median(&sorted);
+    let (fastest, slowest) = (sorted[0], sorted[sorted.len() - 1]);
+    let images_per_s = batch / med;
+    let arch = model.architecture();
+    let gflop = gflop_per_image(&config, height, width, arch);
+    let ceiling_share = images_per_s * gflop / a.ceiling_gflops;
+    let rss = peak_rss_mb();
+
+    if a.json {
+        let out = serde_json::json!({
+            "images_per_s": images_per_s,
+            "images_per_s_min": batch / slowest,
+            "images_per_s_max": batch / fastest,
+            "ms_per_batch": med * 1e3,
+            "peak_rss_mb": rss,
+            "load_s": load_s,
+            "batch_size": a.batch_size,
+            "image_size": size,
+            "dtype": a.dtype.name(),
+            "threads": threads,
+            "gflop_per_image": gflop,
+            "ceiling_share": ceiling_share,
+            "ceiling_gflops": a.ceiling_gflops,
+            "architecture": arch.name(),
+            "source": source,
+            "model": spec,
+            "warmup": a.warmup,
+            "runs": a.runs,
+            "times_s": times,
+        });
+        println!("{out}");
+    } else {
+        let what = if source == "fresh" { format!("--config {spec}, fresh weights") } else { spec };
+        println!(
+            "beit bench: {} ({what}), {}, batch {}, {height}x{width}, {threads} threads",
+            arch.name(),
+            a.dtype.name(),
+            a.batch_size
+        );
+        println!(
+            "{} {load_s:.2} s; {} warm-up + {} timed runs",
+            if source == "fresh" { "build" } else { "load" },
+            a.warmup,
+            a.runs
+        );
+        println!(
+            "{images_per_s:.2} images/s median (min {:.2}, max {:.2}); {:.1} ms per batch",
+            batch / slowest,
+            batch / fastest,
+            med * 1e3
+        );
+        let rss = rss.map_or("unknown".to_string(), |r| format!("{r:.0} MB"));
+        println!(
+            "peak RSS {rss}; {gflop:.3} GFLOP per image; {:.1}% of the {} GFLOP/s sgemm ceiling",
+            ceiling_share * 100.0,
+            a.ceiling_gflops
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_costs_35_gflop() {
+        // FACTS.md: 12 layers x 2.91 GFLOP + the patch embedding, about 35.1 GFLOP at 224x224.
+        let c = microsoft_config("base").unwrap();
+        let g = gflop_per_image(&c, 224, 224, Architecture::BeitForImageClassification);
+        assert!((g - 35.13).abs() < 0.05, "{g}");
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&[1.0, 2.0, 10.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 10.0]), 3.0);
+    }
+}

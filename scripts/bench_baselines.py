@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Time BEiT's forward pass in transformers, ONNX Runtime (fp32 and dynamic int8) and `beit bench` on the same
+config, batch sizes, image size and thread count, each engine in a process of its own (so that its peak RSS is
+its own), and print one table.
+
+    python -m venv venv/bench && venv/bench/bin/pip install -r scripts/requirements-bench.txt
+    cargo build --release -p beit-cli
+    venv/bench/bin/python scripts/bench_baselines.py [--config base|large|PATH] [--batch 1 8] [--image-size 224]
+        [--threads 2] [--warmup 3] [--runs 10] [--beit target/release/beit] [--json-out results.json] [--startup]
+
+Weights are seeded random (randn * 0.02, LayerNorm weights around 1), as in scripts/bench_transformers.py; the
+config is written once as config.json and `beit bench --config` reads that same file. The ONNX exports (opset 17,
+dynamic batch axis) and their quantize_dynamic versions are cached under --cache (default /tmp/beit-bench).
+
+--startup also saves the model as a checkpoint (save_pretrained, safetensors) and times `beit classify --model DIR
+IMAGE` from process start to exit (median of 5, after one untimed run that warms the page cache), next to the
+forward pass alone from `beit bench --model DIR --batch-size 1`, so that "startup <= 1 s + forward" can be checked.
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# microsoft/beit-{base,large}-patch16-224's config.json (the label names do not matter for speed).
+PRESETS = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="base", help="base, large, or a transformers config.json")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--beit", default=os.path.join(ROOT, "target", "release", "beit"))
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "beit-bench"))
+    p.add_argument("--ceiling-gflops", type=float, default=340.0, help="the machine's sgemm peak (FACTS.md)")
+    p.add_argument("--engines", default="transformers,ort,ort-int8,beit",
+                   help="comma-separated subset of transformers, ort, ort-int8, beit")
+    p.add_argument("--json-out", help="also write the results here")
+    p.add_argument("--startup", action="store_true", help="also time `beit classify` start to exit")
+    # Internal: run one measurement in this process and print it as JSON.
+    p.add_argument("--worker", choices=["prepare", "transformers", "ort", "ort-int8"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    for name in ("image_size", "threads", "runs"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: must be at least 1, found {getattr(a, name)}")
+    if a.warmup < 0:
+        p.error(f"--warmup: must be >= 0, found {a.warmup}")
+    if any(b < 1 for b in a.batch):
+        p.error(f"--batch: every batch size must be at least 1, found {a.batch}")
+    if a.config not in PRESETS and not os.path.isfile(a.config):
+        p.error(f"--config: {a.config!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    unknown = set(a.engines.split(",")) - {"transformers", "ort", "ort-int8", "beit"}
+    if unknown:
+        p.error(f"--engines: unknown {sorted(unknown)}; expected transformers, ort, ort-int8, beit")
+    return a
+
+
+def cache_dir(a):
+    """One directory per (config, image size): the config.json every engine reads, the exports, the checkpoint."""
+    if a.config in PRESETS:
+        key = a.config
+    else:
+        with open(a.config, "rb") as f:
+            key = "cfg-" + hashlib.sha256(f.read()).hexdigest()[:12]
+    d = os.path.join(a.cache, f"{key}-{a.image_size}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def peak_rss_mb():
+    # VmHWM: this process's own peak, whatever ran before it in the parent.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def pixel_batch(batch, size):
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+
+
+def time_calls(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def summary(times, batch, **extra):
+    med = statistics.median(times)
+    return dict(images_per_s=batch / med, images_per_s_min=batch / max(times), images_per_s_max=batch / min(times),
+                ms_per_batch=med * 1e3, peak_rss_mb=peak_rss_mb(), batch_size=batch, times_s=times, **extra)
+
+
+# ---- workers: each runs in its own process ----
+
+def build_torch_model(a, d, attn):
+    import torch
+    from transformers import BeitConfig, BeitForImageClassification
+
+    torch.manual_seed(0)
+    config = BeitConfig.from_json_file(os.path.join(d, "config.json"))
+    config._attn_implementation = attn
+    model = BeitForImageClassification(config).eval()
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            prm.copy_(torch.randn_like(prm) * 0.02 + (1.0 if "layernorm" in n and n.endswith("weight") else 0.0))
+    return model
+
+
+def worker_prepare(a, d):
+    """config.json, the fp32 export, its int8 version and (with --startup) a checkpoint, each made once."""
+    import torch
+    from transformers import BeitConfig
+
+    torch.set_num_threads(a.threads)
+    cfg_path = os.path.join(d, "config.json")
+    if not os.path.exists(cfg_path):
+        if a.config in PRESETS:
+            config = BeitConfig(use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1,
+                                num_labels=1000, architectures=["BeitForImageClassification"], drop_path_rate=0.1,
+                                image_size=a.image_size, **PRESETS[a.config])
+        else:
+            config = BeitConfig.from_json_file(a.config)
+            config.image_size = a.image_size
+            config.architectures = ["BeitForImageClassification"]
+        config.to_json_file(cfg_path)
+    info_path = os.path.join(d, "export.json")
+    info = json.load(open(info_path)) if os.path.exists(info_path) else {}
+    fp32, int8 = os.path.join(d, "model_fp32.onnx"), os.path.join(d, "model_int8.onnx")
+    engines = a.engines.split(",")
+    # int8 is quantized from the fp32 export, so either ORT engine needs it.
+    if not os.path.exists(fp32) and ("ort" in engines or "ort-int8" in engines):
+        x = torch.from_numpy(pixel_batch(1, a.image_size))
+        for attn in ("sdpa", "eager"):  # SDPA if it exports, else the eager attention it replaces
+            model = build_torch_model(a, d, attn)
+
+            class Logits(torch.nn.Module):
+                def __init__(self, m):
+                    super().__init__()
+                    self.m = m
+
+                def forward(self, pixel_values):
+                    return self.m(pixel_values=pixel_values).logits
+
+            tmp = fp32 + ".tmp"
+            try:
+                with torch.no_grad():
+                    torch.onnx.export(Logits(model), (x,), tmp, dynamo=False, opset_version=17,
+                                      input_names=["pixel_values"], output_names=["logits"],
+                                      dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+            except Exception as e:  # noqa: BLE001 - report and fall back to eager attention
+                print(f"torch.onnx.export with {attn} attention failed: {e}", file=sys.stderr)
+                continue
+            os.replace(tmp, fp32)
+            info["export_attention"] = attn
+            break
+        else:
+            raise SystemExit("torch.onnx.export failed with both sdpa and eager attention")
+    if not os.path.exists(int8) and "ort-int8" in engines:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = int8 + ".tmp.onnx"
+        quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8, per_channel=True)
+        os.replace(tmp, int8)
+    if a.startup and not os.path.exists(os.path.join(d, "checkpoint", "model.safetensors")):
+        from transformers import BeitImageProcessor
+
+        ckpt = os.path.join(d, "checkpoint")
+        build_torch_model(a, d, "sdpa").save_pretrained(ckpt, safe_serialization=True)
+        BeitImageProcessor(size={"height": a.image_size, "width": a.image_size}).save_pretrained(ckpt)
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    print(json.dumps(info))
+
+
+def worker_transformers(a, d, batch):
+    import torch
+
+    torch.set_num_threads(a.threads)
+    model = build_torch_model(a, d, "sdpa")
+    x = torch.from_numpy(pixel_batch(batch, a.image_size))
+    with torch.no_grad():
+        times = time_calls(lambda: model(pixel_values=x), a.warmup, a.runs)
+    import transformers
+
+    return summary(times, batch, version=f"transformers {transformers.__version__}, torch {torch.__version__}")
+
+
+def worker_ort(a, d, batch, quantized):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = a.threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    path = os.path.join(d, "model_int8.onnx" if quantized else "model_fp32.onnx")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    x = pixel_batch(batch, a.image_size)
+    times = time_calls(lambda: sess.run(["logits"], {"pixel_values": x}), a.warmup, a.runs)
+    return summary(times, batch, version=f"onnxruntime {ort.__version__}")
+
+
+# ---- the driver ----
+
+def child_env(a):
+    env = dict(os.environ)
+    # Every engine gets the same thread count, whatever library reads which variable.
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        env[k] = str(a.threads)
+    return env
+
+
+def run_json(cmd, a):
+    """Runs a measurement process; its last stdout line is a JSON object. Returns (result, error)."""
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(a))
+    if p.returncode != 0:
+        err = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+        return None, err.removeprefix("error: ")
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1]), None
+    except (json.JSONDecodeError, IndexError) as e:
+        return None, f"unreadable output ({e}): {p.stdout[-200:]!r}"
+
+
+def worker_cmd(a, kind, batch=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--config", a.config, "--image-size",
+           str(a.image_size), "--threads", str(a.threads), "--warmup", str(a.warmup), "--runs", str(a.runs),
+           "--cache", a.cache, "--engines", a.engines]
+    if a.startup:
+        cmd.append("--startup")
+    if batch is not None:
+        cmd += ["--worker-batch", str(batch)]
+    return cmd
+
+
+def beit_cmd(a, d, batch, dtype):
+    return [a.beit, "bench", "--config", os.path.join(d, "config.json"), "--architecture",
+            "BeitForImageClassification", "--batch-size", str(batch), "--image-size", str(a.image_size),
+            "--dtype", dtype, "--warmup", str(a.warmup), "--runs", str(a.runs), "--threads", str(a.threads),
+            "--ceiling-gflops", str(a.ceiling_gflops), "--json"]
+
+
+def gflop_per_image(d, size):
+    """The same count as `beit bench`: projections, MLP and attention matmuls per layer, patch embedding, head."""
+    c = json.load(open(os.path.join(d, "config.json")))
+    p = c.get("patch_size", 16)
+    patches = (size // p) ** 2
+    tokens = patches + 1
+    h, i = c["hidden_size"], c["intermediate_size"]
+    layer = 2 * tokens * (4 * h * h + 2 * h * i) + 4 * tokens * tokens * h
+    labels = len(c.get("id2label", {})) or 2
+    return (c["num_hidden_layers"] * layer + 2 * patches * c.get("num_channels", 3) * p * p * h + 2 * h * labels) / 1e9
+
+
+def startup(a, d):
+    """`beit classify` process start to exit, and the forward pass alone from `beit bench --model`."""
+    ckpt = os.path.join(d, "checkpoint")
+    image = os.path.join(ROOT, "crates/beit/tests/fixtures/processor/images/chelsea.png")
+    if not os.path.exists(image):
+        from PIL import Image
+        import numpy as np
+
+        image = os.path.join(d, "random.png")
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(image)
+    cmd = [a.beit, "classify", "--model", ckpt, image]
+    env = child_env(a)
+    subprocess.run(cmd, capture_output=True, env=env, check=True)  # untimed: page cache, as hyperfine's warm-up
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, env=env, check=True)
+        times.append(time.perf_counter() - t)
+    fwd, err = run_json([a.beit, "bench", "--model", ckpt, "--batch-size", "1", "--warmup", str(a.warmup), "--runs",
+                         str(a.runs), "--threads", str(a.threads), "--json"], a)
+    if err:
+        return dict(error=err)
+    start = statistics.median(times)
+    forward = fwd["ms_per_batch"] / 1e3
+    return dict(classify_s=start, classify_times_s=times, forward_s=forward, load_s=fwd["load_s"],
+                overhead_s=start - forward, within_1s_plus_forward=start <= 1.0 + forward, image=image)
+
+
+def fmt_ratio(x, base):
+    return f"{x / base:.2f}" if base else "-"
+
+
+def print_table(rows):
+    head = ["engine", "dtype", "batch", "images/s (min-max)", "x transformers", "x ORT fp32", "x ORT int8",
+            "peak RSS MB", "ceiling"]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["engine"], r["dtype"], str(r["batch"]), f"error: {r['error']}", "", "", "", "", ""])
+            continue
+        ref = {(q["engine"], q["dtype"]): q for q in rows if q["batch"] == r["batch"] and "error" not in q}
+        ips = r["images_per_s"]
+        tf, ortf, orti = (ref.get(k, {}).get("images_per_s") for k in
+                          (("transformers", "f32"), ("onnxruntime", "f32"), ("onnxruntime", "int8")))
+        rss = r.get("peak_rss_mb")
+        lines.append([r["engine"], r["dtype"], str(r["batch"]),
+                      f"{ips:.2f} ({r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f})",
+                      fmt_ratio(ips, tf), fmt_ratio(ips, ortf), fmt_ratio(ips, orti) if r["dtype"] == "int8" else "",
+                      f"{rss:.0f}" if rss else "-", f"{r['ceiling_share'] * 100:.1f}%"])
+    widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
+    for x in [head, ["-" * w for w in widths]] + lines:
+        print("  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip())
+
+
+def main():
+    a = parse_args()
+    d = cache_dir(a)
+    if a.worker == "prepare":
+        return worker_prepare(a, d)
+    if a.worker:
+        b = a.worker_batch
+        r = worker_transformers(a, d, b) if a.worker == "transformers" else worker_ort(a, d, b, a.worker == "ort-int8")
+        print(json.dumps(r))
+        return
+
+    engines = a.engines.split(",")
+    if "beit" in engines and not os.access(a.beit, os.X_OK):
+        raise SystemExit(f"--beit: {a.beit} is not an executable (build it: cargo build --release -p beit-cli)")
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    info, err = run_json(worker_cmd(a, "prepare"), a)
+    if err:
+        raise SystemExit(f"preparing {d} failed: {err}")
+    print(f"prepared {d} in {time.perf_counter() - t0:.0f} s (export attention: {info.get('export_attention', '-')})",
+          file=sys.stderr)
+    gflop = gflop_per_image(d, a.image_size)
+    rows = []
+    for b in a.batch:
+        plan = []
+        if "transformers" in engines:
+            plan.append(("transformers", "f32", worker_cmd(a, "transformers", b)))
+        if "ort" in engines:
+            plan.append(("onnxruntime", "f32", worker_cmd(a, "ort", b)))
+        if "ort-int8" in engines:
+            plan.append(("onnxruntime", "int8", worker_cmd(a, "ort-int8", b)))
+        if "beit" in engines:
+            plan += [("beit", "f32", beit_cmd(a, d, b, "f32")), ("beit", "int8", beit_cmd(a, d, b, "int8"))]
+        for engine, dtype, cmd in plan:
+            print(f"{engine} {dtype} batch {b} ...", file=sys.stderr, flush=True)
+            r, err = run_json(cmd, a)
+            row = dict(engine=engine, dtype=dtype, batch=b)
+            if err:
+                row["error"] = err
+            else:
+                row.update(r, ceiling_share=r["images_per_s"] * gflop / a.ceiling_gflops)
+            rows.append(row)
+    load_after = os.getloadavg()
+    print()
+    print(f"BEiT {a.config}, {a.image_size}x{a.image_size}, {a.threads} threads, {a.warmup} warm-up + {a.runs} timed "
+          f"runs (median), {gflop:.2f} GFLOP/image, ceiling {a.ceiling_gflops:g} GFLOP/s")
+    print_table(rows)
+    print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    result = dict(config=a.config, image_size=a.image_size, threads=a.threads, warmup=a.warmup, runs=a.runs,
+                  gflop_per_image=gflop, ceiling_gflops=a.ceiling_gflops, export=info, rows=rows,
+                  loadavg_before=load_before, loadavg_after=load_after, cpu=cpu_name(), python=platform.python_version())
+    if a.startup:
+        s = startup(a, d)
+        result["startup"] = s
+        if "error" in s:
+            print(f"startup: error: {s['error']}")
+        else:
+            print(f"startup: beit classify {s['classify_s']:.3f} s (median of 5, start to exit); forward alone "
+                  f"{s['forward_s']:.3f} s, load {s['load_s']:.3f} s; overhead {s['overhead_s']:.3f} s; "
+                  f"startup <= 1 s + forward: {'yes' if s['within_1s_plus_forward'] else 'NO'}")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {a.json_out}", file=sys.stderr)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
