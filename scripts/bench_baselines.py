@@ -234,14 +234,29 @@ def child_env(a):
     return env
 
 
+def cpu_stall_us():
+    """Microseconds some runnable task waited for a CPU (Linux PSI), or None where the kernel lacks it."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_json(cmd, a):
-    """Runs a measurement process; its last stdout line is a JSON object. Returns (result, error)."""
+    """Runs a measurement process; its last stdout line is a JSON object. Returns (result, error). The result gets
+    cpu_stall_share: the share of the run's wall time in which some task waited for a CPU. A benchmark using every
+    core alone stalls nobody, so a high share means other work was competing with it."""
+    stall0, t0 = cpu_stall_us(), time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(a))
+    stall1, wall = cpu_stall_us(), time.perf_counter() - t0
     if p.returncode != 0:
         err = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
         return None, err.removeprefix("error: ")
     try:
-        return json.loads(p.stdout.strip().splitlines()[-1]), None
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r["cpu_stall_share"] = (stall1 - stall0) / 1e6 / wall if stall0 is not None and stall1 is not None else None
+        return r, None
     except (json.JSONDecodeError, IndexError) as e:
         return None, f"unreadable output ({e}): {p.stdout[-200:]!r}"
 
@@ -310,11 +325,11 @@ def fmt_ratio(x, base):
 
 def print_table(rows):
     head = ["engine", "dtype", "batch", "images/s (min-max)", "x transformers", "x ORT fp32", "x ORT int8",
-            "peak RSS MB", "ceiling"]
+            "peak RSS MB", "ceiling", "CPU stall"]
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append([r["engine"], r["dtype"], str(r["batch"]), f"error: {r['error']}", "", "", "", "", ""])
+            lines.append([r["engine"], r["dtype"], str(r["batch"]), f"error: {r['error']}", "", "", "", "", "", ""])
             continue
         ref = {(q["engine"], q["dtype"]): q for q in rows if q["batch"] == r["batch"] and "error" not in q}
         ips = r["images_per_s"]
@@ -324,7 +339,8 @@ def print_table(rows):
         lines.append([r["engine"], r["dtype"], str(r["batch"]),
                       f"{ips:.2f} ({r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f})",
                       fmt_ratio(ips, tf), fmt_ratio(ips, ortf), fmt_ratio(ips, orti) if r["dtype"] == "int8" else "",
-                      f"{rss:.0f}" if rss else "-", f"{r['ceiling_share'] * 100:.1f}%"])
+                      f"{rss:.0f}" if rss else "-", f"{r['ceiling_share'] * 100:.1f}%",
+                      "-" if r.get("cpu_stall_share") is None else f"{r['cpu_stall_share'] * 100:.0f}%"])
     widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
     for x in [head, ["-" * w for w in widths]] + lines:
         print("  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip())
@@ -377,6 +393,8 @@ def main():
     print(f"BEiT {a.config}, {a.image_size}x{a.image_size}, {a.threads} threads, {a.warmup} warm-up + {a.runs} timed "
           f"runs (median), {gflop:.2f} GFLOP/image, ceiling {a.ceiling_gflops:g} GFLOP/s")
     print_table(rows)
+    print("ceiling: images/s x GFLOP/image / the fp32 sgemm peak (int8 rows can exceed 100%); CPU stall: share of "
+          "the run in which some task waited for a CPU (other work on the machine)")
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     result = dict(config=a.config, image_size=a.image_size, threads=a.threads, warmup=a.warmup, runs=a.runs,

@@ -169,6 +169,14 @@ impl std::fmt::Debug for QuantizedLinear {
     }
 }
 
+/// `x.round_ties_even()` for |x| < 2^22, by the float adder (default rounding is to nearest, ties to even):
+/// the same value without the libm call that made quantizing BEiT-base's weights take a second.
+#[inline(always)]
+fn round_ties_even_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    (x + MAGIC) - MAGIC
+}
+
 fn shape_error(what: &str, message: String) -> BeitError {
     BeitError::input(format!("QuantizedLinear: {what}"), message)
 }
@@ -282,7 +290,7 @@ impl QuantizedLinear {
             let (panel, j) = (c / NR, c % NR);
             let mut sum = 0i32;
             for (k, &v) in row.iter().enumerate() {
-                let q = (v / scale).round_ties_even().clamp(-127.0, 127.0) as i32;
+                let q = round_ties_even_small((v / scale).clamp(-127.0, 127.0)) as i32;
                 sum += q;
                 let (g, t) = (k / KG, k % KG);
                 bytes[((panel * k_groups + g) * NR + j) * KG + t] = q as i8 as u8;
@@ -429,7 +437,7 @@ impl QuantizedLinear {
         let one_row = |((dst, (sc, z)), src): RowJob<'_>| {
             (*sc, *z) = quantize_row(kernel, src, dst);
         };
-        if rows * k >= 1 << 16 && rayon::current_num_threads() > 1 {
+        if rows * k >= 1 << 18 && rayon::current_num_threads() > 1 {
             codes
                 .par_chunks_mut(lda)
                 .zip(scale.par_iter_mut().zip(zp.par_iter_mut()))
@@ -680,19 +688,19 @@ unsafe fn tile_vnni<const RAW: bool>(g: &Gemm<'_>, row0: usize, panel: usize) {
     let (mut a, mut b) = (a_tile.as_ptr(), b_panel.as_ptr());
     let c0 = panel * NR;
     let rows_here = g.rows.saturating_sub(row0).min(MR);
-    if !RAW {
-        // Ask for this tile's output lines now (for writing), so that the stores at the end do not wait on
-        // memory: a large output (e.g. 1576 × 3072 f32) does not stay in cache between calls.
-        for i in 0..rows_here {
-            for j in 0..NV {
-                let at = (row0 + i) * g.n + (c0 + 16 * j).min(g.n - 1);
-                // Prefetching never faults; wrapping_add keeps the address computation itself defined.
-                _mm_prefetch::<_MM_HINT_ET0>(g.out.wrapping_add(at).cast::<i8>());
-            }
-        }
-    }
+    // The tile's output lines are requested for writing during the K loop, one every 4 groups, so that
+    // the stores at the end do not wait on memory (a large output, e.g. 1576 × 3072 f32, does not stay
+    // in cache between calls) and the requests never crowd out the loads of A and B.
+    let prefetches = if RAW { 0 } else { rows_here * NV };
+    let last_col = g.n - 1;
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
-    for _ in 0..g.k_groups {
+    for kg in 0..g.k_groups {
+        if kg % 4 == 0 && kg / 4 < prefetches {
+            let (i, j) = (kg / 4 / NV, kg / 4 % NV);
+            let at = (row0 + i) * g.n + (c0 + 16 * j).min(last_col);
+            // Prefetching never faults; wrapping_add keeps the address computation itself defined.
+            _mm_prefetch::<_MM_HINT_ET0>(g.out.wrapping_add(at).cast::<i8>());
+        }
         let mut w = [_mm512_setzero_si512(); NV];
         for (j, wj) in w.iter_mut().enumerate() {
             // SAFETY: `b` steps through b_panel, NR·4 = 64·NV bytes per group of four input features.
@@ -1055,6 +1063,10 @@ mod tests {
     }
 }
 
+/// Timing probes for tuning the kernel (ignored by default; the comparison with f32 is the `int8_gemm`
+/// example). `cargo test --release -p beit --lib probe -- --ignored --nocapture --test-threads 1`, with
+/// `PROBE_THREADS=2` for the GEMM on two threads. Each number is the best ~1 ms batch, to see through a
+/// busy neighbour.
 #[cfg(test)]
 mod perf_probe {
     use super::*;
@@ -1077,6 +1089,8 @@ mod perf_probe {
             .fold(f64::INFINITY, f64::min)
     }
 
+    /// One microkernel tile on the same data over and over: the kernel's own ceiling, including its
+    /// epilogue, with the data in L1 (K = 256) or streaming from L2 (K = 768, 3072).
     #[test]
     #[ignore]
     fn tile_probe() {
@@ -1106,11 +1120,13 @@ mod perf_probe {
         (400, 768, 3072),
     ];
 
+    /// Activation quantization, the GEMM alone, and the whole forward, on BEiT-base shapes.
     #[test]
     #[ignore]
     fn perf_probe() {
         let kernel = Int8Kernel::detect();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let threads: usize = std::env::var("PROBE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             for &(rows, k, n) in &PROBE_SHAPES {
                 let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
@@ -1121,17 +1137,19 @@ mod perf_probe {
                 q.quantize_activations(kernel, &x, rows, &mut s);
                 let batches = if rows > 1000 { 30 } else { 100 };
                 let tq = min_time(batches, || q.quantize_activations(kernel, &x, rows, &mut s));
+                let tf = min_time(batches, || q.forward(&x, rows, &mut out).unwrap());
                 let tg = min_time(batches, || {
                     let g = q.gemm_args(&s, rows, out.as_mut_ptr(), std::ptr::null_mut());
                     q.run::<false, _>(kernel, &g, &|_, _, _| {});
                 });
                 let ops = 2.0 * (rows * n * k) as f64;
                 println!(
-                    "{rows:5} x {k:5} x {n:5}: quantize {:8.3} ms  gemm {:8.3} ms = {:6.1} G/s  (total {:6.1} G/s)",
+                    "{rows:5} x {k:5} x {n:5}: quantize {:7.3} ms  gemm {:7.3} ms = {:6.1} G/s  forward {:7.3} ms = {:6.1} G/s",
                     tq * 1e3,
                     tg * 1e3,
                     ops / tg / 1e9,
-                    ops / (tg + tq) / 1e9
+                    tf * 1e3,
+                    ops / tf / 1e9
                 );
             }
         });

@@ -50,76 +50,8 @@ fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)
 }
 
-fn parallelism() -> Parallelism {
-    match threads() {
-        1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
 fn internal(what: &str, detail: String) -> BeitError {
     BeitError::input(format!("fast path: {what}"), detail)
-}
-
-/// `out[r, j] = bias[j] + a[r, :] . w[j, :]` for r < m, j < n, with row strides `lda` and `ldo`: torch's
-/// Linear (w is (n, k) row-major), written into a column range of a wider buffer when ldo > n.
-#[allow(clippy::too_many_arguments)]
-fn gemm_linear(
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    w: &[f32],
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    ldo: usize,
-    par: Parallelism,
-) -> Result<()> {
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let a_needs = (m - 1) * lda + k;
-    let o_needs = (m - 1) * ldo + n;
-    if a.len() < a_needs || w.len() != n * k || out.len() < o_needs || k > lda || n > ldo {
-        return Err(internal(
-            "linear",
-            format!("input {} (needs {a_needs}), weight {} (needs {n}x{k}), output {} (needs {o_needs})", a.len(), w.len(), out.len()),
-        ));
-    }
-    if let Some(b) = bias {
-        if b.len() != n {
-            return Err(internal("linear bias", format!("{} values, expected {n}", b.len())));
-        }
-        for r in 0..m {
-            out[r * ldo..r * ldo + n].copy_from_slice(b);
-        }
-    }
-    // SAFETY: the bounds of every matrix were checked above; dst does not alias lhs or rhs (distinct slices).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            ldo as isize,
-            bias.is_some(),
-            a.as_ptr(),
-            1,
-            lda as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
 }
 
 /// A Linear over slices (false: the weights are not f32 CPU tensors).
@@ -147,7 +79,7 @@ fn linear(l: &Linear, a: &[f32], m: usize, k: usize, out: &mut [f32], ldo: usize
         },
         None => None,
     };
-    gemm_linear(a, k, m, w.slice(), n, k, bias.as_ref().map(|b| b.slice()), out, ldo, parallelism())?;
+    crate::kernels::f32::linear(a, k, m, w.slice(), n, k, bias.as_ref().map(|b| b.slice()), out, ldo)?;
     Ok(true)
 }
 
@@ -632,15 +564,5 @@ mod tests {
         for (a, b) in row.iter().zip(&naive) {
             assert!((*a as f64 - b / total).abs() < 1e-7);
         }
-    }
-
-    #[test]
-    fn gemm_linear_writes_a_column_block() {
-        // 2x3 input, weight 2x3 (n=2, k=3), into columns 1..3 of a 2x4 output.
-        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let w = [1.0, 0.0, -1.0, 0.5, 0.5, 0.5];
-        let mut out = [9.0f32; 8];
-        gemm_linear(&a, 3, 2, &w, 2, 3, Some(&[10.0, 20.0]), &mut out[1..], 4, Parallelism::None).unwrap();
-        assert_eq!(out, [9.0, 8.0, 23.0, 9.0, 9.0, 8.0, 27.5, 9.0]);
     }
 }
