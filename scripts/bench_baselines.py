@@ -47,13 +47,14 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--beit", default=os.path.join(ROOT, "target", "release", "beit"))
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "beit-bench"))
-    p.add_argument("--ceiling-gflops", type=float, default=340.0, help="the machine's sgemm peak (FACTS.md)")
+    p.add_argument("--ceiling-gflops", type=float, default=None,
+                   help="the fp32 sgemm ceiling; default: measured here first (torch's MKL sgemm, 2048^3, --threads)")
     p.add_argument("--engines", default="transformers,ort,ort-int8,beit",
                    help="comma-separated subset of transformers, ort, ort-int8, beit")
     p.add_argument("--json-out", help="also write the results here")
     p.add_argument("--startup", action="store_true", help="also time `beit classify` start to exit")
     # Internal: run one measurement in this process and print it as JSON.
-    p.add_argument("--worker", choices=["prepare", "transformers", "ort", "ort-int8"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["prepare", "sgemm", "transformers", "ort", "ort-int8"], help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     for name in ("image_size", "threads", "runs"):
@@ -195,6 +196,17 @@ def worker_prepare(a, d):
     with open(info_path, "w") as f:
         json.dump(info, f)
     print(json.dumps(info))
+
+
+def worker_sgemm(a):
+    """The ceiling: MKL's sgemm through torch on 2048^3, best of 5, at the benchmark's thread count."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    n = 2048
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    times = time_calls(lambda: x @ y, 2, 5)
+    return dict(gflops=2 * n ** 3 / min(times) / 1e9, version=f"torch {torch.__version__}")
 
 
 def worker_transformers(a, d, batch):
@@ -351,6 +363,9 @@ def main():
     d = cache_dir(a)
     if a.worker == "prepare":
         return worker_prepare(a, d)
+    if a.worker == "sgemm":
+        print(json.dumps(worker_sgemm(a)))
+        return
     if a.worker:
         b = a.worker_batch
         r = worker_transformers(a, d, b) if a.worker == "transformers" else worker_ort(a, d, b, a.worker == "ort-int8")
@@ -368,6 +383,12 @@ def main():
     print(f"prepared {d} in {time.perf_counter() - t0:.0f} s (export attention: {info.get('export_attention', '-')})",
           file=sys.stderr)
     gflop = gflop_per_image(d, a.image_size)
+    if a.ceiling_gflops is None:
+        r, err = run_json(worker_cmd(a, "sgemm"), a)
+        if err:
+            raise SystemExit(f"measuring the sgemm ceiling failed: {err} (or pass --ceiling-gflops)")
+        a.ceiling_gflops = round(r["gflops"], 1)
+        print(f"sgemm ceiling (torch MKL, 2048^3, {a.threads} threads): {a.ceiling_gflops} GFLOP/s", file=sys.stderr)
     rows = []
     for b in a.batch:
         plan = []
