@@ -92,35 +92,24 @@ fn positive(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
-/// int8 inference: quantizes the model's weights in place. Not implemented yet; `--dtype int8` goes through here
-/// and nowhere else, so that this one function is what changes when the model gains an int8 path.
+/// int8 inference: quantizes the encoder's Linear layers in place (dynamic quantization, see `--dtype`).
 fn prepare_int8(model: &mut AnyBeitModel) -> Result<()> {
     Ok(model.quantize_int8()?)
 }
 
-/// The config.json of microsoft/beit-base-patch16-224 (and -large-): a fine-tuned ImageNet-1k classifier with a
-/// relative position bias per layer, layer scale 0.1 and mean pooling. The label names are placeholders (only
+/// The config.json of microsoft/beit-base-patch16-224 (and -large-): the training preset of that size as a
+/// fine-tuned ImageNet-1k classifier with mean pooling and drop path 0.1. The label names are placeholders (only
 /// their count matters for speed).
 pub fn microsoft_config(name: &str) -> Result<BeitConfig> {
-    let (hidden, layers, heads) = match name {
-        "base" => (768, 12, 12),
-        "large" => (1024, 24, 16),
-        _ => bail!("--config: unknown preset {name:?}; expected base, large, tiny, small or a config.json file"),
-    };
+    if !matches!(name, "base" | "large") {
+        bail!("--config: unknown preset {name:?}; expected base, large, tiny, small or a config.json file");
+    }
     Ok(BeitConfig {
-        hidden_size: hidden,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        intermediate_size: 4 * hidden,
-        use_relative_position_bias: true,
-        use_shared_relative_position_bias: false,
-        use_absolute_position_embeddings: false,
         use_mean_pooling: true,
-        layer_scale_init_value: 0.1,
         drop_path_rate: 0.1,
         id2label: (0..1000).map(|i| (i, format!("LABEL_{i}"))).collect(),
         architectures: Some(vec![Architecture::BeitForImageClassification.name().to_string()]),
-        ..BeitConfig::default()
+        ..beit::train::preset(name)?
     })
 }
 

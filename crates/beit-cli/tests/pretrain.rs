@@ -2,40 +2,25 @@
 //! checkpoint loads as BeitForMaskedImageModeling, `beit train` fine-tunes from it, a SIGKILLed run resumes to
 //! the same result, and bad inputs give clear errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use beit::{load_pretrained, AnyBeitModel, LoadOptions};
 
-fn digits() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/digits")
-}
-
 fn tokenizer() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../beit/tests/fixtures/tokenizer/encoder.safetensors")
 }
 
 fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("beit-pretrain-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::temp_dir("pretrain", tag)
 }
 
 /// An image folder with the first `per_class` digits of `classes`.
 fn slice(tag: &str, classes: &[&str], per_class: usize) -> PathBuf {
-    let root = temp(tag).join("data");
-    for c in classes {
-        let dst = root.join(c);
-        std::fs::create_dir_all(&dst).unwrap();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(digits().join(c)).unwrap().map(|e| e.unwrap().path()).collect();
-        files.sort();
-        for f in files.iter().take(per_class) {
-            std::fs::copy(f, dst.join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    root
+    common::digits_slice(&temp(tag), classes, per_class)
 }
 
 /// A tiny model: 16x16 images in 4x4 patches (a 4x4 grid, so the tokenizer sees 32x32); no vocab_size, so the

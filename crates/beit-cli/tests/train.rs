@@ -1,34 +1,19 @@
 //! `beit train` / `beit eval` end to end on a small slice of the committed digits: checkpoints, metrics, plots,
 //! a SIGKILLed run resumed to the same result, and the dataset errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn digits() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/digits")
-}
-
 fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("beit-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::temp_dir("train", tag)
 }
 
 /// An image folder with the first `per_class` digits of `classes`.
 fn slice(tag: &str, classes: &[&str], per_class: usize) -> PathBuf {
-    let root = temp(tag).join("data");
-    for c in classes {
-        let dst = root.join(c);
-        std::fs::create_dir_all(&dst).unwrap();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(digits().join(c)).unwrap().map(|e| e.unwrap().path()).collect();
-        files.sort();
-        for f in files.iter().take(per_class) {
-            std::fs::copy(f, dst.join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    root
+    common::digits_slice(&temp(tag), classes, per_class)
 }
 
 fn config(dir: &Path) -> PathBuf {

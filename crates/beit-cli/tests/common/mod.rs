@@ -1,4 +1,34 @@
-//! Helpers shared by the CLI tests.
+//! Helpers shared by the CLI tests (each test binary uses some of them).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+pub fn digits() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/digits")
+}
+
+/// A fresh directory under the system temp dir, named by the test binary's `prefix`, `tag` and the process id.
+pub fn temp_dir(prefix: &str, tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("beit-{prefix}-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// An image folder (in `root`/data) with the first `per_class` digits of `classes`.
+pub fn digits_slice(root: &Path, classes: &[&str], per_class: usize) -> PathBuf {
+    let root = root.join("data");
+    for c in classes {
+        let dst = root.join(c);
+        std::fs::create_dir_all(&dst).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(digits().join(c)).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for f in files.iter().take(per_class) {
+            std::fs::copy(f, dst.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    root
+}
 
 /// A copy of a PNG whose header (IHDR) claims `width` x `height`, with the chunk checksum fixed so that only the
 /// size is wrong: what a decompression bomb looks like to a decoder.

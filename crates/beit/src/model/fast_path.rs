@@ -383,6 +383,7 @@ fn attention(
 
 /// BeitLayer::forward at inference, or None when this layer or input needs the generic path.
 pub(crate) fn layer_forward(layer: &BeitLayer, x: &Tensor, a: &AttentionInputs) -> Result<Option<Tensor>> {
+    // BEIT_GENERIC=1 forces candle's op-by-op path: the baseline of PERFORMANCE.md's comparisons.
     if a.mode.train || a.head_mask.is_some() || a.output_attentions || std::env::var_os("BEIT_GENERIC").is_some() {
         return Ok(None);
     }
@@ -421,7 +422,10 @@ pub(crate) fn layer_forward(layer: &BeitLayer, x: &Tensor, a: &AttentionInputs) 
     // zeroing per layer. A nested call on this thread would find them taken and allocate its own.
     let mut scratch = SCRATCH.with(|s| s.take());
     let y = layer_compute(layer, xs, &biases, lambdas, shape, &mut scratch);
-    SCRATCH.with(|s| s.set(scratch));
+    // Kept for the next call unless a very large batch grew it: a server should not hold that much forever.
+    if scratch.bytes() <= SCRATCH_KEEP_BYTES {
+        SCRATCH.with(|s| s.set(scratch));
+    }
     match y? {
         Some(y) => Ok(Some(Tensor::from_vec(y, (batch, n, d), x.device())?)),
         None => Ok(None),
@@ -446,6 +450,16 @@ struct Scratch {
     x1: Vec<f32>,
     hidden: Vec<f32>,
 }
+
+impl Scratch {
+    fn bytes(&self) -> usize {
+        let values = [&self.normed, &self.qkv, &self.ctx, &self.x1, &self.hidden].iter().map(|v| v.capacity()).sum::<usize>();
+        values * std::mem::size_of::<f32>()
+    }
+}
+
+/// Scratch larger than this (BEiT-base beyond batch ~40 at 224) is freed after each call.
+const SCRATCH_KEEP_BYTES: usize = 256 << 20;
 
 thread_local! {
     static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
