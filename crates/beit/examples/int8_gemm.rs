@@ -13,16 +13,6 @@ use std::time::Instant;
 use beit::kernels::{Int8Kernel, QuantizedLinear};
 use candle_core::{Device, Tensor};
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
 
 /// Seconds per call of one batch of calls lasting at least `min_s` (at least one call).
 fn batch(min_s: f64, mut f: impl FnMut()) -> f64 {
@@ -45,16 +35,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("fc1 768->3072", 768, 3072),
         ("fc2 3072->768", 3072, 768),
     ];
-    let mut rng = Lcg(0x5eed);
+    let mut rng = beit::rng::Rng::new(0x5eed);
     println!(
         "{:<22} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} | {:>9}",
         "layer", "M", "thr", "int8 ms", "int8 G/s", "f32 ms", "f32 G/s", "x f32", "rel err"
     );
     for &rows in &[197usize, 1576] {
         for &(name, k, n) in &shapes {
-            let w = rng.vec(n * k, 0.05);
-            let b = rng.vec(n, 0.02);
-            let x = rng.vec(rows * k, 1.0);
+            let w = rng.symmetric_f32(n * k, 0.05);
+            let b = rng.symmetric_f32(n, 0.02);
+            let x = rng.symmetric_f32(rows * k, 1.0);
             let q = QuantizedLinear::quantize(&w, n, k, Some(&b))?;
             let xt = Tensor::from_slice(&x, (rows, k), &Device::Cpu)?;
             let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu)?;

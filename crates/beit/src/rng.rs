@@ -29,6 +29,11 @@ impl Rng {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
+    /// `n` values uniform in (-scale, scale): test and benchmark data.
+    pub fn symmetric_f32(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| ((self.uniform() * 2.0 - 1.0) as f32) * scale).collect()
+    }
+
     /// Uniform integer in [0, n).
     pub fn below(&mut self, n: usize) -> usize {
         if n == 0 {

@@ -752,20 +752,6 @@ unsafe fn tile_avx512(t: &Tile<'_>) {
 mod tests {
     use super::*;
 
-    struct Lcg(u64);
-    impl Lcg {
-        /// Uniform in [-1, 1).
-        fn next(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| self.next() * scale).collect()
-        }
-    }
 
     fn kernels() -> Vec<F32Kernel> {
         let mut k = vec![F32Kernel::Portable];
@@ -807,12 +793,12 @@ mod tests {
     /// outside the m × n block (row padding up to ldo) left as it was.
     #[test]
     fn matches_f64_reference_on_odd_shapes() {
-        let mut rng = Lcg(1);
+        let mut rng = crate::rng::Rng::new(1);
         let mut case = 0usize;
         for &k in &[1usize, 7, 768, 3072] {
             for &n in &[1usize, 17, 768, 2304] {
-                let w = rng.vec(n * k, 0.05);
-                let bias = rng.vec(n, 0.5);
+                let w = rng.symmetric_f32(n * k, 0.05);
+                let bias = rng.symmetric_f32(n, 0.5);
                 for &m in &[1usize, 3, 197, 200] {
                     case += 1;
                     let (lda, ldo) = if case.is_multiple_of(2) {
@@ -822,7 +808,7 @@ mod tests {
                     };
                     let with_bias = !case.is_multiple_of(3);
                     let b = with_bias.then_some(&bias[..]);
-                    let a = rng.vec(m * lda, 2.0);
+                    let a = rng.symmetric_f32(m * lda, 2.0);
                     let mut want = vec![0f64; m * n];
                     let mut mag = vec![0f64; m * n];
                     for r in 0..m {
@@ -872,11 +858,11 @@ mod tests {
     /// both when M is split (few weight panels) and when it is not.
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let mut rng = Lcg(2);
+        let mut rng = crate::rng::Rng::new(2);
         for &(m, k, n) in &[(197usize, 600usize, 60usize), (203, 300, 1000)] {
-            let a = rng.vec(m * k, 1.0);
-            let w = rng.vec(n * k, 1.0);
-            let bias = rng.vec(n, 1.0);
+            let a = rng.symmetric_f32(m * k, 1.0);
+            let w = rng.symmetric_f32(n * k, 1.0);
+            let bias = rng.symmetric_f32(n, 1.0);
             for kernel in kernels() {
                 let at = |threads: usize| {
                     rayon::ThreadPoolBuilder::new()
@@ -892,10 +878,10 @@ mod tests {
 
     #[test]
     fn concurrent_and_nested_calls_agree() {
-        let mut rng = Lcg(3);
+        let mut rng = crate::rng::Rng::new(3);
         let (m, k, n) = (64, 300, 300);
-        let w = rng.vec(n * k, 1.0);
-        let inputs: Vec<Vec<f32>> = (0..6).map(|_| rng.vec(m * k, 1.0)).collect();
+        let w = rng.symmetric_f32(n * k, 1.0);
+        let inputs: Vec<Vec<f32>> = (0..6).map(|_| rng.symmetric_f32(m * k, 1.0)).collect();
         let kernel = F32Kernel::detect();
         let serial: Vec<Vec<f32>> = inputs
             .iter()

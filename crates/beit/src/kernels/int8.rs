@@ -762,17 +762,6 @@ unsafe fn tile_vnni<const RAW: bool>(g: &Gemm<'_>, row0: usize, panel: usize) {
 mod tests {
     use super::*;
 
-    struct Lcg(u64);
-    impl Lcg {
-        /// Uniform in [-1, 1).
-        fn next(&mut self) -> f32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| self.next() * scale).collect()
-        }
-    }
 
     fn kernels() -> Vec<Int8Kernel> {
         let mut k = vec![Int8Kernel::Portable];
@@ -810,17 +799,17 @@ mod tests {
 
     #[test]
     fn vnni_accumulators_equal_scalar_reference_on_odd_shapes() {
-        let mut rng = Lcg(1);
+        let mut rng = crate::rng::Rng::new(1);
         for &n in &[1usize, 17, 768, 2304] {
             for &k in &[4usize, 12, 768, 770] {
-                let w = rng.vec(n * k, 0.1);
-                let bias = rng.vec(n, 0.1);
+                let w = rng.symmetric_f32(n * k, 0.1);
+                let bias = rng.symmetric_f32(n, 0.1);
                 let q = QuantizedLinear::quantize(&w, n, k, Some(&bias)).unwrap();
                 let wq = q.quantized_weight();
                 for &rows in &[1usize, 3, 197, 200] {
                     // Shifted so that rows have different minima, maxima and zero points.
                     let x: Vec<f32> = rng
-                        .vec(rows * k, 2.0)
+                        .symmetric_f32(rows * k, 2.0)
                         .iter()
                         .enumerate()
                         .map(|(i, v)| v + ((i / k) % 5) as f32 * 0.3)
@@ -860,11 +849,11 @@ mod tests {
     /// bound plus 1e-6·(Σ_k |x_k·w_k| + |b|). The reference is computed in f64.
     #[test]
     fn output_is_within_the_quantization_error_bound() {
-        let mut rng = Lcg(2);
+        let mut rng = crate::rng::Rng::new(2);
         for &(rows, k, n) in &[(197usize, 768usize, 768usize), (3, 770, 17), (200, 12, 2304), (9, 3072, 50)] {
-            let w = rng.vec(n * k, 0.05);
-            let bias = rng.vec(n, 0.5);
-            let mut x = rng.vec(rows * k, 3.0);
+            let w = rng.symmetric_f32(n * k, 0.05);
+            let bias = rng.symmetric_f32(n, 0.5);
+            let mut x = rng.symmetric_f32(rows * k, 3.0);
             // A row of only positive values (zero point 0) and one of only negative values (zero point 255).
             x[..k].iter_mut().for_each(|v| *v = v.abs() + 0.5);
             if rows > 1 {
@@ -905,9 +894,9 @@ mod tests {
 
     #[test]
     fn weight_codes_are_symmetric_per_channel() {
-        let mut rng = Lcg(3);
+        let mut rng = crate::rng::Rng::new(3);
         let (n, k) = (37, 50);
-        let w = rng.vec(n * k, 1.0);
+        let w = rng.symmetric_f32(n * k, 1.0);
         let q = QuantizedLinear::quantize(&w, n, k, None).unwrap();
         let wq = q.quantized_weight();
         for c in 0..n {
@@ -923,18 +912,18 @@ mod tests {
 
     #[test]
     fn all_zero_weight_row_has_scale_zero_and_outputs_the_bias() {
-        let mut rng = Lcg(4);
+        let mut rng = crate::rng::Rng::new(4);
         let (rows, n, k) = (5, 20, 33);
-        let mut w = rng.vec(n * k, 1.0);
+        let mut w = rng.symmetric_f32(n * k, 1.0);
         w[7 * k..8 * k].fill(0.0);
         // So small that max/127 underflows to 0 as well.
         w[9 * k..10 * k].fill(0.0);
         w[9 * k + 3] = f32::from_bits(1);
-        let bias = rng.vec(n, 1.0);
+        let bias = rng.symmetric_f32(n, 1.0);
         let q = QuantizedLinear::quantize(&w, n, k, Some(&bias)).unwrap();
         assert_eq!(q.scales()[7], 0.0);
         assert_eq!(q.scales()[9], 0.0);
-        let x = rng.vec(rows * k, 1.0);
+        let x = rng.symmetric_f32(rows * k, 1.0);
         for kernel in kernels() {
             let out = run(&q, kernel, &x, rows);
             assert!(out.iter().all(|v| v.is_finite()));
@@ -947,10 +936,10 @@ mod tests {
 
     #[test]
     fn all_zero_input_row_outputs_the_bias() {
-        let mut rng = Lcg(5);
+        let mut rng = crate::rng::Rng::new(5);
         let (rows, n, k) = (3, 50, 40);
-        let q = QuantizedLinear::quantize(&rng.vec(n * k, 1.0), n, k, Some(&rng.vec(n, 1.0))).unwrap();
-        let mut x = rng.vec(rows * k, 1.0);
+        let q = QuantizedLinear::quantize(&rng.symmetric_f32(n * k, 1.0), n, k, Some(&rng.symmetric_f32(n, 1.0))).unwrap();
+        let mut x = rng.symmetric_f32(rows * k, 1.0);
         x[k..2 * k].fill(0.0);
         for kernel in kernels() {
             let out = run(&q, kernel, &x, rows);
@@ -964,10 +953,10 @@ mod tests {
     /// the other rows are exactly what they are without it.
     #[test]
     fn non_finite_input_rows_become_nan_rows() {
-        let mut rng = Lcg(6);
+        let mut rng = crate::rng::Rng::new(6);
         let (rows, n, k) = (6, 70, 45);
-        let q = QuantizedLinear::quantize(&rng.vec(n * k, 1.0), n, k, Some(&rng.vec(n, 1.0))).unwrap();
-        let x = rng.vec(rows * k, 1.0);
+        let q = QuantizedLinear::quantize(&rng.symmetric_f32(n * k, 1.0), n, k, Some(&rng.symmetric_f32(n, 1.0))).unwrap();
+        let x = rng.symmetric_f32(rows * k, 1.0);
         let mut bad = x.clone();
         bad[k + 3] = f32::NAN;
         bad[3 * k + 44] = f32::INFINITY;
@@ -988,10 +977,10 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let mut rng = Lcg(7);
+        let mut rng = crate::rng::Rng::new(7);
         let (rows, n, k) = (197, 800, 200);
-        let q = QuantizedLinear::quantize(&rng.vec(n * k, 1.0), n, k, Some(&rng.vec(n, 1.0))).unwrap();
-        let x = rng.vec(rows * k, 1.0);
+        let q = QuantizedLinear::quantize(&rng.symmetric_f32(n * k, 1.0), n, k, Some(&rng.symmetric_f32(n, 1.0))).unwrap();
+        let x = rng.symmetric_f32(rows * k, 1.0);
         for kernel in kernels() {
             let one =
                 rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| run(&q, kernel, &x, rows));
@@ -1003,10 +992,10 @@ mod tests {
 
     #[test]
     fn concurrent_and_nested_calls_agree() {
-        let mut rng = Lcg(8);
+        let mut rng = crate::rng::Rng::new(8);
         let (rows, n, k) = (64, 300, 256);
-        let q = QuantizedLinear::quantize(&rng.vec(n * k, 1.0), n, k, None).unwrap();
-        let inputs: Vec<Vec<f32>> = (0..6).map(|_| rng.vec(rows * k, 1.0)).collect();
+        let q = QuantizedLinear::quantize(&rng.symmetric_f32(n * k, 1.0), n, k, None).unwrap();
+        let inputs: Vec<Vec<f32>> = (0..6).map(|_| rng.symmetric_f32(rows * k, 1.0)).collect();
         let serial: Vec<Vec<f32>> = inputs.iter().map(|x| run(&q, Int8Kernel::detect(), x, rows)).collect();
         // Each call runs inside a rayon task and itself fans out on the same pool.
         let parallel: Vec<Vec<f32>> = inputs.par_iter().map(|x| run(&q, Int8Kernel::detect(), x, rows)).collect();
@@ -1017,10 +1006,10 @@ mod tests {
 
     #[test]
     fn epilogue_sees_every_output_once() {
-        let mut rng = Lcg(9);
+        let mut rng = crate::rng::Rng::new(9);
         let (rows, n, k) = (203, 1000, 64);
-        let q = QuantizedLinear::quantize(&rng.vec(n * k, 1.0), n, k, Some(&rng.vec(n, 1.0))).unwrap();
-        let x = rng.vec(rows * k, 1.0);
+        let q = QuantizedLinear::quantize(&rng.symmetric_f32(n * k, 1.0), n, k, Some(&rng.symmetric_f32(n, 1.0))).unwrap();
+        let x = rng.symmetric_f32(rows * k, 1.0);
         let mut plain = vec![0f32; rows * n];
         q.forward(&x, rows, &mut plain).unwrap();
         let seen = std::sync::Mutex::new(vec![0u8; rows * n]);
