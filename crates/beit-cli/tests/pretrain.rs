@@ -5,8 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use beit::{load_pretrained, AnyBeitModel, LoadOptions};
 
@@ -119,23 +118,7 @@ fn pretrains_fine_tunes_and_resumes_after_sigkill() {
 
     // The same run, killed with SIGKILL during epoch 3 or 4 and resumed: the same final metrics, bit for bit.
     let killed = root.join("killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_beit"))
-        .args(pretrain_args(&data, &cfg, &killed, "5"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    loop {
-        let done = std::fs::read_to_string(killed.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
-        if done >= 2 || start.elapsed() > Duration::from_secs(120) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(20));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let done = metrics(&killed).len();
+    let done = common::run_and_kill_after_epochs(&pretrain_args(&data, &cfg, &killed, "5"), &killed, 2);
     assert!(done < 5, "the run finished before it could be killed; make the test's epochs longer");
     let mut resume = pretrain_args(&data, &cfg, &killed, "5");
     resume.push("--resume".into());

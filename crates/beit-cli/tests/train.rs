@@ -4,8 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 fn temp(tag: &str) -> PathBuf {
     common::temp_dir("train", tag)
@@ -68,23 +67,7 @@ fn trains_writes_checkpoints_and_resumes_after_sigkill() {
 
     // The same run, killed with SIGKILL during epoch 3 and resumed.
     let killed = data.parent().unwrap().join("killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_beit"))
-        .args(train_args(&data, &cfg, &killed, "4"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    loop {
-        let done = std::fs::read_to_string(killed.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
-        if done >= 2 || start.elapsed() > Duration::from_secs(120) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(20));
-    child.kill().unwrap(); // SIGKILL, during epoch 3
-    child.wait().unwrap();
-    let done = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap().lines().count();
+    let done = common::run_and_kill_after_epochs(&train_args(&data, &cfg, &killed, "4"), &killed, 2);
     assert!(done < 4, "the run finished before it could be killed; make the test's epochs longer");
     let mut args = train_args(&data, &cfg, &killed, "4");
     args.push("--resume".into());

@@ -7,40 +7,23 @@
 //! Ours includes the bias and all packing; candle's has no bias. Both run in the same process, in
 //! alternating short batches, and each number is the best batch, so that a neighbour's load on the
 //! machine (other builds on a shared 2-core box) affects both alike. GFLOP/s is `2·M·N·K / time`.
-use std::time::Instant;
-
 use beit::kernels::f32::{linear_using, F32Kernel};
 use candle_core::{Device, Tensor};
+use common::{batch, SHAPES};
 
-
-/// Seconds per call of one batch of calls lasting at least `min_s` (at least one call).
-fn batch(min_s: f64, mut f: impl FnMut()) -> f64 {
-    let t = Instant::now();
-    let mut calls = 0;
-    while calls == 0 || t.elapsed().as_secs_f64() < min_s {
-        f();
-        calls += 1;
-    }
-    t.elapsed().as_secs_f64() / calls as f64
-}
+mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = std::env::args().any(|a| a == "--quick");
     let kernel = F32Kernel::detect();
     println!("ours: {kernel:?} kernel; reference: candle matmul (gemm crate)");
-    let shapes: [(&str, usize, usize); 4] = [
-        ("q/k/v/out 768->768", 768, 768),
-        ("fused qkv 768->2304", 768, 2304),
-        ("fc1 768->3072", 768, 3072),
-        ("fc2 3072->768", 3072, 768),
-    ];
     let mut rng = beit::rng::Rng::new(0x5eed);
     println!(
         "{:<22} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>7} | {:>9}",
         "layer", "M", "thr", "ours ms", "ours G/s", "gemm ms", "gemm G/s", "speedup", "max err"
     );
     for &rows in &[197usize, 1576] {
-        for &(name, k, n) in &shapes {
+        for &(name, k, n) in &SHAPES {
             let w = rng.symmetric_f32(n * k, 0.05);
             let b = rng.symmetric_f32(n, 0.02);
             let x = rng.symmetric_f32(rows * k, 1.0);

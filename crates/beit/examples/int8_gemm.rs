@@ -8,40 +8,23 @@
 //! batches, and each number is the best batch, so that a neighbour's load on the machine (other builds
 //! on a shared 2-core box) affects both alike.
 //! G-ops/s is `2·M·N·K / time` for both.
-use std::time::Instant;
-
 use beit::kernels::{Int8Kernel, QuantizedLinear};
 use candle_core::{Device, Tensor};
+use common::{batch, SHAPES};
 
-
-/// Seconds per call of one batch of calls lasting at least `min_s` (at least one call).
-fn batch(min_s: f64, mut f: impl FnMut()) -> f64 {
-    let t = Instant::now();
-    let mut calls = 0;
-    while calls == 0 || t.elapsed().as_secs_f64() < min_s {
-        f();
-        calls += 1;
-    }
-    t.elapsed().as_secs_f64() / calls as f64
-}
+mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = std::env::args().any(|a| a == "--quick");
     let kernel = Int8Kernel::detect();
     println!("int8 kernel: {kernel:?}; f32: candle {} matmul", env!("CARGO_PKG_NAME"));
-    let shapes: [(&str, usize, usize); 4] = [
-        ("q/k/v/out 768->768", 768, 768),
-        ("fused qkv 768->2304", 768, 2304),
-        ("fc1 768->3072", 768, 3072),
-        ("fc2 3072->768", 3072, 768),
-    ];
     let mut rng = beit::rng::Rng::new(0x5eed);
     println!(
         "{:<22} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} | {:>9}",
         "layer", "M", "thr", "int8 ms", "int8 G/s", "f32 ms", "f32 G/s", "x f32", "rel err"
     );
     for &rows in &[197usize, 1576] {
-        for &(name, k, n) in &shapes {
+        for &(name, k, n) in &SHAPES {
             let w = rng.symmetric_f32(n * k, 0.05);
             let b = rng.symmetric_f32(n, 0.02);
             let x = rng.symmetric_f32(rows * k, 1.0);

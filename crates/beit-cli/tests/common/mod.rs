@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn digits() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/digits")
@@ -28,6 +30,22 @@ pub fn digits_slice(root: &Path, classes: &[&str], per_class: usize) -> PathBuf 
         }
     }
     root
+}
+
+/// Starts `beit ARGS`, waits until `out`/metrics.jsonl has `epochs` lines (or two minutes), waits 20 ms more to
+/// land inside the next epoch, and kills it with SIGKILL. Returns how many epochs it had written.
+pub fn run_and_kill_after_epochs(args: &[String], out: &Path, epochs: usize) -> usize {
+    let metrics = out.join("metrics.jsonl");
+    let lines = || std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_beit")).args(args).stderr(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    while lines() < epochs && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    lines()
 }
 
 /// A copy of a PNG whose header (IHDR) claims `width` x `height`, with the chunk checksum fixed so that only the
