@@ -254,7 +254,11 @@ fn a_one_pixel_image_is_classified() {
 
 /// An .npy header followed by `body`.
 fn npy(path: &Path, descr: &str, shape: &str, body: &[u8]) {
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    npy_with_header(path, format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"), body);
+}
+
+/// An .npy file with this header dictionary, padded as numpy pads it, followed by `body`.
+fn npy_with_header(path: &Path, mut header: String, body: &[u8]) {
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -318,15 +322,7 @@ fn broken_npy_inputs() {
     npy(&p, "<c8", "(1, 3, 32, 32)", &vec![0; 8 * 3 * 32 * 32]);
     run(&p, &["complex.npy", "dtype"], false);
     let p = d.join("fortran.npy");
-    let mut header = "{'descr': '<f4', 'fortran_order': True, 'shape': (1, 3, 32, 32), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    b.extend_from_slice(header.as_bytes());
-    b.extend_from_slice(&vec![0; 4 * 3 * 32 * 32]);
-    std::fs::write(&p, b).unwrap();
+    let header = "{'descr': '<f4', 'fortran_order': True, 'shape': (1, 3, 32, 32), }".to_string();
+    npy_with_header(&p, header, &vec![0; 4 * 3 * 32 * 32]);
     run(&p, &["fortran.npy", "Fortran"], false);
 }

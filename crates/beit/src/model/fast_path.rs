@@ -383,8 +383,10 @@ fn attention(
 
 /// BeitLayer::forward at inference, or None when this layer or input needs the generic path.
 pub(crate) fn layer_forward(layer: &BeitLayer, x: &Tensor, a: &AttentionInputs) -> Result<Option<Tensor>> {
-    // BEIT_GENERIC=1 forces candle's op-by-op path: the baseline of PERFORMANCE.md's comparisons.
-    if a.mode.train || a.head_mask.is_some() || a.output_attentions || std::env::var_os("BEIT_GENERIC").is_some() {
+    // BEIT_GENERIC=1 forces candle's op-by-op path: the baseline of PERFORMANCE.md's comparisons. Read once.
+    static GENERIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let generic = *GENERIC.get_or_init(|| std::env::var_os("BEIT_GENERIC").is_some());
+    if a.mode.train || a.head_mask.is_some() || a.output_attentions || generic {
         return Ok(None);
     }
     let (batch, n, d) = x.dims3()?;
