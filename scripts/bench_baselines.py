@@ -6,7 +6,8 @@ its own), and print one table.
     python -m venv venv/bench && venv/bench/bin/pip install -r scripts/requirements-bench.txt
     cargo build --release -p beit-cli
     venv/bench/bin/python scripts/bench_baselines.py [--config base|large|PATH] [--batch 1 8] [--image-size 224]
-        [--threads 2] [--warmup 3] [--runs 10] [--beit target/release/beit] [--json-out results.json] [--startup]
+        [--threads 2] [--warmup 3] [--runs 10] [--rounds 1] [--beit target/release/beit] [--json-out results.json]
+        [--startup]
 
 Weights are seeded random (randn * 0.02, LayerNorm weights around 1), as in scripts/bench_transformers.py; the
 config is written once as config.json and `beit bench --config` reads that same file. The ONNX exports (opset 17,
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every engine this many times, interleaved (engine order rotated each round), and report "
+                        "the median of the rounds: this machine's speed drifts by minutes, and interleaving makes "
+                        "every engine see the same drift")
     p.add_argument("--beit", default=os.path.join(ROOT, "target", "release", "beit"))
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "beit-bench"))
     p.add_argument("--ceiling-gflops", type=float, default=None,
@@ -57,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", choices=["prepare", "sgemm", "transformers", "ort", "ort-int8"], help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    for name in ("image_size", "threads", "runs"):
+    for name in ("image_size", "threads", "runs", "rounds"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be at least 1, found {getattr(a, name)}")
     if a.warmup < 0:
@@ -331,6 +336,35 @@ def startup(a, d):
                 overhead_s=start - forward, within_1s_plus_forward=start <= 1.0 + forward, image=image)
 
 
+def combine_rounds(engine, dtype, batch, results, gflop, ceiling):
+    """One row from an engine's rounds: the median round's figures (images/s decides), the rounds' extremes, and
+    every round's images/s for the per-round ratios."""
+    row = dict(engine=engine, dtype=dtype, batch=batch)
+    good = [r for r, err in results if not err]
+    if not good:
+        row["error"] = next(err for _, err in results if err)
+        return row
+    good.sort(key=lambda r: r["images_per_s"])
+    row.update(good[(len(good) - 1) // 2])
+    row.update(images_per_s_min=min(r["images_per_s_min"] for r in good),
+               images_per_s_max=max(r["images_per_s_max"] for r in good),
+               peak_rss_mb=max((r["peak_rss_mb"] for r in good if r.get("peak_rss_mb")), default=None),
+               rounds_images_per_s=[r["images_per_s"] for r, err in results if not err],
+               ceiling_share=row["images_per_s"] * gflop / ceiling)
+    return row
+
+
+def print_round_ratios(rows):
+    """beit / ONNX Runtime round by round (rounds ran interleaved, so round i of each saw the same minutes)."""
+    for b in sorted({r["batch"] for r in rows}):
+        ref = {(q["engine"], q["dtype"]): q for q in rows if q["batch"] == b and "error" not in q}
+        for dtype in ("f32", "int8"):
+            ours, theirs = ref.get(("beit", dtype)), ref.get(("onnxruntime", dtype))
+            if ours and theirs:
+                ratios = [x / y for x, y in zip(ours["rounds_images_per_s"], theirs["rounds_images_per_s"])]
+                print(f"batch {b} beit {dtype} / ORT {dtype} per round: " + " ".join(f"{x:.2f}" for x in ratios))
+
+
 def fmt_ratio(x, base):
     return f"{x / base:.2f}" if base else "-"
 
@@ -400,25 +434,28 @@ def main():
             plan.append(("onnxruntime", "int8", worker_cmd(a, "ort-int8", b)))
         if "beit" in engines:
             plan += [("beit", "f32", beit_cmd(a, d, b, "f32")), ("beit", "int8", beit_cmd(a, d, b, "int8"))]
-        for engine, dtype, cmd in plan:
-            print(f"{engine} {dtype} batch {b} ...", file=sys.stderr, flush=True)
-            r, err = run_json(cmd, a)
-            row = dict(engine=engine, dtype=dtype, batch=b)
-            if err:
-                row["error"] = err
-            else:
-                row.update(r, ceiling_share=r["images_per_s"] * gflop / a.ceiling_gflops)
-            rows.append(row)
+        per_round = {(engine, dtype): [] for engine, dtype, _ in plan}
+        for i in range(a.rounds):
+            shift = i % len(plan)
+            for engine, dtype, cmd in plan[shift:] + plan[:shift]:
+                print(f"{engine} {dtype} batch {b} (round {i + 1} of {a.rounds}) ...", file=sys.stderr, flush=True)
+                per_round[(engine, dtype)].append(run_json(cmd, a))
+        for engine, dtype, _ in plan:
+            rows.append(combine_rounds(engine, dtype, b, per_round[(engine, dtype)], gflop, a.ceiling_gflops))
     load_after = os.getloadavg()
     print()
+    rounds = f", median of {a.rounds} interleaved rounds" if a.rounds > 1 else ""
     print(f"BEiT {a.config}, {a.image_size}x{a.image_size}, {a.threads} threads, {a.warmup} warm-up + {a.runs} timed "
-          f"runs (median), {gflop:.2f} GFLOP/image, ceiling {a.ceiling_gflops:g} GFLOP/s")
+          f"runs (median){rounds}, {gflop:.2f} GFLOP/image, ceiling {a.ceiling_gflops:g} GFLOP/s")
     print_table(rows)
+    if a.rounds > 1:
+        print_round_ratios(rows)
     print("ceiling: images/s x GFLOP/image / the fp32 sgemm peak (int8 rows can exceed 100%); CPU stall: share of "
           "the run in which some task waited for a CPU (other work on the machine)")
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     result = dict(config=a.config, image_size=a.image_size, threads=a.threads, warmup=a.warmup, runs=a.runs,
+                  rounds=a.rounds,
                   gflop_per_image=gflop, ceiling_gflops=a.ceiling_gflops, export=info, rows=rows,
                   loadavg_before=load_before, loadavg_after=load_after, cpu=cpu_name(), python=platform.python_version())
     if a.startup:
