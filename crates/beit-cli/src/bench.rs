@@ -13,7 +13,7 @@ use beit::config::Size2;
 use beit::hub::resolve_model;
 use beit::rng::Rng;
 use beit::weights::Weights;
-use beit::{load_pretrained, AnyBeitModel, Architecture, BeitConfig, ForwardOptions, LoadOptions, ModelInputs};
+use beit::{load_pretrained, AnyBeitModel, Architecture, BeitConfig, ForwardOptions, InferenceDtype, LoadOptions, ModelInputs};
 use candle_core::{Device, Tensor};
 use clap::{ArgGroup, Args, ValueEnum};
 
@@ -30,6 +30,13 @@ impl BenchDtype {
         match self {
             BenchDtype::F32 => "f32",
             BenchDtype::Int8 => "int8",
+        }
+    }
+
+    fn inference(self) -> InferenceDtype {
+        match self {
+            BenchDtype::F32 => InferenceDtype::F32,
+            BenchDtype::Int8 => InferenceDtype::Int8,
         }
     }
 }
@@ -92,10 +99,6 @@ fn positive(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
-/// int8 inference: quantizes the encoder's Linear layers in place (dynamic quantization, see `--dtype`).
-fn prepare_int8(model: &mut AnyBeitModel) -> Result<()> {
-    Ok(model.quantize_int8()?)
-}
 
 /// The config.json of microsoft/beit-base-patch16-224 (and -large-): the training preset of that size as a
 /// fine-tuned ImageNet-1k classifier with mean pooling and drop path 0.1. The label names are placeholders (only
@@ -187,14 +190,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let architecture = a.architecture.as_deref().map(Architecture::from_name).transpose()?;
 
     let start = Instant::now();
-    let (mut model, source, spec) = match (&a.model, &a.config) {
+    let (model, source, spec) = match (&a.model, &a.config) {
         (Some(spec), _) => {
             let args = ModelArgs {
                 model: spec.clone(),
                 revision: a.revision.clone(),
                 weights_format: a.weights_format.clone(),
                 timm_model: None,
-                dtype: "f32".into(),
+                dtype: a.dtype.name().into(),
             };
             let loc = resolve_model(spec, &args.hub())?;
             let opts = LoadOptions { architecture, weights_file: loc.weights_file.clone(), ..args.load_options()? };
@@ -211,15 +214,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 Some(arch) => arch,
                 None => Architecture::from_config(&config)?,
             };
-            (AnyBeitModel::load(&Weights::fresh(&device, a.seed), &config, arch)?, "fresh", spec.clone())
+            let weights = Weights::fresh(&device, a.seed);
+            let mut model = AnyBeitModel::load(&weights, &config, arch)?;
+            // As load_pretrained does for inference: the weights held once, packed or quantized.
+            weights.release();
+            model.prepare_inference(a.dtype.inference())?;
+            (model, "fresh", spec.clone())
         }
         // clap's "source" group requires one of the two.
         (None, None) => bail!("expected --model or --config"),
     };
     let load_s = start.elapsed().as_secs_f64();
-    if a.dtype == BenchDtype::Int8 {
-        prepare_int8(&mut model)?;
-    }
 
     let config = model.config().clone();
     let size = a.image_size.unwrap_or(config.image_size.height);

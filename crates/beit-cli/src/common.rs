@@ -8,7 +8,7 @@ use beit::checkpoint::WeightsFormat;
 use beit::hub::HubOptions;
 use beit::pipeline::Pipeline;
 use beit::processor::load_image_with_limit;
-use beit::LoadOptions;
+use beit::{InferenceDtype, LoadOptions};
 use candle_core::Device;
 use clap::Args;
 use image::RgbImage;
@@ -52,7 +52,7 @@ impl ModelArgs {
         Ok(LoadOptions {
             weights_format: self.weights_format.as_deref().map(WeightsFormat::from_name).transpose()?,
             timm_model: self.timm_model.clone(),
-            int8: self.dtype == "int8",
+            inference: Some(if self.dtype == "int8" { InferenceDtype::Int8 } else { InferenceDtype::F32 }),
             ..Default::default()
         })
     }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use beit::hub::resolve_model;
 use beit::load_pretrained;
 use candle_core::Device;
@@ -21,8 +21,13 @@ pub struct ConvertArgs {
 
 pub fn run(a: ConvertArgs) -> Result<()> {
     let loc = resolve_model(&a.model.model, &a.model.hub())?;
+    if a.model.dtype != "f32" {
+        bail!("--dtype {}: convert writes the checkpoint's f32 weights; quantization is for inference only", a.model.dtype);
+    }
     let mut opts = a.model.load_options()?;
     opts.weights_file = loc.weights_file.clone();
+    // Saving needs the dense weights, which inference would release.
+    opts.inference = None;
     let m = load_pretrained(&loc.dir, &opts, &Device::Cpu)?;
     m.save(&a.out)?;
     let pre = loc.dir.join("preprocessor_config.json");

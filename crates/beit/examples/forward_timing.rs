@@ -1,9 +1,10 @@
 //! Times the forward pass of a checkpoint on random pixels: the quick loop behind PERFORMANCE.md's per-change
 //! measurements (`beit bench` is the user-facing benchmark).
-//! `cargo run --release -p beit --example forward_timing -- DIR [BATCH] [RUNS] [f32|int8]`
+//! `cargo run --release -p beit --example forward_timing -- DIR [BATCH] [RUNS] [f32|int8|dense]`
+//! (f32 and int8: prepared for inference as the CLI loads models; dense: as loaded, W packed per call).
 use std::time::Instant;
 
-use beit::{load_pretrained, LoadOptions, ModelInputs};
+use beit::{load_pretrained, InferenceDtype, LoadOptions, ModelInputs};
 use candle_core::{Device, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -11,9 +12,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = args.get(1).ok_or("usage: forward_timing DIR [BATCH] [RUNS]")?;
     let batch: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let runs: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(5);
-    let int8 = args.get(4).is_some_and(|s| s == "int8");
+    let inference = match args.get(4).map(String::as_str) {
+        None | Some("f32") => Some(InferenceDtype::F32),
+        Some("int8") => Some(InferenceDtype::Int8),
+        Some("dense") => None,
+        Some(other) => return Err(format!("expected f32, int8 or dense, found {other:?}").into()),
+    };
     let t0 = Instant::now();
-    let loaded = load_pretrained(std::path::Path::new(dir), &LoadOptions { int8, ..Default::default() }, &Device::Cpu)?;
+    let loaded = load_pretrained(std::path::Path::new(dir), &LoadOptions { inference, ..Default::default() }, &Device::Cpu)?;
     println!("load {:.3} s", t0.elapsed().as_secs_f64());
     let s = loaded.config.image_size;
     let x = Tensor::randn(0f32, 1.0, (batch, loaded.config.num_channels, s.height, s.width), &Device::Cpu)?;

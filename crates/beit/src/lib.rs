@@ -24,5 +24,6 @@ pub use config::BeitConfig;
 pub use error::{BeitError, Result};
 pub use heads::{AnyBeitModel, Architecture, BeitForImageClassification, BeitForMaskedImageModeling, ModelInputs};
 pub use model::{BeitModel, ForwardOptions};
+pub use nn::InferenceDtype;
 pub use pretrained::{load_pretrained, LoadOptions, Pretrained};
 pub use processor::{BeitFeatureExtractor, BeitImageProcessor};

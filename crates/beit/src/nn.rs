@@ -5,8 +5,10 @@ use candle_core::{Tensor, D};
 use std::sync::Arc;
 
 use crate::config::HiddenAct;
+use crate::error::{BeitError, Result};
+use crate::kernels::conv::{ConvGeometry, PackedConv2d, PackedConvTranspose2d};
+use crate::kernels::f32::PackedF32;
 use crate::kernels::int8::QuantizedLinear;
-use crate::error::Result;
 use crate::rng::Rng;
 use crate::weights::{Init, Weights};
 
@@ -19,42 +21,107 @@ pub struct Mode {
     pub uncached: bool,
 }
 
+/// The number format a model prepared for CPU inference runs its encoder's Linear layers in (see
+/// [`Linear::prepare_inference`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InferenceDtype {
+    /// f32 weights packed once for the f32 kernel: transformers' outputs to 1e-4.
+    #[default]
+    F32,
+    /// Dynamic int8 quantization, as onnxruntime's quantize_dynamic.
+    Int8,
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    /// `(out, in)`, as PyTorch stores it. `None` once [`prepare_inference`](Self::prepare_inference) has replaced
+    /// it by a packed or quantized copy, so that the weights are held once.
+    weight: Option<Tensor>,
     pub bias: Option<Tensor>,
-    /// Set by [`Linear::quantize_int8`] for int8 inference; the f32 weights stay (training uses them).
+    /// Set by [`Linear::prepare_inference`] with int8.
     pub quantized: Option<Arc<QuantizedLinear>>,
+    /// Set by [`Linear::prepare_inference`] with f32: the weight in the f32 kernel's layout, packed once.
+    pub packed: Option<Arc<PackedF32>>,
+    in_features: usize,
+    out_features: usize,
 }
 
 impl Linear {
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = w.get((out_dim, in_dim), "weight", Init::Normal(std))?;
         let bias = if bias { Some(w.get(out_dim, "bias", Init::Zeros)?) } else { None };
-        Ok(Linear { weight, bias, quantized: None })
+        Ok(Self::from_parts(weight, bias, in_dim, out_dim))
     }
 
     /// A head layer: initialized when the checkpoint lacks it.
     pub fn load_head(w: &Weights, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
         let weight = w.get_or_init((out_dim, in_dim), "weight", Init::Normal(std))?;
         let bias = Some(w.get_or_init(out_dim, "bias", Init::Zeros)?);
-        Ok(Linear { weight, bias, quantized: None })
+        Ok(Self::from_parts(weight, bias, in_dim, out_dim))
     }
 
-    pub fn out_features(&self) -> Result<usize> {
-        Ok(self.weight.dim(0)?)
+    fn from_parts(weight: Tensor, bias: Option<Tensor>, in_features: usize, out_features: usize) -> Self {
+        Linear { weight: Some(weight), bias, quantized: None, packed: None, in_features, out_features }
     }
 
-    /// Dynamic int8 quantization (per-channel int8 weights, per-token uint8 activations), as onnxruntime's
-    /// quantize_dynamic: inference through this layer then runs on the int8 kernel.
-    pub fn quantize_int8(&mut self) -> Result<()> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let weight = self.weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let bias = match &self.bias {
-            Some(b) => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
-            None => None,
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// The dense `(out, in)` weight. After [`prepare_inference`](Self::prepare_inference) with f32 it is unpacked
+    /// from the packed copy (a new tensor each call: for inspection, not for a hot loop); after int8 it is gone.
+    pub fn weight(&self) -> Result<Tensor> {
+        if let Some(w) = &self.weight {
+            return Ok(w.clone());
+        }
+        match &self.packed {
+            Some(p) => Ok(Tensor::from_vec(p.unpack(), (self.out_features, self.in_features), &candle_core::Device::Cpu)?),
+            None => Err(BeitError::input(
+                "linear weight",
+                format!(
+                    "the dense ({}, {}) weight was released when the model was prepared for int8 inference; load \
+                     the model without int8 to read, save or train it",
+                    self.out_features, self.in_features
+                ),
+            )),
+        }
+    }
+
+    /// CPU inference: the weight is packed once for the f32 kernel (f32) or quantized per channel (int8, as
+    /// onnxruntime's quantize_dynamic), and the dense copy is released, so the weights are held once. Only for
+    /// models that will not be trained or saved (the optimizer needs the dense tensor).
+    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
+        let Some(w) = &self.weight else { return Ok(()) };
+        if !w.device().is_cpu() {
+            return Ok(());
+        }
+        let w = w.to_dtype(candle_core::DType::F32)?;
+        // Borrowed in place when contiguous: no third copy of the weight while the packed one is built.
+        let borrowed = crate::model::fast_path::view(&w);
+        let owned;
+        let weight: &[f32] = match &borrowed {
+            Some(v) => v.slice(),
+            None => {
+                owned = w.flatten_all()?.to_vec1::<f32>()?;
+                &owned
+            }
         };
-        self.quantized = Some(Arc::new(QuantizedLinear::quantize(&weight, out_dim, in_dim, bias.as_deref())?));
+        let (n, k) = (self.out_features, self.in_features);
+        match dtype {
+            InferenceDtype::F32 => self.packed = Some(Arc::new(PackedF32::pack(weight, n, k)?)),
+            InferenceDtype::Int8 => {
+                let bias = match &self.bias {
+                    Some(b) => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                    None => None,
+                };
+                self.quantized = Some(Arc::new(QuantizedLinear::quantize(weight, n, k, bias.as_deref())?));
+            }
+        }
+        self.weight = None;
         Ok(())
     }
 
@@ -62,15 +129,25 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_dim.max(1);
-        let y = match &self.quantized {
-            Some(q) if x.device().is_cpu() => {
+        let y = match (&self.quantized, &self.packed, &self.weight) {
+            (Some(q), _, _) if x.device().is_cpu() => {
                 let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = vec![0f32; rows * q.out_features()];
                 q.forward(&xs, rows, &mut out)?;
                 Tensor::from_vec(out, (rows, q.out_features()), x.device())?
             }
+            (_, Some(p), _) if x.device().is_cpu() => {
+                let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let bias = match &self.bias {
+                    Some(b) => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                    None => None,
+                };
+                let mut out = vec![0f32; rows * p.n()];
+                crate::kernels::f32::linear_packed(&xs, in_dim, rows, p, bias.as_deref(), &mut out, p.n())?;
+                Tensor::from_vec(out, (rows, p.n()), x.device())?
+            }
             _ => {
-                let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+                let y = x.reshape((rows, in_dim))?.matmul(&self.weight()?.t()?)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -79,7 +156,7 @@ impl Linear {
         };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
+            *last = self.out_features;
         }
         Ok(y.reshape(out_dims)?)
     }
@@ -120,11 +197,15 @@ impl LayerNorm {
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    pub weight: Tensor,
+    /// `(out, in, kh, kw)`, as PyTorch stores it. `None` once [`prepare_inference`](Self::prepare_inference)
+    /// has replaced it by a packed copy, so that the weights are held once.
+    weight: Option<Tensor>,
     pub bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
     pub dilation: usize,
+    /// Set by [`Conv2d::prepare_inference`]: the weight (and bias) in the f32 kernel's layout, packed once.
+    pub packed: Option<Arc<PackedConv2d>>,
 }
 
 /// Shape and placement of a convolution, as torch.nn.Conv2d's arguments.
@@ -138,43 +219,283 @@ pub struct ConvSpec {
     pub bias: bool,
 }
 
+/// A tensor's values as f32, borrowed when it is a contiguous f32 CPU tensor.
+fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let t = t.to_dtype(candle_core::DType::F32)?;
+    if let Some(v) = crate::model::fast_path::view(&t) {
+        return f(v.slice());
+    }
+    f(&t.flatten_all()?.to_vec1::<f32>()?)
+}
+
 impl Conv2d {
+    /// `weight` `(out, in, kh, kw)`, groups 1.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize, dilation: usize) -> Self {
+        Conv2d { weight: Some(weight), bias, stride, padding, dilation, packed: None }
+    }
+
     /// A head convolution (initialized when the checkpoint lacks it), stride 1.
     pub fn load_head(w: &Weights, s: ConvSpec, std: f64) -> Result<Self> {
         let weight = w.get_or_init((s.out_channels, s.in_channels, s.kernel, s.kernel), "weight", Init::Normal(std))?;
         let bias = if s.bias { Some(w.get_or_init(s.out_channels, "bias", Init::Zeros)?) } else { None };
-        Ok(Conv2d { weight, bias, stride: 1, padding: s.padding, dilation: s.dilation })
+        Ok(Conv2d::new(weight, bias, 1, s.padding, s.dilation))
+    }
+
+    /// The dense `(out, in, kh, kw)` weight; after [`prepare_inference`](Self::prepare_inference) unpacked
+    /// from the packed copy (a new tensor each call: for inspection, not for a hot loop).
+    pub fn weight(&self) -> Result<Tensor> {
+        if let Some(w) = &self.weight {
+            return Ok(w.clone());
+        }
+        match &self.packed {
+            Some(p) => {
+                let g = p.geometry();
+                let dims = (g.out_channels, g.in_channels, g.kernel_h, g.kernel_w);
+                Ok(Tensor::from_vec(p.weight(), dims, &candle_core::Device::Cpu)?)
+            }
+            None => Err(BeitError::input("conv weight", "neither a dense nor a packed weight is held")),
+        }
+    }
+
+    /// CPU inference: the weight is packed once for the f32 GEMM ([`PackedConv2d`]) and the dense copy is
+    /// released. Only for models that will not be trained or saved.
+    pub fn prepare_inference(&mut self) -> Result<()> {
+        self.prepare_inference_scaled(None)
+    }
+
+    /// [`prepare_inference`](Self::prepare_inference) with a per-output-channel affine map folded in
+    /// (`scale[o] · conv(x)[o] + shift[o]`, e.g. an inference BatchNorm that follows): the weight rows are
+    /// scaled and the bias becomes `scale · bias + shift`. `weight()` and `bias` then describe the folded
+    /// convolution.
+    pub fn prepare_inference_scaled(&mut self, affine: Option<(&[f32], &[f32])>) -> Result<()> {
+        let Some(w) = &self.weight else { return Ok(()) };
+        if !w.device().is_cpu() {
+            return Ok(());
+        }
+        let (cout, cin, kh, kw) = w.dims4().map_err(|_| {
+            BeitError::input("conv weight", format!("shape {:?}, expected (out, in, kh, kw)", w.dims()))
+        })?;
+        let geometry = ConvGeometry {
+            in_channels: cin,
+            out_channels: cout,
+            kernel_h: kh,
+            kernel_w: kw,
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+        };
+        let mut bias = match &self.bias {
+            Some(b) => Some(with_f32(b, |b| Ok(b.to_vec()))?),
+            None => None,
+        };
+        let packed = match affine {
+            None => with_f32(w, |wv| PackedConv2d::pack(wv, bias.as_deref(), geometry))?,
+            Some((scale, shift)) => {
+                if scale.len() != cout || shift.len() != cout {
+                    return Err(BeitError::input(
+                        "conv folding",
+                        format!("{cout} output channels, but {} scales and {} shifts", scale.len(), shift.len()),
+                    ));
+                }
+                let mut wv = with_f32(w, |wv| Ok(wv.to_vec()))?;
+                let k = cin * kh * kw;
+                for (row, s) in wv.chunks_exact_mut(k.max(1)).zip(scale) {
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+                let b: Vec<f32> = (0..cout).map(|o| bias.as_ref().map_or(0.0, |b| b[o]) * scale[o] + shift[o]).collect();
+                self.bias = Some(Tensor::from_slice(&b, cout, &candle_core::Device::Cpu)?);
+                bias = Some(b);
+                PackedConv2d::pack(&wv, bias.as_deref(), geometry)?
+            }
+        };
+        self.packed = Some(Arc::new(packed));
+        self.weight = None;
+        Ok(())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, self.dilation, 1)?;
-        Ok(match &self.bias {
+        self.forward_act(x, false)
+    }
+
+    /// The convolution, then ReLU when `relu` (fused into the packed path's output pass).
+    pub fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        self.forward_cat_act(std::slice::from_ref(x), relu)
+    }
+
+    /// The convolution of the concatenation of `xs` along the channels, then ReLU when `relu`. The packed
+    /// path reads the parts in place instead of building the concatenation.
+    pub fn forward_cat_act(&self, xs: &[Tensor], relu: bool) -> Result<Tensor> {
+        let Some(first) = xs.first() else {
+            return Err(BeitError::input("conv input", "no tensors to concatenate"));
+        };
+        if let (Some(p), true) = (&self.packed, xs.iter().all(|x| x.device().is_cpu())) {
+            let dims = |x: &Tensor| {
+                x.dims4().map_err(|_| {
+                    BeitError::input("conv input", format!("shape {:?}, expected (batch, channels, height, width)", x.dims()))
+                })
+            };
+            let (b, _, h, w) = dims(first)?;
+            let (mut conts, mut channels) = (Vec::with_capacity(xs.len()), Vec::with_capacity(xs.len()));
+            for x in xs {
+                let (xb, xc, xh, xw) = dims(x)?;
+                if (xb, xh, xw) != (b, h, w) {
+                    return Err(BeitError::input(
+                        "conv input",
+                        format!("shapes {:?} and {:?} differ outside the channels", first.dims(), x.dims()),
+                    ));
+                }
+                conts.push(x.to_dtype(candle_core::DType::F32)?.contiguous()?);
+                channels.push(xc);
+            }
+            // Borrowed in place (to_dtype and contiguous above make them contiguous f32 CPU tensors).
+            let views: Vec<_> = conts.iter().filter_map(crate::model::fast_path::view).collect();
+            if views.len() != conts.len() {
+                return Err(BeitError::input("conv input", "expected contiguous f32 CPU tensors"));
+            }
+            let parts: Vec<(&[f32], usize)> = views.iter().map(|v| v.slice()).zip(channels).collect();
+            let g = p.geometry();
+            let (y, (ho, wo)) = p.forward_parts(&parts, b, h, w, relu)?;
+            let y = Tensor::from_vec(y, (b, g.out_channels, ho, wo), first.device())?;
+            return Ok(if first.dtype() == candle_core::DType::F32 { y } else { y.to_dtype(first.dtype())? });
+        }
+        let cat;
+        let x = match xs {
+            [x] => x,
+            _ => {
+                cat = Tensor::cat(xs, 1)?;
+                &cat
+            }
+        };
+        let y = x.conv2d(&self.weight()?, self.padding, self.stride, self.dilation, 1)?;
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
             None => y,
-        })
+        };
+        Ok(if relu { y.relu()? } else { y })
     }
 }
 
 /// ConvTranspose2d with kernel = stride (the FPN's 2x upsampling), weight (in, out, k, k).
 #[derive(Debug, Clone)]
 pub struct ConvTranspose2d {
-    pub weight: Tensor,
+    /// `None` once [`prepare_inference`](Self::prepare_inference) has packed it.
+    weight: Option<Tensor>,
     pub bias: Tensor,
     pub stride: usize,
+    /// Set by [`ConvTranspose2d::prepare_inference`].
+    pub packed: Option<Arc<PackedConvTranspose2d>>,
 }
 
 impl ConvTranspose2d {
+    /// `weight` `(in, out, stride, stride)`.
+    pub fn new(weight: Tensor, bias: Tensor, stride: usize) -> Self {
+        ConvTranspose2d { weight: Some(weight), bias, stride, packed: None }
+    }
+
     pub fn load_head(w: &Weights, channels: usize, k: usize, std: f64) -> Result<Self> {
-        Ok(ConvTranspose2d {
-            weight: w.get_or_init((channels, channels, k, k), "weight", Init::Normal(std))?,
-            bias: w.get_or_init(channels, "bias", Init::Zeros)?,
-            stride: k,
-        })
+        Ok(ConvTranspose2d::new(
+            w.get_or_init((channels, channels, k, k), "weight", Init::Normal(std))?,
+            w.get_or_init(channels, "bias", Init::Zeros)?,
+            k,
+        ))
+    }
+
+    /// The dense `(in, out, k, k)` weight, unpacked after [`prepare_inference`](Self::prepare_inference).
+    pub fn weight(&self) -> Result<Tensor> {
+        if let Some(w) = &self.weight {
+            return Ok(w.clone());
+        }
+        match &self.packed {
+            Some(p) => {
+                let (cin, cout, s) = (p.in_channels(), p.out_channels(), self.stride);
+                Ok(Tensor::from_vec(p.weight(), (cin, cout, s, s), &candle_core::Device::Cpu)?)
+            }
+            None => Err(BeitError::input("conv transpose weight", "neither a dense nor a packed weight is held")),
+        }
+    }
+
+    /// CPU inference: the weight packed once for the f32 GEMM, the dense copy released.
+    pub fn prepare_inference(&mut self) -> Result<()> {
+        self.prepare_inference_scaled(None)
+    }
+
+    /// [`prepare_inference`](Self::prepare_inference) with a per-output-channel affine map folded in, as
+    /// [`Conv2d::prepare_inference_scaled`].
+    pub fn prepare_inference_scaled(&mut self, affine: Option<(&[f32], &[f32])>) -> Result<()> {
+        let Some(w) = &self.weight else { return Ok(()) };
+        if !w.device().is_cpu() {
+            return Ok(());
+        }
+        let (cin, cout, kh, kw) = w.dims4().map_err(|_| {
+            BeitError::input("conv transpose weight", format!("shape {:?}, expected (in, out, k, k)", w.dims()))
+        })?;
+        if kh != self.stride || kw != self.stride {
+            return Err(BeitError::input(
+                "conv transpose weight",
+                format!("kernel {kh}x{kw}, expected {0}x{0} (kernel = stride)", self.stride),
+            ));
+        }
+        let mut bias = with_f32(&self.bias, |b| Ok(b.to_vec()))?;
+        let packed = match affine {
+            None => with_f32(w, |wv| PackedConvTranspose2d::pack(wv, &bias, cin, cout, self.stride))?,
+            Some((scale, shift)) => {
+                if scale.len() != cout || shift.len() != cout || bias.len() != cout {
+                    return Err(BeitError::input(
+                        "conv transpose folding",
+                        format!(
+                            "{cout} output channels, but {} biases, {} scales and {} shifts",
+                            bias.len(),
+                            scale.len(),
+                            shift.len()
+                        ),
+                    ));
+                }
+                let mut wv = with_f32(w, |wv| Ok(wv.to_vec()))?;
+                // (in, out, k, k): each run of k·k values belongs to one output channel, in order.
+                for (i, run) in wv.chunks_exact_mut(kh * kw).enumerate() {
+                    run.iter_mut().for_each(|v| *v *= scale[i % cout]);
+                }
+                for ((b, s), t) in bias.iter_mut().zip(scale).zip(shift) {
+                    *b = *b * s + t;
+                }
+                self.bias = Tensor::from_slice(&bias, cout, &candle_core::Device::Cpu)?;
+                PackedConvTranspose2d::pack(&wv, &bias, cin, cout, self.stride)?
+            }
+        };
+        self.packed = Some(Arc::new(packed));
+        self.weight = None;
+        Ok(())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv_transpose2d(&self.weight, 0, 0, self.stride, 1)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, self.bias.elem_count(), 1, 1))?)?)
+        self.forward_act(x, false)
+    }
+
+    /// The transposed convolution, then torch's exact GELU when `gelu` (in place on the packed path's
+    /// output, on every thread).
+    pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        if let (Some(p), true) = (&self.packed, x.device().is_cpu()) {
+            let (b, c, h, w) = x.dims4().map_err(|_| {
+                BeitError::input("conv transpose input", format!("shape {:?}, expected (batch, channels, height, width)", x.dims()))
+            })?;
+            if c != p.in_channels() {
+                return Err(BeitError::input(
+                    "conv transpose input",
+                    format!("{c} channels, expected {} (shape {:?})", p.in_channels(), x.dims()),
+                ));
+            }
+            let xc = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+            let mut y = with_f32(&xc, |xs| p.forward(xs, b, h, w))?;
+            let s = self.stride;
+            if gelu {
+                crate::model::fast_path::gelu_erf_par(&mut y, w * s);
+            }
+            let y = Tensor::from_vec(y, (b, p.out_channels(), h * s, w * s), x.device())?;
+            return Ok(if x.dtype() == candle_core::DType::F32 { y } else { y.to_dtype(x.dtype())? });
+        }
+        let y = x.conv_transpose2d(&self.weight()?, 0, 0, self.stride, 1)?;
+        let y = y.broadcast_add(&self.bias.reshape((1, self.bias.elem_count(), 1, 1))?)?;
+        Ok(if gelu { y.gelu_erf()? } else { y })
     }
 }
 

@@ -125,11 +125,7 @@ mod tests {
             check(&format!("adaptive_avg_{h}x{w}"), adaptive_avg_pool2d(x, h, w).unwrap());
         }
         check("max_pool_2", x.max_pool2d_with_stride(2, 2).unwrap());
-        let ct = crate::nn::ConvTranspose2d {
-            weight: t["conv_transpose_w"].clone(),
-            bias: t["conv_transpose_b"].clone(),
-            stride: 2,
-        };
+        let ct = crate::nn::ConvTranspose2d::new(t["conv_transpose_w"].clone(), t["conv_transpose_b"].clone(), 2);
         check("conv_transpose", ct.forward(x).unwrap());
     }
 

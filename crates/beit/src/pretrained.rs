@@ -10,6 +10,7 @@ use crate::checkpoint::{align_prefix, find_weight_files, load_tensors, rename_pr
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
 use crate::heads::{AnyBeitModel, Architecture};
+use crate::nn::InferenceDtype;
 use crate::weights::{LoadReport, Weights};
 
 #[derive(Debug, Clone, Default)]
@@ -22,8 +23,10 @@ pub struct LoadOptions {
     /// The checkpoint is timm's beit/beitv2 named so (e.g. `beit_base_patch16_224.in22k_ft_in22k_in1k`): its
     /// config is derived from the name, and config.json may be absent.
     pub timm_model: Option<String>,
-    /// Run the encoder's Linear layers in int8 (dynamic quantization) after loading.
-    pub int8: bool,
+    /// Prepare the model for CPU inference after loading: the encoder's Linear weights packed once for the f32
+    /// kernel (`F32`) or quantized (`Int8`, dynamic quantization), and the dense copies released so that the
+    /// weights are held once. Such a model cannot be saved or trained. `None`: as loaded.
+    pub inference: Option<InferenceDtype>,
 }
 
 pub struct Pretrained {
@@ -37,6 +40,13 @@ pub struct Pretrained {
 impl Pretrained {
     /// save_pretrained: config.json and model.safetensors with transformers' names for this class.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.weights.is_released() {
+            return Err(BeitError::input(
+                "save",
+                "this model was loaded for inference (LoadOptions::inference, --dtype): its dense weights were \
+                 released; load it without that option to save it",
+            ));
+        }
         save_pretrained(dir, &self.config, self.model.architecture(), &self.weights.params())
     }
 }
@@ -207,10 +217,12 @@ pub fn load_pretrained(dir: &Path, opts: &LoadOptions, device: &Device) -> Resul
     let tensors = align_prefix(tensors, "beit", arch.has_base_prefix());
     let weights = Weights::new(tensors, source, device);
     let mut model = AnyBeitModel::load(&weights, &config, arch).map_err(|e| naming.error(e))?;
-    if opts.int8 {
-        model.quantize_int8()?;
-    }
     let report = naming.report(weights.report());
+    if let Some(dtype) = opts.inference {
+        // Released first, so that each dense weight is freed as soon as its packed or quantized copy exists.
+        weights.release();
+        model.prepare_inference(dtype)?;
+    }
     for name in &report.newly_initialized {
         tracing::warn!("{name} was not in the checkpoint and is newly initialized");
     }

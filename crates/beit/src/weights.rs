@@ -29,7 +29,10 @@ pub enum Source {
 }
 
 struct Inner {
-    tensors: HashMap<String, Tensor>,
+    /// Emptied by [`Weights::release`].
+    tensors: Mutex<HashMap<String, Tensor>>,
+    /// Set by [`Weights::release`]: the model's dense weights are no longer all here.
+    released: std::sync::atomic::AtomicBool,
     path: PathBuf,
     source: Source,
     device: Device,
@@ -76,7 +79,8 @@ impl Weights {
     ) -> Self {
         Weights {
             inner: Arc::new(Inner {
-                tensors,
+                tensors: Mutex::new(tensors),
+                released: std::sync::atomic::AtomicBool::new(false),
                 path,
                 source,
                 device: device.clone(),
@@ -113,13 +117,13 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.inner.tensors.contains_key(&self.full_name(name))
+        lock(&self.inner.tensors).contains_key(&self.full_name(name))
     }
 
     /// Any tensor under this prefix?
     pub fn contains_prefix(&self) -> bool {
         let p = format!("{}.", self.prefix);
-        self.inner.tensors.keys().any(|k| k.starts_with(&p))
+        lock(&self.inner.tensors).keys().any(|k| k.starts_with(&p))
     }
 
     /// A buffer the model does not compute with but a checkpoint carries (BatchNorm's num_batches_tracked):
@@ -127,7 +131,8 @@ impl Weights {
     /// without warnings.
     pub fn passthrough_counter(&self, name: &str) -> Result<()> {
         let full = self.full_name(name);
-        let t = match self.inner.tensors.get(&full) {
+        let found = lock(&self.inner.tensors).get(&full).cloned();
+        let t = match found {
             Some(t) => {
                 lock(&self.inner.used).insert(full.clone());
                 t.clone()
@@ -150,7 +155,8 @@ impl Weights {
 
     fn get_impl(&self, shape: Shape, name: &str, init: Init, may_init: bool) -> Result<Tensor> {
         let full = self.full_name(name);
-        let tensor = match self.inner.tensors.get(&full) {
+        let found = lock(&self.inner.tensors).get(&full).cloned();
+        let tensor = match found {
             Some(t) => {
                 if t.dims() != shape.dims() {
                     return Err(BeitError::ShapeMismatch {
@@ -199,9 +205,7 @@ impl Weights {
     /// transformers' `_keys_to_ignore_on_load_unexpected`).
     pub fn report(&self) -> LoadReport {
         let used = lock(&self.inner.used);
-        let mut unused: Vec<String> = self
-            .inner
-            .tensors
+        let mut unused: Vec<String> = lock(&self.inner.tensors)
             .keys()
             .filter(|k| !used.contains(*k) && !k.contains("relative_position_index"))
             .cloned()
@@ -214,6 +218,20 @@ impl Weights {
     pub fn params(&self) -> Vec<(String, Tensor)> {
         let mut seen = std::collections::HashSet::new();
         lock(&self.inner.params).iter().filter(|(n, _)| seen.insert(n.clone())).cloned().collect()
+    }
+
+    /// Drops this object's references to the checkpoint's tensors and the model's parameters, so that a model
+    /// prepared for inference (packed or quantized copies of its weights) holds its weights once. Call after
+    /// [`report`](Self::report): the model can no longer be saved from here.
+    pub fn release(&self) {
+        lock(&self.inner.tensors).clear();
+        lock(&self.inner.params).clear();
+        self.inner.released.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`release`](Self::release) was called.
+    pub fn is_released(&self) -> bool {
+        self.inner.released.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The trainable parameters, by checkpoint name, when built with `trainable`.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use beit::hub::{resolve_model, HubOptions};
-use beit::{load_pretrained, LoadOptions, ModelInputs};
+use beit::{load_pretrained, AnyBeitModel, InferenceDtype, LoadOptions, ModelInputs};
 use candle_core::{Device, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -110,5 +110,29 @@ fn save_then_load_gives_identical_outputs() {
             v
         };
         assert_eq!(names(&out.join("model.safetensors")), names(&fixture(case).join("model.safetensors")), "{case}");
+    }
+}
+
+/// A model prepared for inference holds its Linear weights once (packed or quantized): saving it is refused with a
+/// message saying why, and the packed weights unpack to the checkpoint's bit for bit.
+#[test]
+fn models_prepared_for_inference_refuse_to_save_and_unpack_exactly() {
+    let dense = load_pretrained(&fixture("cls_single"), &LoadOptions::default(), &Device::Cpu).unwrap();
+    for dtype in [InferenceDtype::F32, InferenceDtype::Int8] {
+        let opts = LoadOptions { inference: Some(dtype), ..Default::default() };
+        let m = load_pretrained(&fixture("cls_single"), &opts, &Device::Cpu).unwrap();
+        let e = m.save(&temp("save-inference")).unwrap_err().to_string();
+        assert!(e.contains("loaded for inference") && e.contains("released"), "{dtype:?}: {e}");
+        let (AnyBeitModel::ImageClassification(a), AnyBeitModel::ImageClassification(b)) = (&dense.model, &m.model) else {
+            panic!("cls_single is a classifier");
+        };
+        let (la, lb) = (&a.beit.encoder.layer[0].intermediate.dense, &b.beit.encoder.layer[0].intermediate.dense);
+        match dtype {
+            InferenceDtype::F32 => assert!(same(&la.weight().unwrap(), &lb.weight().unwrap())),
+            InferenceDtype::Int8 => {
+                let e = lb.weight().unwrap_err().to_string();
+                assert!(e.contains("released") && e.contains("int8"), "{e}");
+            }
+        }
     }
 }

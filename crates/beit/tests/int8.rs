@@ -5,7 +5,7 @@ use std::path::Path;
 
 use beit::train::data::ImageFolder;
 use beit::train::eval_processor;
-use beit::{load_pretrained, LoadOptions, ModelInputs};
+use beit::{load_pretrained, InferenceDtype, LoadOptions, ModelInputs};
 use candle_core::{Device, Tensor};
 
 fn root() -> &'static Path {
@@ -22,7 +22,7 @@ const MAX_LOGIT_DRIFT: f32 = 0.15;
 fn int8_agrees_with_f32_on_held_out_digits() {
     let dir = root().join("models/beit-digits");
     let f32_model = load_pretrained(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
-    let int8_model = load_pretrained(&dir, &LoadOptions { int8: true, ..Default::default() }, &Device::Cpu).unwrap();
+    let int8_model = load_pretrained(&dir, &LoadOptions { inference: Some(InferenceDtype::Int8), ..Default::default() }, &Device::Cpu).unwrap();
     let folder = ImageFolder::load(&root().join("data/digits"), Some(0.2), 0).unwrap();
     let val = &folder.val;
     assert!(val.images.len() > 300, "{} validation images", val.images.len());

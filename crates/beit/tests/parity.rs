@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use beit::checkpoint::timm::TimmArgs;
 use beit::checkpoint::{read_safetensors, WeightsFormat};
-use beit::{load_pretrained, Architecture, ForwardOptions, LoadOptions, ModelInputs};
+use beit::{load_pretrained, Architecture, ForwardOptions, InferenceDtype, LoadOptions, ModelInputs};
 use candle_core::{DType, Device, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
@@ -79,6 +79,10 @@ fn every_model_fixture_matches_transformers() {
     for dir in &cases {
         let err = run_case(dir, Some(WeightsFormat::Safetensors));
         println!("{:40} safetensors max abs err {err:.2e}", dir.file_name().unwrap().to_string_lossy());
+        // As the CLI loads models: prepared for inference, weights packed once for the f32 kernel.
+        let packed = LoadOptions { inference: Some(InferenceDtype::F32), ..Default::default() };
+        let err = run_case_with(dir, &packed);
+        println!("{:40} packed for inference max abs err {err:.2e}", dir.file_name().unwrap().to_string_lossy());
         if dir.join("pytorch_model.bin").exists() {
             let err = run_case(dir, Some(WeightsFormat::PytorchBin));
             println!("{:40} pytorch_model.bin max abs err {err:.2e}", dir.file_name().unwrap().to_string_lossy());

@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
 use crate::model::{BeitModel, ForwardOptions};
+use crate::nn::InferenceDtype;
 use crate::weights::Weights;
 pub use backbone::BeitBackbone;
 pub use image_classification::BeitForImageClassification;
@@ -164,14 +165,15 @@ impl AnyBeitModel {
         beit.for_model_type(&self.config().model_type).unwrap_or(beit)
     }
 
-    /// int8 inference for the encoder (see [`BeitModel::quantize_int8`]).
-    pub fn quantize_int8(&mut self) -> Result<()> {
+    /// CPU inference for the encoder (see [`BeitModel::prepare_inference`]). The model can then no longer be
+    /// trained or saved: its dense Linear weights are released.
+    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
         match self {
-            AnyBeitModel::Model(m) => m.quantize_int8(),
-            AnyBeitModel::MaskedImageModeling(m) => m.beit.quantize_int8(),
-            AnyBeitModel::ImageClassification(m) => m.beit.quantize_int8(),
-            AnyBeitModel::SemanticSegmentation(m) => m.beit.quantize_int8(),
-            AnyBeitModel::Backbone(m) => m.encoder.quantize_int8(),
+            AnyBeitModel::Model(m) => m.prepare_inference(dtype),
+            AnyBeitModel::MaskedImageModeling(m) => m.beit.prepare_inference(dtype),
+            AnyBeitModel::ImageClassification(m) => m.beit.prepare_inference(dtype),
+            AnyBeitModel::SemanticSegmentation(m) => m.prepare_inference(dtype),
+            AnyBeitModel::Backbone(m) => m.encoder.prepare_inference(dtype),
         }
     }
 

@@ -19,6 +19,8 @@ pub struct BeitFeaturePyramid {
     pub fpn1_1: BatchNorm2d,
     pub fpn1_3: ConvTranspose2d,
     pub fpn2_0: ConvTranspose2d,
+    /// Set by [`prepare_inference`](Self::prepare_inference): `fpn1_1` is folded into `fpn1_0`.
+    fused: bool,
 }
 
 impl BeitFeaturePyramid {
@@ -29,6 +31,7 @@ impl BeitFeaturePyramid {
             fpn1_1: BatchNorm2d::load_head(&w.pp("fpn1.1"), d, batch_norm_eps)?,
             fpn1_3: ConvTranspose2d::load_head(&w.pp("fpn1.3"), d, 2, std)?,
             fpn2_0: ConvTranspose2d::load_head(&w.pp("fpn2.0"), d, 2, std)?,
+            fused: false,
         })
     }
 
@@ -40,9 +43,38 @@ impl BeitFeaturePyramid {
         if h < 2 || w < 2 {
             return Err(BeitError::input("fpn4", format!("a {h}x{w} feature map is too small for 2x2 max pooling")));
         }
-        let up4 = self.fpn1_3.forward(&self.fpn1_1.forward(&self.fpn1_0.forward(f1)?)?.gelu_erf()?)?;
+        let up2 = if self.fused {
+            self.fpn1_0.forward_act(f1, true)?
+        } else {
+            self.fpn1_1.forward(&self.fpn1_0.forward(f1)?)?.gelu_erf()?
+        };
+        let up4 = self.fpn1_3.forward(&up2)?;
         Ok(vec![up4, self.fpn2_0.forward(f2)?, f3.clone(), f4.max_pool2d_with_stride(2, 2)?])
     }
+
+    /// CPU inference: the upsampling weights packed once (see [`ConvTranspose2d::prepare_inference`]),
+    /// the BatchNorm folded into the transposed convolution before it.
+    pub fn prepare_inference(&mut self) -> Result<()> {
+        if !self.fused && self.fpn1_0.packed.is_none() {
+            let (scale, shift) = batch_norm_affine(&self.fpn1_1)?;
+            self.fpn1_0.prepare_inference_scaled(Some((&scale, &shift)))?;
+            self.fused = self.fpn1_0.packed.is_some();
+        }
+        self.fpn1_3.prepare_inference()?;
+        self.fpn2_0.prepare_inference()
+    }
+}
+
+/// An inference BatchNorm as `x · scale + shift` per channel, computed as BatchNorm2d::forward does:
+/// `scale = w / sqrt(var + eps)`, `shift = b - mean · scale`.
+fn batch_norm_affine(bn: &BatchNorm2d) -> Result<(Vec<f32>, Vec<f32>)> {
+    let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+    let (w, b) = (f32s(&bn.weight)?, f32s(&bn.bias)?);
+    let (mean, var) = (f32s(&bn.running_mean)?, f32s(&bn.running_var)?);
+    let eps = bn.eps as f32;
+    let scale: Vec<f32> = w.iter().zip(&var).map(|(w, v)| w / (v + eps).sqrt()).collect();
+    let shift: Vec<f32> = b.iter().zip(&mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+    Ok((scale, shift))
 }
 
 /// BeitConvModule: Conv2d (no bias), BatchNorm2d, ReLU.
@@ -50,6 +82,9 @@ impl BeitFeaturePyramid {
 pub struct BeitConvModule {
     pub conv: Conv2d,
     pub bn: BatchNorm2d,
+    /// Set by [`prepare_inference`](Self::prepare_inference): `bn` is folded into `conv`, and the ReLU is
+    /// applied in the convolution's output pass.
+    fused: bool,
 }
 
 impl BeitConvModule {
@@ -58,11 +93,34 @@ impl BeitConvModule {
         Ok(BeitConvModule {
             conv: Conv2d::load_head(&w.pp("conv"), spec, std)?,
             bn: BatchNorm2d::load_head(&w.pp("bn"), out_channels, 1e-5)?,
+            fused: false,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.bn.forward(&self.conv.forward(x)?)?.relu()?)
+        self.forward_cat(std::slice::from_ref(x))
+    }
+
+    /// [`forward`](Self::forward) on the concatenation of `xs` along the channels; once prepared, the
+    /// convolution reads the parts in place (for fpn_bottleneck, 4 · 768 channels at 160×160: 314 MB not
+    /// built).
+    pub fn forward_cat(&self, xs: &[Tensor]) -> Result<Tensor> {
+        if self.fused {
+            return self.conv.forward_cat_act(xs, true);
+        }
+        Ok(self.bn.forward(&self.conv.forward_cat_act(xs, false)?)?.relu()?)
+    }
+
+    /// CPU inference: the BatchNorm (running statistics) folded into the convolution's weight and bias,
+    /// packed once; saves two passes over each output map. `conv` then holds the folded convolution.
+    pub fn prepare_inference(&mut self) -> Result<()> {
+        if self.fused || self.conv.packed.is_some() {
+            return Ok(());
+        }
+        let (scale, shift) = batch_norm_affine(&self.bn)?;
+        self.conv.prepare_inference_scaled(Some((&scale, &shift)))?;
+        self.fused = self.conv.packed.is_some();
+        Ok(())
     }
 }
 
@@ -104,7 +162,7 @@ impl BeitUperHead {
             let pooled = conv.forward(&adaptive_avg_pool2d(x, *scale, *scale)?)?;
             outs.push(interpolate_bilinear(&pooled, h, w, false)?);
         }
-        self.bottleneck.forward(&Tensor::cat(&outs, 1)?)
+        self.bottleneck.forward_cat(&outs)
     }
 
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
@@ -124,7 +182,18 @@ impl BeitUperHead {
         for o in outs.iter_mut().skip(1) {
             *o = interpolate_bilinear(o, h, w, false)?;
         }
-        self.classifier.forward(&self.fpn_bottleneck.forward(&Tensor::cat(&outs, 1)?)?)
+        self.classifier.forward(&self.fpn_bottleneck.forward_cat(&outs)?)
+    }
+
+    /// CPU inference: every convolution packed once, BatchNorms folded (see
+    /// [`BeitConvModule::prepare_inference`]).
+    pub fn prepare_inference(&mut self) -> Result<()> {
+        for m in self.psp_modules.iter_mut().chain(&mut self.lateral_convs).chain(&mut self.fpn_convs) {
+            m.prepare_inference()?;
+        }
+        self.bottleneck.prepare_inference()?;
+        self.fpn_bottleneck.prepare_inference()?;
+        self.classifier.prepare_inference()
     }
 }
 
@@ -163,9 +232,17 @@ impl BeitFCNHead {
             y = conv.forward(&y)?;
         }
         if let Some(cat) = &self.conv_cat {
-            y = cat.forward(&Tensor::cat(&[x, &y], 1)?)?;
+            y = cat.forward_cat(&[x.clone(), y])?;
         }
         self.classifier.forward(&y)
+    }
+
+    /// CPU inference: as [`BeitUperHead::prepare_inference`].
+    pub fn prepare_inference(&mut self) -> Result<()> {
+        for m in self.convs.iter_mut().chain(&mut self.conv_cat) {
+            m.prepare_inference()?;
+        }
+        self.classifier.prepare_inference()
     }
 }
 
@@ -225,6 +302,19 @@ impl BeitForSemanticSegmentation {
             auxiliary_loss_weight: c.auxiliary_loss_weight,
             ignore_index: c.semantic_loss_ignore_index,
         })
+    }
+
+    /// CPU inference: the encoder's Linear layers as `dtype` (see [`BeitModel::prepare_inference`]), and
+    /// the pyramid's and heads' convolutions packed once for the f32 kernel (f32 for either dtype), with
+    /// their BatchNorms folded in. The model can then no longer be trained or saved.
+    pub fn prepare_inference(&mut self, dtype: crate::nn::InferenceDtype) -> Result<()> {
+        self.beit.prepare_inference(dtype)?;
+        self.pyramid.prepare_inference()?;
+        self.decode_head.prepare_inference()?;
+        if let Some(aux) = &mut self.auxiliary_head {
+            aux.prepare_inference()?;
+        }
+        Ok(())
     }
 
     /// `labels`: (batch, height, width) class ids at any resolution (semantic_loss_ignore_index is skipped).
@@ -311,18 +401,43 @@ mod tests {
     }
 
     #[test]
+    fn prepared_inference_matches_the_loaded_model() {
+        // conv_cat and two auxiliary convs: every conv path (Winograd 3x3, 1x1, concatenated input).
+        let c = config(r#", "out_indices": [1, 2, 3, 4], "auxiliary_num_convs": 2, "auxiliary_concat_input": true"#).unwrap();
+        let m = BeitForSemanticSegmentation::load(&Weights::fresh(&Device::Cpu, 3), &c).unwrap();
+        let mut p = m.clone();
+        p.prepare_inference(crate::nn::InferenceDtype::F32).unwrap();
+        assert!(p.decode_head.fpn_bottleneck.conv.packed.is_some() && p.pyramid.fpn1_3.packed.is_some());
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 48), &Device::Cpu).unwrap();
+        let (a, b) = (m.forward(&x, &ForwardOptions::default(), None).unwrap(), p.forward(&x, &ForwardOptions::default(), None).unwrap());
+        let diff = |x: &Tensor, y: &Tensor| (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&a.logits, &b.logits) < 1e-5, "logits {}", diff(&a.logits, &b.logits));
+        let (aa, ba) = (a.auxiliary_logits.unwrap(), b.auxiliary_logits.unwrap());
+        assert!(diff(&aa, &ba) < 1e-5, "auxiliary logits {}", diff(&aa, &ba));
+        // The folded weight is still readable.
+        assert_eq!(p.decode_head.fpn_bottleneck.conv.weight().unwrap().dims(), &[16, 64, 3, 3]);
+    }
+
+    #[test]
     fn small_inputs_are_errors_not_panics() {
         let c = config(r#", "out_indices": [1, 2, 3, 4]"#).unwrap();
         let m = BeitForSemanticSegmentation::load(&Weights::fresh(&Device::Cpu, 0), &c).unwrap();
-        // One patch: the 1x1 map cannot be max-pooled by fpn4.
-        let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
-        let e = m.forward(&x, &ForwardOptions::default(), None).unwrap_err().to_string();
-        assert!(e.contains("too small"), "{e}");
-        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
-        assert!(m.forward(&x, &ForwardOptions::default(), None).is_err());
-        // Pool scales larger than the map are computed as torch does (cells repeat), not refused.
-        let x = Tensor::zeros((1, 3, 32, 48), DType::F32, &Device::Cpu).unwrap();
-        let out = m.forward(&x, &ForwardOptions::default(), None).unwrap();
-        assert_eq!(out.logits.dims(), &[1, 3, 16, 24]); // 4x the 4x6 patch grid
+        let mut prepared = m.clone();
+        prepared.prepare_inference(crate::nn::InferenceDtype::F32).unwrap();
+        for m in [m, prepared] {
+            // One patch: the 1x1 map cannot be max-pooled by fpn4.
+            let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+            let e = m.forward(&x, &ForwardOptions::default(), None).unwrap_err().to_string();
+            assert!(e.contains("too small"), "{e}");
+            let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+            assert!(m.forward(&x, &ForwardOptions::default(), None).is_err());
+            // Pool scales larger than the map are computed as torch does (cells repeat), not refused.
+            let x = Tensor::zeros((1, 3, 32, 48), DType::F32, &Device::Cpu).unwrap();
+            let out = m.forward(&x, &ForwardOptions::default(), None).unwrap();
+            assert_eq!(out.logits.dims(), &[1, 3, 16, 24]); // 4x the 4x6 patch grid
+            // The smallest map fpn4 takes: 2x2 patches, pooled to 1x1.
+            let x = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(m.forward(&x, &ForwardOptions::default(), None).unwrap().logits.dims(), &[1, 3, 8, 8]);
+        }
     }
 }

@@ -8,6 +8,8 @@
 //! Every kernel here is selected at run time (`is_x86_feature_detected!`), never through global
 //! `target-cpu` flags, so one binary runs on any x86-64 (and non-x86) CPU.
 
+pub mod attention;
+pub mod conv;
 pub mod f32;
 pub mod int8;
 

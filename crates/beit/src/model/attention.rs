@@ -9,7 +9,7 @@ use crate::config::BeitConfig;
 use crate::error::Result;
 use crate::model::relative_position::BeitRelativePositionBias;
 use crate::kernels::int8::QuantizedLinear;
-use crate::nn::{dropout, softmax_last_dim, Linear, Mode};
+use crate::nn::{dropout, softmax_last_dim, InferenceDtype, Linear, Mode};
 use crate::weights::Weights;
 
 /// What one attention call needs besides the hidden states.
@@ -56,22 +56,25 @@ impl BeitSelfAttention {
         })
     }
 
-    /// int8 inference (see [`Linear::quantize_int8`]), plus the fused q/k/v matrix.
-    pub fn quantize_int8(&mut self) -> Result<()> {
-        let d = self.query.weight.dim(1)?;
-        let weight = Tensor::cat(&[&self.query.weight, &self.key.weight, &self.value.weight], 0)?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let zeros = Tensor::zeros(d, candle_core::DType::F32, self.key.weight.device())?;
-        let bias = |l: &Linear| l.bias.clone().unwrap_or_else(|| zeros.clone());
-        let bias = Tensor::cat(&[bias(&self.query), bias(&self.key), bias(&self.value)], 0)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        let n = weight.len() / d.max(1);
-        self.fused_qkv_int8 = Some(Arc::new(QuantizedLinear::quantize(&weight, n, d, Some(&bias))?));
+    /// CPU inference (see [`Linear::prepare_inference`]); with int8, q, k and v are also quantized as one
+    /// fused matrix.
+    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
+        if dtype == InferenceDtype::Int8 && self.fused_qkv_int8.is_none() {
+            let (q, k, v) = (self.query.weight()?, self.key.weight()?, self.value.weight()?);
+            if q.device().is_cpu() {
+                let d = self.query.in_features();
+                let weight = Tensor::cat(&[&q, &k, &v], 0)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let zeros = Tensor::zeros(d, candle_core::DType::F32, q.device())?;
+                let bias = |l: &Linear| l.bias.clone().unwrap_or_else(|| zeros.clone());
+                let bias = Tensor::cat(&[bias(&self.query), bias(&self.key), bias(&self.value)], 0)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?;
+                let n = weight.len() / d.max(1);
+                self.fused_qkv_int8 = Some(Arc::new(QuantizedLinear::quantize(&weight, n, d, Some(&bias))?));
+            }
+        }
         for l in [&mut self.query, &mut self.key, &mut self.value] {
-            l.quantize_int8()?;
+            l.prepare_inference(dtype)?;
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ impl BeitPatchEmbeddings {
             return Err(BeitError::config("patch_size", format!("non-square patches {ph}x{pw} are not supported")));
         }
         Ok(BeitPatchEmbeddings {
-            projection: Conv2d { weight, bias: Some(bias), stride: ph, padding: 0, dilation: 1 },
+            projection: Conv2d::new(weight, Some(bias), ph, 0, 1),
             num_channels: c.num_channels,
             patch_size: (ph, pw),
         })

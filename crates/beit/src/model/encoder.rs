@@ -7,7 +7,7 @@ use crate::error::{BeitError, Result};
 use crate::model::attention::AttentionInputs;
 use crate::model::layer::BeitLayer;
 use crate::model::relative_position::BeitRelativePositionBias;
-use crate::nn::Mode;
+use crate::nn::{InferenceDtype, Mode};
 use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
@@ -53,10 +53,10 @@ impl BeitEncoder {
         Ok(BeitEncoder { relative_position_bias, layer })
     }
 
-    /// int8 inference for every layer's Linear layers.
-    pub fn quantize_int8(&mut self) -> Result<()> {
+    /// CPU inference for every layer's Linear layers (see [`Linear::prepare_inference`]).
+    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
         use rayon::prelude::*;
-        self.layer.par_iter_mut().try_for_each(|l| l.quantize_int8())
+        self.layer.par_iter_mut().try_for_each(|l| l.prepare_inference(dtype))
     }
 
     /// head_mask as transformers takes it ([heads] for every layer, or [layers, heads]) -> one (1, heads, 1, 1)

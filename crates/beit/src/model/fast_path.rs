@@ -14,6 +14,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::config::HiddenAct;
+use crate::kernels::attention::AttentionKernel;
 use crate::error::{BeitError, Result};
 use crate::model::attention::AttentionInputs;
 use crate::model::layer::BeitLayer;
@@ -54,12 +55,27 @@ fn internal(what: &str, detail: String) -> BeitError {
     BeitError::input(format!("fast path: {what}"), detail)
 }
 
+/// What a Linear's caller fuses into it: run on each finished run of outputs of one row, `(row, first column,
+/// values)`, while the kernel has them in L1 (GELU, or the residual add), instead of one more pass over memory.
+type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
+
 /// A Linear over slices (false: the weights are not f32 CPU tensors).
-fn linear(l: &Linear, a: &[f32], m: usize, k: usize, out: &mut [f32], ldo: usize) -> Result<bool> {
+fn linear(l: &Linear, a: &[f32], m: usize, k: usize, out: &mut [f32], ldo: usize, epilogue: Option<Epilogue>) -> Result<bool> {
+    let bias_view = match &l.bias {
+        Some(b) => match view(b) {
+            Some(v) => Some(v),
+            None => return Ok(false),
+        },
+        None => None,
+    };
+    let bias = bias_view.as_ref().map(|b| b.slice());
     if let Some(q) = &l.quantized {
         let n = q.out_features();
         if ldo == n {
-            q.forward(a, m, out)?;
+            match epilogue {
+                Some(e) => q.forward_with(a, m, out, e)?,
+                None => q.forward(a, m, out)?,
+            }
         } else {
             // q, k and v go side by side into the qkv buffer.
             let mut tmp = vec![0f32; m * n];
@@ -67,20 +83,29 @@ fn linear(l: &Linear, a: &[f32], m: usize, k: usize, out: &mut [f32], ldo: usize
             for (o, t) in out.chunks_mut(ldo).zip(tmp.chunks_exact(n)) {
                 o[..n].copy_from_slice(t);
             }
+            apply_epilogue(out, m, n, ldo, epilogue);
         }
         return Ok(true);
     }
-    let Some(w) = view(&l.weight) else { return Ok(false) };
-    let n = w.slice().len() / k.max(1);
-    let bias = match &l.bias {
-        Some(b) => match view(b) {
-            Some(v) => Some(v),
-            None => return Ok(false),
-        },
-        None => None,
-    };
-    crate::kernels::f32::linear(a, k, m, w.slice(), n, k, bias.as_ref().map(|b| b.slice()), out, ldo)?;
+    if let Some(p) = &l.packed {
+        match epilogue {
+            Some(e) => crate::kernels::f32::linear_packed_with(a, k, m, p, bias, out, ldo, e)?,
+            None => crate::kernels::f32::linear_packed(a, k, m, p, bias, out, ldo)?,
+        }
+        return Ok(true);
+    }
+    let w = l.weight()?;
+    let Some(w) = view(&w) else { return Ok(false) };
+    let n = l.out_features();
+    crate::kernels::f32::linear(a, k, m, w.slice(), n, k, bias, out, ldo)?;
+    apply_epilogue(out, m, n, ldo, epilogue);
     Ok(true)
+}
+
+/// An epilogue as a pass of its own, for the kernels that take none.
+fn apply_epilogue(out: &mut [f32], m: usize, n: usize, ldo: usize, epilogue: Option<Epilogue>) {
+    let Some(e) = epilogue else { return };
+    out.par_chunks_mut(ldo).take(m).enumerate().for_each(|(r, row)| e(r, 0, &mut row[..n]));
 }
 
 /// Rows per parallel task: enough work per task that rayon's overhead does not show.
@@ -258,15 +283,13 @@ fn activation_in_place(act: HiddenAct, x: &mut [f32], width: usize) -> Result<bo
     Ok(true)
 }
 
-/// `out = residual + scale * y` row by row (scale per column: the layer scale, or 1).
-fn residual(residual: &[f32], y: &mut [f32], scale: Option<&[f32]>, d: usize) {
-    let rows = rows_per_task(y.len() / d.max(1), d);
-    y.par_chunks_mut(rows * d).zip(residual.par_chunks(rows * d)).for_each(|(y, r)| match scale {
+/// `y = residual + scale * y` on a run of outputs of one row (scale per column: the layer scale, or 1).
+fn add_residual(residual: &[f32], scale: Option<&[f32]>, d: usize, row: usize, col: usize, y: &mut [f32]) {
+    let r = &residual[row * d + col..][..y.len()];
+    match scale {
         Some(s) => {
-            for (y, r) in y.chunks_exact_mut(d).zip(r.chunks_exact(d)) {
-                for i in 0..d {
-                    y[i] = r[i] + s[i] * y[i];
-                }
+            for ((y, r), s) in y.iter_mut().zip(r).zip(&s[col..]) {
+                *y = r + s * *y;
             }
         }
         None => {
@@ -274,7 +297,7 @@ fn residual(residual: &[f32], y: &mut [f32], scale: Option<&[f32]>, d: usize) {
                 *y += r;
             }
         }
-    });
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -283,7 +306,8 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Multi-head attention from the fused qkv buffer (batch*n, 3d) into ctx (batch*n, d).
+/// Multi-head attention from the fused qkv buffer (batch*n, 3d) into ctx (batch*n, d), on the gemm crate: for CPUs
+/// without AVX-512 (kernels::attention has the AVX-512 one).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     qkv: &[f32],
@@ -494,42 +518,48 @@ fn layer_compute(
         fused.forward(normed, rows, qkv)?;
     } else {
         for (i, l) in [&sa.query, &sa.key, &sa.value].into_iter().enumerate() {
-            if !linear(l, normed, rows, d, &mut qkv[i * d..], 3 * d)? {
+            if !linear(l, normed, rows, d, &mut qkv[i * d..], 3 * d, None)? {
                 return Ok(None);
             }
         }
     }
     let ctx = sized(&mut s.ctx, rows * d);
-    attention(qkv, ctx, batch, n, heads, dh, biases)?;
+    // Our AVX-512 attention kernel where the CPU has it; elsewhere the gemm crate's AVX2 kernels beat its portable
+    // fallback (19 against ~70 GFLOP/s), so the gemm-based version below stays.
+    if AttentionKernel::Avx512.is_available() {
+        crate::kernels::attention::attention(qkv, ctx, batch, n, heads, dh, biases)?;
+    } else {
+        attention(qkv, ctx, batch, n, heads, dh, biases)?;
+    }
     let x1 = sized(&mut s.x1, rows * d);
-    if !linear(&layer.attention.output.dense, ctx, rows, d, x1, d)? {
+    let residual_1 = |r: usize, c: usize, v: &mut [f32]| add_residual(xs, lambda_1, d, r, c, v);
+    if !linear(&layer.attention.output.dense, ctx, rows, d, x1, d, Some(&residual_1))? {
         return Ok(None);
     }
-    residual(xs, x1, lambda_1, d);
 
     if layer_norm(x1, d, &layer.layernorm_after, normed).is_none() {
         return Ok(None);
     }
-    let inter = layer.intermediate.dense.out_features()?;
+    let inter = layer.intermediate.dense.out_features();
     let hidden = sized(&mut s.hidden, rows * inter);
     let act = layer.intermediate.act();
-    match (&layer.intermediate.dense.quantized, act) {
-        // The int8 kernel applies GELU to each tile while it is still in L1.
-        (Some(q), HiddenAct::Gelu | HiddenAct::GeluPython) => q.forward_with(normed, rows, hidden, |_, _, v| gelu_erf_slice(v))?,
-        _ => {
-            if !linear(&layer.intermediate.dense, normed, rows, d, hidden, inter)? {
-                return Ok(None);
-            }
-            if !activation_in_place(act, hidden, inter)? {
-                return Ok(None);
-            }
+    if matches!(act, HiddenAct::Gelu | HiddenAct::GeluPython) {
+        // GELU on each tile while it is still in L1.
+        let gelu = |_: usize, _: usize, v: &mut [f32]| gelu_erf_slice(v);
+        if !linear(&layer.intermediate.dense, normed, rows, d, hidden, inter, Some(&gelu))? {
+            return Ok(None);
         }
-    }
-    let mut y = vec![0f32; rows * d];
-    if !linear(&layer.output.dense, hidden, rows, inter, &mut y, d)? {
+    } else if !linear(&layer.intermediate.dense, normed, rows, d, hidden, inter, None)?
+        || !activation_in_place(act, hidden, inter)?
+    {
         return Ok(None);
     }
-    residual(x1, &mut y, lambda_2, d);
+    let mut y = vec![0f32; rows * d];
+    let x1 = &*x1;
+    let residual_2 = |r: usize, c: usize, v: &mut [f32]| add_residual(x1, lambda_2, d, r, c, v);
+    if !linear(&layer.output.dense, hidden, rows, inter, &mut y, d, Some(&residual_2))? {
+        return Ok(None);
+    }
     Ok(Some(y))
 }
 

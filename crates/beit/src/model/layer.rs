@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use crate::config::{BeitConfig, HiddenAct};
 use crate::error::Result;
 use crate::model::attention::{AttentionInputs, BeitAttention};
-use crate::nn::{activation, drop_path, dropout, LayerNorm, Linear, Mode};
+use crate::nn::{activation, drop_path, dropout, InferenceDtype, LayerNorm, Linear, Mode};
 use crate::weights::{Init, Weights};
 
 #[derive(Debug, Clone)]
@@ -84,12 +84,12 @@ impl BeitLayer {
         })
     }
 
-    /// int8 inference for every Linear of the layer (see [`Linear::quantize_int8`]).
-    pub fn quantize_int8(&mut self) -> Result<()> {
-        self.attention.attention.quantize_int8()?;
-        self.attention.output.dense.quantize_int8()?;
-        self.intermediate.dense.quantize_int8()?;
-        self.output.dense.quantize_int8()
+    /// CPU inference for every Linear of the layer (see [`Linear::prepare_inference`]).
+    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
+        self.attention.attention.prepare_inference(dtype)?;
+        self.attention.output.dense.prepare_inference(dtype)?;
+        self.intermediate.dense.prepare_inference(dtype)?;
+        self.output.dense.prepare_inference(dtype)
     }
 
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
-use crate::nn::{LayerNorm, Mode};
+use crate::nn::{InferenceDtype, LayerNorm, Mode};
 use crate::weights::Weights;
 use embeddings::BeitEmbeddings;
 use encoder::{BeitEncoder, EncoderInputs};
@@ -77,10 +77,10 @@ pub struct BeitModel {
 }
 
 impl BeitModel {
-    /// int8 inference for the encoder's Linear layers (what onnxruntime's quantize_dynamic quantizes, less the
-    /// small head); the patch embedding and the heads stay f32.
-    pub fn quantize_int8(&mut self) -> Result<()> {
-        self.encoder.quantize_int8()
+    /// CPU inference for the encoder's Linear layers: packed f32 or int8 (what onnxruntime's quantize_dynamic
+    /// quantizes, less the small head); the patch embedding and the heads stay as loaded.
+    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
+        self.encoder.prepare_inference(dtype)
     }
 
     pub fn load(w: &Weights, c: &BeitConfig, add_pooling_layer: bool) -> Result<Self> {
