@@ -252,7 +252,8 @@ fn raw_request(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> std::net:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_has_its_work_dropped() {
     let cfg = ServerConfig { max_batch_size: 1, ..config("slow") };
-    let server = start_slow(cfg, Duration::from_millis(800)).await;
+    // Long enough that the hang-up is noticed while the first request still runs, even on a loaded CI machine.
+    let server = start_slow(cfg, Duration::from_millis(2500)).await;
     let http = Http::new(&server);
     let addr = server.addr();
     let busy = {
@@ -274,6 +275,8 @@ async fn a_client_that_leaves_has_its_work_dropped() {
     wait_for(&server, "the second request queued", |m| m.queue_depth.load(std::sync::atomic::Ordering::SeqCst) == 1)
         .await;
     drop(conn);
+    // The server has dropped the abandoned request's handler (its admission ended) before the model thread is free.
+    wait_for(&server, "the hang-up noticed", |m| in_flight(m) == 1).await;
     assert_eq!(busy.await.unwrap(), 200);
     let mut text = String::new();
     for _ in 0..50 {

@@ -613,7 +613,7 @@ unsafe fn transpose_rows_avx512(src: &[f32], ld: usize, rows: usize, cols: usize
             // SAFETY: row i < rows, columns c0.. < cols (masked): inside src.
             *v = unsafe { _mm512_maskz_loadu_ps(col_mask, s.add(i * ld + c0)) };
         }
-        let t = transpose16(&r);
+        let t = crate::kernels::f32::transpose16(&r);
         for (c, v) in t.iter().enumerate().take(width) {
             // SAFETY: vector c0 + c < cols: inside dst.
             unsafe { _mm512_storeu_ps(d.add((c0 + c) * dst_ld), *v) };
@@ -622,36 +622,6 @@ unsafe fn transpose_rows_avx512(src: &[f32], ld: usize, rows: usize, cols: usize
     }
 }
 
-/// Transposes 16 rows of 16 f32 (as kernels::f32 does for its weight panels).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
-    // Pairs of rows interleaved, then quadruples: u[4q + c] holds rows 4q..4q+4 at columns c, c+4, c+8,
-    // c+12 (one per 128-bit lane).
-    let mut u = [_mm512_setzero_ps(); 16];
-    for q in 0..4 {
-        let t0 = _mm512_unpacklo_ps(r[4 * q], r[4 * q + 1]);
-        let t1 = _mm512_unpackhi_ps(r[4 * q], r[4 * q + 1]);
-        let t2 = _mm512_unpacklo_ps(r[4 * q + 2], r[4 * q + 3]);
-        let t3 = _mm512_unpackhi_ps(r[4 * q + 2], r[4 * q + 3]);
-        u[4 * q] = _mm512_shuffle_ps::<0x44>(t0, t2);
-        u[4 * q + 1] = _mm512_shuffle_ps::<0xEE>(t0, t2);
-        u[4 * q + 2] = _mm512_shuffle_ps::<0x44>(t1, t3);
-        u[4 * q + 3] = _mm512_shuffle_ps::<0xEE>(t1, t3);
-    }
-    let mut o = [_mm512_setzero_ps(); 16];
-    for c in 0..4 {
-        let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-        let v1 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
-        let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-        let v3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
-        o[c] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
-        o[c + 8] = _mm512_shuffle_f32x4::<0xDD>(v0, v2);
-        o[c + 4] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
-        o[c + 12] = _mm512_shuffle_f32x4::<0xDD>(v1, v3);
-    }
-    o
-}
 
 /// A q·kᵀ tile: rows `r0..r0 + QK_R` of the block against the key vectors of one panel.
 struct QkTile<'a> {

@@ -904,7 +904,7 @@ fn transpose16(src: &[f32], lds: usize, dst: &mut [f32], ldd: usize) {
 mod avx {
     use std::arch::x86_64::*;
 
-    /// [`super::transpose16`] in zmm registers: 16 row loads, 64 shuffles, 16 row stores.
+    /// [`super::transpose16`] in zmm registers: 16 row loads, kernels::f32's register transpose, 16 row stores.
     ///
     /// # Safety
     /// The CPU must support AVX-512 F; `src` must hold `15 · lds + 16` values and `dst` `15 · ldd + 16`.
@@ -917,35 +917,10 @@ mod avx {
             // SAFETY: i · lds + 16 <= 15 · lds + 16 <= src.len() (the caller's contract).
             *v = unsafe { _mm512_loadu_ps(s.add(i * lds)) };
         }
-        // Pairs of rows interleaved, then quadruples: u[4q + c] holds rows 4q..4q+4 at columns c, c+4,
-        // c+8, c+12 (one per 128-bit lane).
-        let mut u = [_mm512_setzero_ps(); 16];
-        for q in 0..4 {
-            let t0 = _mm512_unpacklo_ps(r[4 * q], r[4 * q + 1]);
-            let t1 = _mm512_unpackhi_ps(r[4 * q], r[4 * q + 1]);
-            let t2 = _mm512_unpacklo_ps(r[4 * q + 2], r[4 * q + 3]);
-            let t3 = _mm512_unpackhi_ps(r[4 * q + 2], r[4 * q + 3]);
-            u[4 * q] = _mm512_shuffle_ps::<0x44>(t0, t2);
-            u[4 * q + 1] = _mm512_shuffle_ps::<0xEE>(t0, t2);
-            u[4 * q + 2] = _mm512_shuffle_ps::<0x44>(t1, t3);
-            u[4 * q + 3] = _mm512_shuffle_ps::<0xEE>(t1, t3);
-        }
-        for c in 0..4 {
-            // Lanes (rows 0-3, rows 4-7) at columns c and c + 8, then c + 4 and c + 12; likewise 8-15.
-            let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-            let v1 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
-            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-            let v3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
-            let rows = [
-                (c, _mm512_shuffle_f32x4::<0x88>(v0, v2)),
-                (c + 8, _mm512_shuffle_f32x4::<0xDD>(v0, v2)),
-                (c + 4, _mm512_shuffle_f32x4::<0x88>(v1, v3)),
-                (c + 12, _mm512_shuffle_f32x4::<0xDD>(v1, v3)),
-            ];
-            for (j, v) in rows {
-                // SAFETY: j · ldd + 16 <= 15 · ldd + 16 <= dst.len() (the caller's contract).
-                unsafe { _mm512_storeu_ps(d.add(j * ldd), v) };
-            }
+        let t = crate::kernels::f32::transpose16(&r);
+        for (j, v) in t.iter().enumerate() {
+            // SAFETY: j · ldd + 16 <= 15 · ldd + 16 <= dst.len() (the caller's contract).
+            unsafe { _mm512_storeu_ps(d.add(j * ldd), *v) };
         }
     }
 }

@@ -593,10 +593,10 @@ struct Job<'a> {
 // gives each (row, column) to exactly one task; everything else is shared read-only.
 unsafe impl Sync for Job<'_> {}
 
-/// Transposes 16 rows of 16 f32.
+/// Transposes 16 rows of 16 f32 in zmm registers (also used by the attention and convolution kernels).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+pub(crate) fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
     // Pairs of rows interleaved, then quadruples: u[4q + c] holds rows 4q..4q+4 at columns c, c+4, c+8,
     // c+12 (one per 128-bit lane).
     let mut u = [_mm512_setzero_ps(); 16];
