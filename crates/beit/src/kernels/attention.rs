@@ -91,37 +91,7 @@ impl AttentionKernel {
     }
 }
 
-/// 16 f32 on one cache line: the unit of the aligned scratch (a zmm load never straddles two lines).
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
-/// A 64-byte aligned f32 buffer, reused between calls.
-#[derive(Default)]
-struct AlignedF32 {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-impl AlignedF32 {
-    /// Makes the buffer `len` values long; the contents are unspecified (but initialised) afterwards.
-    fn ensure(&mut self, len: usize) {
-        if self.lines.len() * 16 < len {
-            self.lines = vec![Line([0.0; 16]); len.div_ceil(16)];
-        }
-        self.len = len;
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [f32] {
-        // SAFETY: `lines` holds `lines.len() * 16 >= len` initialised f32; Line is plain f32s, and
-        // `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
-    }
-
-    fn capacity_bytes(&self) -> usize {
-        self.lines.len() * 64
-    }
-}
+use crate::kernels::f32::AlignedF32;
 
 thread_local! {
     /// One task's packed K and V, scores, row maxima and sums. Taken out for the duration of a task (and

@@ -90,35 +90,35 @@ impl F32Kernel {
 /// 16 f32 on one cache line: the unit of the aligned buffers (a zmm load never straddles two lines).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([f32; 16]);
+pub(crate) struct Line([f32; 16]);
 
-/// A 64-byte aligned f32 buffer, reused between calls.
+/// A 64-byte aligned f32 buffer, reused between calls (also the attention kernel's scratch).
 #[derive(Default)]
-struct AlignedF32 {
+pub(crate) struct AlignedF32 {
     lines: Vec<Line>,
     len: usize,
 }
 
 impl AlignedF32 {
     /// Makes the buffer `len` values long; the contents are unspecified afterwards.
-    fn ensure(&mut self, len: usize) {
+    pub(crate) fn ensure(&mut self, len: usize) {
         if self.lines.len() * 16 < len {
             self.lines = vec![Line([0.0; 16]); len.div_ceil(16)];
         }
         self.len = len;
     }
 
-    fn as_slice(&self) -> &[f32] {
+    pub(crate) fn as_slice(&self) -> &[f32] {
         // SAFETY: `lines` holds `lines.len() * 16 >= len` initialised f32; Line is plain f32s.
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [f32] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
         // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
     }
 
-    fn capacity_bytes(&self) -> usize {
+    pub(crate) fn capacity_bytes(&self) -> usize {
         self.lines.len() * 64
     }
 }
