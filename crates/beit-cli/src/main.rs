@@ -89,7 +89,32 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = e.chain().find_map(|c| c.downcast_ref::<beit::BeitError>()).and_then(hint) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command-line flag behind a library error, which the library itself does not name.
+fn hint(e: &beit::BeitError) -> Option<&'static str> {
+    use beit::BeitError;
+    Some(match e {
+        BeitError::Diverged { .. } => "lower the learning rate (--lr)",
+        BeitError::InvalidInput { what, .. } => match what.as_str() {
+            "weights format" => "--weights-format takes safetensors, bin or msgpack",
+            "timm model name" => "set by --timm-model",
+            "validation split" => "set by --val-split",
+            "mask_ratio" => "set by --mask-ratio",
+            "num_masking_patches" | "masking" => "set by --num-masking-patches",
+            "crop scale minimum" => "set by --crop-scale-min",
+            "preset" | "model" => "--model takes a directory, a weights file, a Hub repo id or a preset",
+            _ => return None,
+        },
+        BeitError::Unsupported { message, .. } if message.contains("loaded for inference") => {
+            "load it with --dtype left out, or use `beit convert`"
+        }
+        _ => return None,
+    })
 }

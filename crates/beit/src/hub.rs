@@ -70,8 +70,8 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ModelLocation> {
         return Ok(ModelLocation { dir, weights_file: Some(path.to_path_buf()) });
     }
     if !is_repo_id(spec) || spec.starts_with('/') || spec.starts_with("./") {
-        return Err(BeitError::input(
-            "--model",
+        return Err(BeitError::invalid_input(
+            "model",
             format!("{spec:?} is not a directory, a weights file, or a Hub repo id like microsoft/beit-base-patch16-224"),
         ));
     }

@@ -21,7 +21,7 @@ pub mod train;
 pub mod weights;
 
 pub use config::BeitConfig;
-pub use error::{BeitError, Result};
+pub use error::{BeitError, ErrorKind, Result};
 pub use heads::{AnyBeitModel, Architecture, BeitForImageClassification, BeitForMaskedImageModeling, ModelInputs};
 pub use model::{BeitModel, ForwardOptions};
 pub use nn::InferenceDtype;

@@ -30,10 +30,10 @@ impl MaskingGenerator {
         max_aspect: Option<f64>,
     ) -> Result<Self> {
         if height == 0 || width == 0 {
-            return Err(BeitError::input("MaskingGenerator", format!("grid {height}x{width} is empty")));
+            return Err(BeitError::invalid_input("MaskingGenerator", format!("grid {height}x{width} is empty")));
         }
         if num_masking_patches > height * width {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 "MaskingGenerator",
                 format!("num_masking_patches {num_masking_patches} exceeds the {height}x{width} grid"),
             ));
@@ -41,7 +41,7 @@ impl MaskingGenerator {
         // Python's `max_aspect or 1 / min_aspect` also replaces 0.
         let max_aspect = max_aspect.filter(|&a| a != 0.0).unwrap_or(1.0 / min_aspect);
         if !(min_aspect > 0.0 && max_aspect.is_finite() && max_aspect > 0.0) {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 "MaskingGenerator",
                 format!("aspect ratios must be positive and finite, found min {min_aspect}, max {max_aspect}"),
             ));

@@ -80,7 +80,7 @@ impl Linear {
         }
         match &self.packed {
             Some(p) => Ok(Tensor::from_vec(p.unpack(), (self.out_features, self.in_features), &candle_core::Device::Cpu)?),
-            None => Err(BeitError::input(
+            None => Err(BeitError::invalid_input(
                 "linear weight",
                 format!(
                     "the dense ({}, {}) weight was released when the model was prepared for int8 inference; load \
@@ -253,7 +253,7 @@ impl Conv2d {
                 let dims = (g.out_channels, g.in_channels, g.kernel_h, g.kernel_w);
                 Ok(Tensor::from_vec(p.weight(), dims, &candle_core::Device::Cpu)?)
             }
-            None => Err(BeitError::input("conv weight", "neither a dense nor a packed weight is held")),
+            None => Err(BeitError::invalid_input("conv weight", "neither a dense nor a packed weight is held")),
         }
     }
 
@@ -273,7 +273,7 @@ impl Conv2d {
             return Ok(());
         }
         let (cout, cin, kh, kw) = w.dims4().map_err(|_| {
-            BeitError::input("conv weight", format!("shape {:?}, expected (out, in, kh, kw)", w.dims()))
+            BeitError::invalid_input("conv weight", format!("shape {:?}, expected (out, in, kh, kw)", w.dims()))
         })?;
         let geometry = ConvGeometry {
             in_channels: cin,
@@ -292,7 +292,7 @@ impl Conv2d {
             None => with_f32(w, |wv| PackedConv2d::pack(wv, bias.as_deref(), geometry))?,
             Some((scale, shift)) => {
                 if scale.len() != cout || shift.len() != cout {
-                    return Err(BeitError::input(
+                    return Err(BeitError::invalid_input(
                         "conv folding",
                         format!("{cout} output channels, but {} scales and {} shifts", scale.len(), shift.len()),
                     ));
@@ -326,12 +326,12 @@ impl Conv2d {
     /// path reads the parts in place instead of building the concatenation.
     pub fn forward_cat_act(&self, xs: &[Tensor], relu: bool) -> Result<Tensor> {
         let Some(first) = xs.first() else {
-            return Err(BeitError::input("conv input", "no tensors to concatenate"));
+            return Err(BeitError::invalid_input("conv input", "no tensors to concatenate"));
         };
         if let (Some(p), true) = (&self.packed, xs.iter().all(|x| x.device().is_cpu())) {
             let dims = |x: &Tensor| {
                 x.dims4().map_err(|_| {
-                    BeitError::input("conv input", format!("shape {:?}, expected (batch, channels, height, width)", x.dims()))
+                    BeitError::invalid_input("conv input", format!("shape {:?}, expected (batch, channels, height, width)", x.dims()))
                 })
             };
             let (b, _, h, w) = dims(first)?;
@@ -339,7 +339,7 @@ impl Conv2d {
             for x in xs {
                 let (xb, xc, xh, xw) = dims(x)?;
                 if (xb, xh, xw) != (b, h, w) {
-                    return Err(BeitError::input(
+                    return Err(BeitError::invalid_input(
                         "conv input",
                         format!("shapes {:?} and {:?} differ outside the channels", first.dims(), x.dims()),
                     ));
@@ -350,7 +350,7 @@ impl Conv2d {
             // Borrowed in place (to_dtype and contiguous above make them contiguous f32 CPU tensors).
             let views: Vec<_> = conts.iter().filter_map(crate::model::fast_path::view).collect();
             if views.len() != conts.len() {
-                return Err(BeitError::input("conv input", "expected contiguous f32 CPU tensors"));
+                return Err(BeitError::invalid_input("conv input", "expected contiguous f32 CPU tensors"));
             }
             let parts: Vec<(&[f32], usize)> = views.iter().map(|v| v.slice()).zip(channels).collect();
             let g = p.geometry();
@@ -410,7 +410,7 @@ impl ConvTranspose2d {
                 let (cin, cout, s) = (p.in_channels(), p.out_channels(), self.stride);
                 Ok(Tensor::from_vec(p.weight(), (cin, cout, s, s), &candle_core::Device::Cpu)?)
             }
-            None => Err(BeitError::input("conv transpose weight", "neither a dense nor a packed weight is held")),
+            None => Err(BeitError::invalid_input("conv transpose weight", "neither a dense nor a packed weight is held")),
         }
     }
 
@@ -427,10 +427,10 @@ impl ConvTranspose2d {
             return Ok(());
         }
         let (cin, cout, kh, kw) = w.dims4().map_err(|_| {
-            BeitError::input("conv transpose weight", format!("shape {:?}, expected (in, out, k, k)", w.dims()))
+            BeitError::invalid_input("conv transpose weight", format!("shape {:?}, expected (in, out, k, k)", w.dims()))
         })?;
         if kh != self.stride || kw != self.stride {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 "conv transpose weight",
                 format!("kernel {kh}x{kw}, expected {0}x{0} (kernel = stride)", self.stride),
             ));
@@ -440,7 +440,7 @@ impl ConvTranspose2d {
             None => with_f32(w, |wv| PackedConvTranspose2d::pack(wv, &bias, cin, cout, self.stride))?,
             Some((scale, shift)) => {
                 if scale.len() != cout || shift.len() != cout || bias.len() != cout {
-                    return Err(BeitError::input(
+                    return Err(BeitError::invalid_input(
                         "conv transpose folding",
                         format!(
                             "{cout} output channels, but {} biases, {} scales and {} shifts",
@@ -476,10 +476,10 @@ impl ConvTranspose2d {
     pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         if let (Some(p), true) = (&self.packed, x.device().is_cpu()) {
             let (b, c, h, w) = x.dims4().map_err(|_| {
-                BeitError::input("conv transpose input", format!("shape {:?}, expected (batch, channels, height, width)", x.dims()))
+                BeitError::invalid_input("conv transpose input", format!("shape {:?}, expected (batch, channels, height, width)", x.dims()))
             })?;
             if c != p.in_channels() {
-                return Err(BeitError::input(
+                return Err(BeitError::invalid_input(
                     "conv transpose input",
                     format!("{c} channels, expected {} (shape {:?})", p.in_channels(), x.dims()),
                 ));

@@ -32,7 +32,7 @@ fn cubic_taps(in_size: usize, out_size: usize) -> Vec<([usize; 4], [f32; 4])> {
 pub fn interpolate_bicubic(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
-        return Err(BeitError::input("bicubic interpolation", format!("empty size {h}x{w} -> {out_h}x{out_w}")));
+        return Err(BeitError::invalid_input("bicubic interpolation", format!("empty size {h}x{w} -> {out_h}x{out_w}")));
     }
     let src = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let (ty, tx) = (cubic_taps(h, out_h), cubic_taps(w, out_w));
@@ -71,7 +71,7 @@ pub fn interpolate_bilinear(x: &Tensor, out_h: usize, out_w: usize, align_corner
 pub fn adaptive_avg_pool2d(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if out_h == 0 || out_w == 0 {
-        return Err(BeitError::input("adaptive_avg_pool2d", format!("output size {out_h}x{out_w} is empty")));
+        return Err(BeitError::invalid_input("adaptive_avg_pool2d", format!("output size {out_h}x{out_w} is empty")));
     }
     let range = |i: usize, inp: usize, out: usize| (i * inp / out, ((i + 1) * inp).div_ceil(out));
     let mut rows = Vec::with_capacity(out_h);

@@ -132,7 +132,7 @@ impl Pipeline {
             return Err(self.wrong_class("a masked-image-modeling"));
         };
         if !(0.0..=1.0).contains(&mask_ratio) {
-            return Err(BeitError::input("--mask-ratio", format!("{mask_ratio} is not in [0, 1]")));
+            return Err(BeitError::invalid_input("mask_ratio", format!("{mask_ratio} is not in [0, 1]")));
         }
         let x = self.pixel_values(std::slice::from_ref(image))?;
         let (_, _, h, w) = x.dims4()?;
@@ -158,8 +158,8 @@ impl Pipeline {
     }
 
     fn wrong_class(&self, what: &str) -> BeitError {
-        BeitError::input(
-            "--model",
+        BeitError::unsupported(
+            what.to_string(),
             format!("{} is a {} checkpoint, not {what} one", self.model_dir.display(), self.pretrained.model.architecture().name()),
         )
     }

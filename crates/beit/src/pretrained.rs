@@ -41,9 +41,9 @@ impl Pretrained {
     /// save_pretrained: config.json and model.safetensors with transformers' names for this class.
     pub fn save(&self, dir: &Path) -> Result<()> {
         if self.weights.is_released() {
-            return Err(BeitError::input(
+            return Err(BeitError::unsupported(
                 "save",
-                "this model was loaded for inference (LoadOptions::inference, --dtype): its dense weights were \
+                "this model was loaded for inference (LoadOptions::inference): its dense weights were \
                  released; load it without that option to save it",
             ));
         }
@@ -157,7 +157,7 @@ pub fn load_pretrained(dir: &Path, opts: &LoadOptions, device: &Device) -> Resul
         return Err(BeitError::checkpoint(
             &config_path,
             "missing: a model directory needs config.json beside its weights (a timm checkpoint without one: \
-             name its model, --timm-model)",
+             name it in LoadOptions::timm_model)",
         ));
     }
     let timm_config = config_json.as_ref().filter(|v| timm::is_timm_config(v));
@@ -192,7 +192,7 @@ pub fn load_pretrained(dir: &Path, opts: &LoadOptions, device: &Device) -> Resul
         }
     } else {
         if config_json.is_some() && timm_config.is_none() {
-            tracing::warn!("{}: ignored, the config comes from --timm-model", config_path.display());
+            tracing::warn!("{}: ignored, the config comes from the timm model name", config_path.display());
         }
         let tensors = timm::unwrap_state_dict(tensors);
         if !timm::is_timm_state_dict(&tensors) {

@@ -252,16 +252,16 @@ impl DalleEncoder {
         let dims = pixels01.dims();
         let [_, c, h, w] = dims[..] else {
             let msg = format!("expected 4 dimensions (b, c, h, w), found {dims:?}");
-            return Err(BeitError::input("tokenizer input", msg));
+            return Err(BeitError::invalid_input("tokenizer input", msg));
         };
         if c != self.input_channels {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 "tokenizer input",
                 format!("has {c} channels but the encoder was built for {}", self.input_channels),
             ));
         }
         if h < 8 || w < 8 {
-            return Err(BeitError::input("tokenizer input", format!("{h}x{w} is smaller than one 8x8 token")));
+            return Err(BeitError::invalid_input("tokenizer input", format!("{h}x{w} is smaller than one 8x8 token")));
         }
         let x = map_pixels(&pixels01.to_dtype(DType::F32)?)?;
         let mut x = self.input.forward(&x)?;

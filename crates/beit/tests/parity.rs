@@ -216,7 +216,7 @@ fn family_errors_name_what_is_wrong() {
     // A timm name that is not beit/beitv2.
     let opts = LoadOptions { timm_model: Some("vit_base_patch16_224.augreg_in21k".into()), ..Default::default() };
     let e = load_pretrained(&family("timm_relpos_mean"), &opts, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("vit_base_patch16_224.augreg_in21k") && e.contains("--timm-model"), "{e}");
+    assert!(e.contains("vit_base_patch16_224.augreg_in21k") && e.contains("timm model name"), "{e}");
     assert!(e.contains("beit_large_patch16_512") && e.contains("beitv2_base_patch16_224"), "{e}");
 
     // A timm state dict missing blocks.1.attn.qkv.weight: the error names timm's tensor and the file.

@@ -26,8 +26,8 @@ impl WeightsFormat {
             "safetensors" => Ok(WeightsFormat::Safetensors),
             "bin" | "pytorch" => Ok(WeightsFormat::PytorchBin),
             "msgpack" | "flax" => Ok(WeightsFormat::FlaxMsgpack),
-            other => Err(BeitError::input(
-                "--weights-format",
+            other => Err(BeitError::invalid_input(
+                "weights format",
                 format!("unknown format {other:?}; expected safetensors, bin or msgpack"),
             )),
         }

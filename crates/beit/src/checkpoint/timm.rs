@@ -461,7 +461,7 @@ pub fn config_for_checkpoint(
     };
     let mut args = match name {
         Some(n) => TimmArgs::for_name(n).map_err(|e| match e {
-            BeitError::Config { message, .. } => BeitError::input("--timm-model", message),
+            BeitError::Config { message, .. } => BeitError::invalid_input("timm model name", message),
             other => other,
         })?,
         None => {

@@ -46,7 +46,7 @@ impl BeitForImageClassification {
         let pooled = base
             .pooler_output
             .as_ref()
-            .ok_or_else(|| BeitError::input("classifier", "the backbone was built without its pooler"))?;
+            .ok_or_else(|| BeitError::internal("classifier", "the backbone was built without its pooler"))?;
         let logits = match &self.classifier {
             Some(c) => c.forward(pooled)?,
             None => pooled.clone(),

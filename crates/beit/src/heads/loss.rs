@@ -9,11 +9,11 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Res
     let (n, c) = logits.dims2()?;
     let labels = labels.flatten_all()?.to_dtype(DType::I64)?;
     if labels.dim(0)? != n {
-        return Err(BeitError::input("labels", format!("{} labels for {n} predictions", labels.dim(0)?)));
+        return Err(BeitError::invalid_input("labels", format!("{} labels for {n} predictions", labels.dim(0)?)));
     }
     let values = labels.to_vec1::<i64>()?;
     if let Some(bad) = values.iter().find(|&&v| v != ignore_index && (v < 0 || v >= c as i64)) {
-        return Err(BeitError::input("labels", format!("label {bad} is outside the {c} classes")));
+        return Err(BeitError::invalid_input("labels", format!("label {bad} is outside the {c} classes")));
     }
     let keep: Vec<f32> = values.iter().map(|&v| if v == ignore_index { 0.0 } else { 1.0 }).collect();
     let count: f32 = keep.iter().sum();
@@ -31,7 +31,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Res
 pub fn cross_entropy_smoothed(logits: &Tensor, labels: &[u32], smoothing: f64) -> Result<Tensor> {
     let (n, c) = logits.dims2()?;
     if labels.len() != n || labels.iter().any(|&l| l as usize >= c) {
-        return Err(BeitError::input("labels", format!("{} labels for {n} predictions of {c} classes", labels.len())));
+        return Err(BeitError::invalid_input("labels", format!("{} labels for {n} predictions of {c} classes", labels.len())));
     }
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let idx = Tensor::from_vec(labels.to_vec(), (n, 1), logits.device())?;
@@ -47,7 +47,7 @@ pub fn cross_entropy_smoothed(logits: &Tensor, labels: &[u32], smoothing: f64) -
 pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let y = targets.to_dtype(DType::F32)?;
     if y.dims() != logits.dims() {
-        return Err(BeitError::input(
+        return Err(BeitError::invalid_input(
             "labels",
             format!("shape {:?}, expected the logits' shape {:?}", y.dims(), logits.dims()),
         ));
@@ -60,7 +60,7 @@ pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     let target = target.to_dtype(DType::F32)?;
     if pred.elem_count() != target.elem_count() {
-        return Err(BeitError::input(
+        return Err(BeitError::invalid_input(
             "labels",
             format!("shape {:?} does not match the predictions' {:?}", target.dims(), pred.dims()),
         ));

@@ -44,7 +44,7 @@ impl BeitForMaskedImageModeling {
             None => None,
             Some(labels) => {
                 let mask = o.bool_masked_pos.as_ref().ok_or_else(|| {
-                    BeitError::input("labels", "given without bool_masked_pos: the loss counts masked patches only")
+                    BeitError::invalid_input("labels", "given without bool_masked_pos: the loss counts masked patches only")
                 })?;
                 let (b, p, v) = logits.dims3()?;
                 let flags = mask.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;

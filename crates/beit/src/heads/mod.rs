@@ -195,7 +195,7 @@ impl AnyBeitModel {
         let (hidden_states, attentions) = match self {
             AnyBeitModel::Model(m) => {
                 if inputs.labels.is_some() {
-                    return Err(BeitError::input("labels", "BeitModel has no head and takes no labels"));
+                    return Err(BeitError::unsupported("labels", "BeitModel has no head and takes no labels"));
                 }
                 let b = m.forward(pixel_values, o)?;
                 out.push(("last_hidden_state".to_string(), b.last_hidden_state));
@@ -230,7 +230,7 @@ impl AnyBeitModel {
             }
             AnyBeitModel::Backbone(m) => {
                 if inputs.labels.is_some() {
-                    return Err(BeitError::input("labels", "BeitBackbone has no head and takes no labels"));
+                    return Err(BeitError::unsupported("labels", "BeitBackbone has no head and takes no labels"));
                 }
                 let r = m.forward(pixel_values, o)?;
                 for (i, f) in r.feature_maps.into_iter().enumerate() {

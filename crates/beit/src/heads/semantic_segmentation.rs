@@ -37,11 +37,11 @@ impl BeitFeaturePyramid {
 
     pub fn forward(&self, features: &[Tensor]) -> Result<Vec<Tensor>> {
         let [f1, f2, f3, f4] = features else {
-            return Err(BeitError::input("features", format!("{} feature maps, expected 4", features.len())));
+            return Err(BeitError::invalid_input("features", format!("{} feature maps, expected 4", features.len())));
         };
         let (_, _, h, w) = f4.dims4()?;
         if h < 2 || w < 2 {
-            return Err(BeitError::input("fpn4", format!("a {h}x{w} feature map is too small for 2x2 max pooling")));
+            return Err(BeitError::invalid_input("fpn4", format!("a {h}x{w} feature map is too small for 2x2 max pooling")));
         }
         let up2 = if self.fused {
             self.fpn1_0.forward_act(f1, true)?
@@ -168,7 +168,7 @@ impl BeitUperHead {
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
         let mut laterals: Vec<Tensor> =
             self.lateral_convs.iter().zip(features).map(|(conv, f)| conv.forward(f)).collect::<Result<_>>()?;
-        let last = features.last().ok_or_else(|| BeitError::input("features", "no feature maps"))?;
+        let last = features.last().ok_or_else(|| BeitError::invalid_input("features", "no feature maps"))?;
         laterals.push(self.psp_forward(last)?);
         for i in (1..laterals.len()).rev() {
             let (_, _, h, w) = laterals[i - 1].dims4()?;
@@ -226,7 +226,7 @@ impl BeitFCNHead {
     }
 
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
-        let x = features.get(Self::IN_INDEX).ok_or_else(|| BeitError::input("features", "fewer than 3 feature maps"))?;
+        let x = features.get(Self::IN_INDEX).ok_or_else(|| BeitError::invalid_input("features", "fewer than 3 feature maps"))?;
         let mut y = x.clone();
         for conv in &self.convs {
             y = conv.forward(&y)?;
@@ -322,7 +322,7 @@ impl BeitForSemanticSegmentation {
         let keep_hidden = o.output_hidden_states;
         let o = ForwardOptions { output_hidden_states: true, ..o.clone() };
         let mut base = self.beit.forward(pixel_values, &o)?;
-        let hidden = base.hidden_states.as_ref().ok_or_else(|| BeitError::input("hidden_states", "not returned"))?;
+        let hidden = base.hidden_states.as_ref().ok_or_else(|| BeitError::internal("hidden_states", "not returned"))?;
         let (b, _, h, w) = pixel_values.dims4()?;
         // The actual patch grid (transformers assumes config.image_size; the two agree at that size).
         let p = self.beit.config.patch_size.height;
@@ -355,10 +355,10 @@ impl BeitForSemanticSegmentation {
     /// Cross-entropy on logits upsampled (bilinear) to the labels' size, plus the weighted auxiliary loss.
     pub fn loss(&self, logits: &Tensor, auxiliary: Option<&Tensor>, labels: &Tensor, _mode: Mode) -> Result<Tensor> {
         let (b, h, w) = labels.dims3().map_err(|_| {
-            BeitError::input("labels", format!("shape {:?}, expected (batch, height, width)", labels.dims()))
+            BeitError::invalid_input("labels", format!("shape {:?}, expected (batch, height, width)", labels.dims()))
         })?;
         if b != logits.dim(0)? {
-            return Err(BeitError::input("labels", format!("{b} label maps for {} images", logits.dim(0)?)));
+            return Err(BeitError::invalid_input("labels", format!("{b} label maps for {} images", logits.dim(0)?)));
         }
         let labels = labels.to_dtype(DType::I64)?.flatten_all()?;
         let ce = |l: &Tensor| -> Result<Tensor> {

@@ -100,9 +100,8 @@ thread_local! {
 }
 
 fn shape_error(qkv: usize, ctx: usize, batch: usize, n: usize, heads: usize, dh: usize) -> BeitError {
-    // Worded as fast_path's attention always has been, so callers see the same error.
-    BeitError::input(
-        "fast path: attention",
+    BeitError::internal(
+        "attention kernel",
         format!("qkv {qkv} / ctx {ctx} values for batch {batch}, {n} tokens, {heads}x{dh}"),
     )
 }
@@ -138,7 +137,7 @@ pub fn attention_using(
     biases: &[&[f32]],
 ) -> Result<()> {
     if !kernel.is_available() {
-        return Err(BeitError::input(
+        return Err(BeitError::unsupported(
             "attention",
             format!("the {kernel:?} kernel is not supported by this CPU"),
         ));
@@ -1312,7 +1311,7 @@ mod tests {
         assert!(attention(&qkv, &mut ctx, batch, n, heads, dh, &bias).is_ok());
         assert_eq!(
             msg(attention(&qkv[1..], &mut ctx, batch, n, heads, dh, &bias)),
-            "fast path: attention: qkv 359 / ctx 120 values for batch 2, 5 tokens, 3x4"
+            "internal error in attention kernel: qkv 359 / ctx 120 values for batch 2, 5 tokens, 3x4 (this is a bug in beit-rs)"
         );
         assert!(msg(attention(&qkv, &mut ctx[1..], batch, n, heads, dh, &bias)).contains("ctx 119 values"));
         assert!(attention(&qkv, &mut ctx, batch, n, heads, dh, &[&biases[0][1..]]).is_err());

@@ -79,7 +79,7 @@ thread_local! {
 }
 
 fn input_error(what: &str, message: String) -> BeitError {
-    BeitError::input(format!("conv: {what}"), message)
+    BeitError::internal(format!("conv: {what}"), message)
 }
 
 /// A convolution's shape and placement, as torch.nn.Conv2d's arguments (groups 1, square stride,

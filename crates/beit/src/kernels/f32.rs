@@ -130,7 +130,7 @@ thread_local! {
 }
 
 fn shape_error(what: &str, message: String) -> BeitError {
-    BeitError::input(format!("f32 linear: {what}"), message)
+    BeitError::internal(format!("f32 linear: {what}"), message)
 }
 
 /// A caller's function on each finished run of outputs: `(row, first_column, values)`.

@@ -178,7 +178,7 @@ fn round_ties_even_small(x: f32) -> f32 {
 }
 
 fn shape_error(what: &str, message: String) -> BeitError {
-    BeitError::input(format!("QuantizedLinear: {what}"), message)
+    BeitError::internal(format!("QuantizedLinear: {what}"), message)
 }
 
 /// Quantized activations of one call: `rows_padded × lda` codes and per-row scale and zero point.
@@ -371,7 +371,7 @@ impl QuantizedLinear {
     /// cannot run it.
     pub fn forward_using(&self, kernel: Int8Kernel, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
         if !kernel.is_available() {
-            return Err(BeitError::input(
+            return Err(BeitError::unsupported(
                 "QuantizedLinear",
                 format!("the {kernel:?} kernel is not supported by this CPU"),
             ));

@@ -9,6 +9,7 @@
 //! `target-cpu` flags, so one binary runs on any x86-64 (and non-x86) CPU.
 
 pub mod attention;
+pub mod cpu;
 pub mod conv;
 pub mod f32;
 pub mod int8;

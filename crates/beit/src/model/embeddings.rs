@@ -36,13 +36,13 @@ impl BeitPatchEmbeddings {
     pub fn forward(&self, pixel_values: &Tensor) -> Result<(Tensor, (usize, usize))> {
         let (_, ch, h, w) = pixel_values.dims4()?;
         if ch != self.num_channels {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 "pixel_values",
                 format!("{ch} channels, but the model's config has num_channels = {}", self.num_channels),
             ));
         }
         if h < self.patch_size.0 || w < self.patch_size.1 {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 "pixel_values",
                 format!("image {h}x{w} is smaller than one {}x{} patch", self.patch_size.0, self.patch_size.1),
             ));
@@ -91,7 +91,7 @@ impl BeitEmbeddings {
         }
         let side = (num_positions as f64).sqrt() as usize;
         if side * side != num_positions {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 "position_embeddings",
                 format!("{num_positions} positions do not form a square grid, so they cannot be interpolated"),
             ));
@@ -114,10 +114,10 @@ impl BeitEmbeddings {
         let (b, n, d) = x.dims3()?;
         if let Some(m) = bool_masked_pos {
             let mask_token = self.mask_token.as_ref().ok_or_else(|| {
-                BeitError::input("bool_masked_pos", "given, but the model has no mask token (use_mask_token is false)")
+                BeitError::unsupported("bool_masked_pos", "given, but the model has no mask token (use_mask_token is false)")
             })?;
             if m.dims() != [b, n] {
-                return Err(BeitError::input(
+                return Err(BeitError::invalid_input(
                     "bool_masked_pos",
                     format!("shape {:?}, expected [batch, patches] = [{b}, {n}]", m.dims()),
                 ));

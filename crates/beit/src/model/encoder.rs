@@ -69,7 +69,7 @@ impl BeitEncoder {
             [h] if *h == heads => vec![m.clone(); layers],
             [l, h] if *l == layers && *h == heads => (0..layers).map(|i| m.get(i)).collect::<candle_core::Result<_>>()?,
             d => {
-                return Err(BeitError::input(
+                return Err(BeitError::invalid_input(
                     "head_mask",
                     format!("shape {d:?}, expected [{heads}] or [{layers}, {heads}] (layers, heads)"),
                 ))

@@ -52,7 +52,7 @@ fn threads() -> usize {
 }
 
 fn internal(what: &str, detail: String) -> BeitError {
-    BeitError::input(format!("fast path: {what}"), detail)
+    BeitError::internal(format!("fast path: {what}"), detail)
 }
 
 /// What a Linear's caller fuses into it: run on each finished run of outputs of one row, `(row, first column,

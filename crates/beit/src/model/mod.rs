@@ -132,13 +132,13 @@ impl BeitModel {
 pub fn check_pixel_values(x: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() != 4 {
-        return Err(BeitError::input(
+        return Err(BeitError::invalid_input(
             "pixel_values",
             format!("shape {dims:?}, expected 4 dimensions (batch, channels, height, width)"),
         ));
     }
     if dims.iter().any(|&d| d == 0) {
-        return Err(BeitError::input("pixel_values", format!("shape {dims:?} has an empty dimension")));
+        return Err(BeitError::invalid_input("pixel_values", format!("shape {dims:?} has an empty dimension")));
     }
     Ok(x.to_dtype(DType::F32)?)
 }

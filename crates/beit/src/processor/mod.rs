@@ -38,6 +38,18 @@ pub enum ProcessorError {
 
 pub type Result<T> = std::result::Result<T, ProcessorError>;
 
+impl ProcessorError {
+    /// What the caller can do about it (see [`crate::error::ErrorKind`]).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            ProcessorError::Io { .. } => ErrorKind::Io,
+            ProcessorError::Decode { .. } | ProcessorError::Json { .. } | ProcessorError::Config { .. } => ErrorKind::Format,
+            ProcessorError::TooManyPixels { .. } | ProcessorError::Input { .. } => ErrorKind::InvalidInput,
+        }
+    }
+}
+
 fn input_err(what: impl Into<String>, expected: impl Into<String>, found: impl Into<String>) -> ProcessorError {
     ProcessorError::Input { what: what.into(), expected: expected.into(), found: found.into() }
 }

@@ -62,14 +62,14 @@ fn list(dir: &Path, classes: Option<&[String]>) -> Result<(Vec<String>, Vec<(Pat
     let names: Vec<String> = dirs.iter().map(|(n, _)| n.clone()).collect();
     if let Some(expected) = classes {
         if names != expected {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 dir.display().to_string(),
                 format!("classes {names:?} differ from the training classes {expected:?}"),
             ));
         }
     }
     if names.len() < 2 {
-        return Err(BeitError::input(
+        return Err(BeitError::invalid_input(
             dir.display().to_string(),
             format!("found {} class folder(s) {names:?}; classification needs at least 2", names.len()),
         ));
@@ -78,7 +78,7 @@ fn list(dir: &Path, classes: Option<&[String]>) -> Result<(Vec<String>, Vec<(Pat
     for (i, (name, p)) in dirs.iter().enumerate() {
         let files = image_files(p)?;
         if files.is_empty() {
-            return Err(BeitError::input(p.display().to_string(), format!("class {name:?} has no images")));
+            return Err(BeitError::invalid_input(p.display().to_string(), format!("class {name:?} has no images")));
         }
         items.extend(files.into_iter().map(|f| (f, i)));
     }
@@ -112,7 +112,7 @@ impl ImageFolder {
             let (classes, items) = list(dir, None)?;
             let frac = val_split.unwrap_or(0.0);
             if !(0.0..1.0).contains(&frac) {
-                return Err(BeitError::input("--val-split", format!("{frac} is not in [0, 1)")));
+                return Err(BeitError::invalid_input("validation split", format!("{frac} is not in [0, 1)")));
             }
             let mut rng = Rng::derive(seed, 1, 0);
             let (mut train, mut val) = (Vec::new(), Vec::new());
@@ -128,7 +128,7 @@ impl ImageFolder {
         let train = decode(train, &mut skipped);
         let val = decode(val, &mut skipped);
         if train.images.is_empty() {
-            return Err(BeitError::input(dir.display().to_string(), "no readable training images"));
+            return Err(BeitError::invalid_input(dir.display().to_string(), "no readable training images"));
         }
         Ok(ImageFolder { classes, train, val, skipped })
     }
@@ -171,7 +171,7 @@ pub fn augment(img: &RgbImage, size: usize, scale_min: f64, hflip: bool, rng: &m
         crop.extend_from_slice(row);
     }
     let mut out = resize(&crop, cw, ch, 3, size, size, Filter::Bicubic)
-        .map_err(|e| BeitError::input("augmentation", e.to_string()))?;
+        .map_err(|e| BeitError::invalid_input("augmentation", e.to_string()))?;
     if hflip && rng.uniform() < 0.5 {
         for row in out.chunks_exact_mut(size * 3) {
             for x in 0..size / 2 {

@@ -44,7 +44,7 @@ pub fn preset(name: &str) -> Result<BeitConfig> {
         "small" => (384, 12, 6),
         "base" => (768, 12, 12),
         "large" => (1024, 24, 16),
-        other => return Err(BeitError::input("--model", format!("unknown preset {other:?}; expected tiny, small, base or large"))),
+        other => return Err(BeitError::invalid_input("preset", format!("unknown preset {other:?}; expected tiny, small, base or large"))),
     };
     Ok(BeitConfig {
         hidden_size: hidden,
@@ -226,7 +226,7 @@ fn check_loss(value: f64, epoch: usize, batch: usize) -> Result<()> {
     if value.is_finite() {
         return Ok(());
     }
-    Err(BeitError::input("training", format!("the loss became {value} at epoch {epoch}, batch {batch}; lower --lr")))
+    Err(BeitError::Diverged { epoch, batch, value })
 }
 
 /// The last epoch this invocation runs: all of them, or `stop_after` more (for interrupted runs).
@@ -294,7 +294,7 @@ impl CheckpointWriter<'_> {
         let moments = optimizer.state();
         self.save(&out.join("last"), |tmp| {
             candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
-            let text = serde_json::to_string_pretty(state).map_err(|e| BeitError::input("trainer state", e.to_string()))?;
+            let text = serde_json::to_string_pretty(state).map_err(|e| BeitError::internal("trainer state", e.to_string()))?;
             write_file(&tmp.join("trainer_state.json"), &text)
         })?;
         let lines: Vec<String> = history.iter().filter_map(|h| serde_json::to_string(h).ok()).collect();

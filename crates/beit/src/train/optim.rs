@@ -118,9 +118,9 @@ impl AdamW {
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: usize) -> Result<()> {
         for p in &mut self.params {
             for (key, slot) in [(format!("exp_avg.{}", p.name), &mut p.m), (format!("exp_avg_sq.{}", p.name), &mut p.v)] {
-                let t = state.get(&key).ok_or_else(|| BeitError::input("optimizer state", format!("missing `{key}`")))?;
+                let t = state.get(&key).ok_or_else(|| BeitError::invalid_input("optimizer state", format!("missing `{key}`")))?;
                 if t.dims() != slot.dims() {
-                    return Err(BeitError::input("optimizer state", format!("`{key}` has shape {:?}, expected {:?}", t.dims(), slot.dims())));
+                    return Err(BeitError::invalid_input("optimizer state", format!("`{key}` has shape {:?}, expected {:?}", t.dims(), slot.dims())));
                 }
                 *slot = t.clone();
             }

@@ -59,7 +59,7 @@ pub fn scaled_masking(height: usize, width: usize, num_masking_patches: Option<u
     let n = height * width;
     // A block must be strictly smaller than the grid (unilm's `w < width and h < height`).
     if height < 2 || width < 2 {
-        return Err(BeitError::input(
+        return Err(BeitError::invalid_input(
             "masking",
             format!("the patch grid is {height}x{width}; blockwise masking needs at least 2x2 patches (raise image_size or lower patch_size)"),
         ));
@@ -69,8 +69,8 @@ pub fn scaled_masking(height: usize, width: usize, num_masking_patches: Option<u
         None => ((UNILM_MASKED * n as f64 / UNILM_GRID).round() as usize).max(1),
     };
     if num == 0 || num >= n {
-        return Err(BeitError::input(
-            "--num-masking-patches",
+        return Err(BeitError::invalid_input(
+            "num_masking_patches",
             format!("{num} masked patches of {n} ({height}x{width}); expected 1 to {}", n - 1),
         ));
     }
@@ -109,7 +109,7 @@ pub struct MimBatch {
 pub fn mim_batch(model: &BeitForMaskedImageModeling, pixels: &Tensor, mask: &[bool], tokens: &[u32], mode: Mode) -> Result<MimBatch> {
     let b = pixels.dim(0)?;
     if b == 0 || mask.len() != tokens.len() || !mask.len().is_multiple_of(b) {
-        return Err(BeitError::input(
+        return Err(BeitError::invalid_input(
             "masked image modeling batch",
             format!("{} mask flags and {} tokens for {b} images; expected the same whole number per image", mask.len(), tokens.len()),
         ));
@@ -117,7 +117,7 @@ pub fn mim_batch(model: &BeitForMaskedImageModeling, pixels: &Tensor, mask: &[bo
     let p = mask.len() / b;
     let labels = masked_labels(tokens, mask);
     if labels.is_empty() {
-        return Err(BeitError::input("masking", "no patch of the batch is masked; raise --num-masking-patches"));
+        return Err(BeitError::invalid_input("masking", "no patch of the batch is masked; raise num_masking_patches"));
     }
     let device = pixels.device();
     let flags: Vec<u8> = mask.iter().map(|&m| u8::from(m)).collect();
@@ -127,9 +127,9 @@ pub fn mim_batch(model: &BeitForMaskedImageModeling, pixels: &Tensor, mask: &[bo
     let out = model.forward(pixels, &o, Some(&labels))?;
     let (_, patches, _) = out.logits.dims3()?;
     if patches != p {
-        return Err(BeitError::input("masked image modeling batch", format!("{p} mask flags per image for {patches} patches")));
+        return Err(BeitError::invalid_input("masked image modeling batch", format!("{p} mask flags per image for {patches} patches")));
     }
-    let loss = out.loss.ok_or_else(|| BeitError::input("masked image modeling", "the model returned no loss"))?;
+    let loss = out.loss.ok_or_else(|| BeitError::internal("masked image modeling", "the model returned no loss"))?;
     let predictions = out.logits.detach().argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
     let (correct, count) = masked_accuracy(&predictions, tokens, mask);
     Ok(MimBatch { loss, correct, count })
@@ -346,7 +346,7 @@ impl PretrainData {
     /// set); with `val_split`, the training part of `beit train --val-split`'s split of `dir/<class>/*`.
     pub fn load(dir: &Path, val_split: Option<f64>, split_seed: u64) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(BeitError::input(dir.display().to_string(), "is not a directory (--data takes an image folder)"));
+            return Err(BeitError::invalid_input(dir.display().to_string(), "is not a directory (expected an image folder)"));
         }
         if val_split.is_some() {
             let folder = ImageFolder::load(dir, val_split, split_seed)?;
@@ -356,7 +356,7 @@ impl PretrainData {
         let root = if dir.join("train").is_dir() { dir.join("train") } else { dir.to_path_buf() };
         let files = list_images(&root)?;
         if files.is_empty() {
-            return Err(BeitError::input(
+            return Err(BeitError::invalid_input(
                 root.display().to_string(),
                 format!("no images found (searched every subfolder for {})", IMAGE_EXTENSIONS.join(", ")),
             ));
@@ -372,7 +372,7 @@ impl PretrainData {
             }
         }
         if d.images.is_empty() {
-            return Err(BeitError::input(root.display().to_string(), format!("none of the {} images could be read", d.skipped.len())));
+            return Err(BeitError::invalid_input(root.display().to_string(), format!("none of the {} images could be read", d.skipped.len())));
         }
         Ok(d)
     }
@@ -448,7 +448,7 @@ impl Pretrainer {
             hflip: opts.hflip,
         };
         if !(opts.scale_min > 0.0 && opts.scale_min <= 1.0) {
-            return Err(BeitError::input("--crop-scale-min", format!("{} is not in (0, 1]", opts.scale_min)));
+            return Err(BeitError::invalid_input("crop scale minimum", format!("{} is not in (0, 1]", opts.scale_min)));
         }
         let data = PretrainData::load(data_dir, opts.val_split, opts.split_seed.unwrap_or(opts.seed))?;
         Ok(Pretrainer {

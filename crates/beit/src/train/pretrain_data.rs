@@ -43,14 +43,14 @@ impl Default for TwoViewOptions {
 pub fn two_views_hwc(img: &RgbImage, o: &TwoViewOptions, rng: &mut Rng) -> Result<(Vec<u8>, Vec<u8>)> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 || o.size == 0 || o.second_size == 0 {
-        return Err(BeitError::input("pre-training views", format!("image {w}x{h} or view size 0")));
+        return Err(BeitError::invalid_input("pre-training views", format!("image {w}x{h} or view size 0")));
     }
     let (top, left, ch, cw) = random_resized_crop(rng, h, w, o.scale, o.ratio);
     let mut crop = Vec::with_capacity(ch * cw * 3);
     for y in top..top + ch {
         crop.extend_from_slice(&img.as_raw()[(y * w + left) * 3..(y * w + left + cw) * 3]);
     }
-    let err = |e: crate::processor::resample::ResampleError| BeitError::input("pre-training views", e.to_string());
+    let err = |e: crate::processor::resample::ResampleError| BeitError::invalid_input("pre-training views", e.to_string());
     // RandomResizedCropAndInterpolationWithTwoPic resizes the same crop twice.
     let mut first = resize(&crop, cw, ch, 3, o.size, o.size, o.interpolation).map_err(err)?;
     let mut second = resize(&crop, cw, ch, 3, o.second_size, o.second_size, o.second_interpolation).map_err(err)?;
