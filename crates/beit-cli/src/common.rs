@@ -9,7 +9,6 @@ use beit::hub::HubOptions;
 use beit::pipeline::Pipeline;
 use beit::processor::load_image_with_limit;
 use beit::{InferenceDtype, LoadOptions};
-use candle_core::Device;
 use clap::Args;
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -53,6 +52,7 @@ impl ModelArgs {
             weights_format: self.weights_format.as_deref().map(WeightsFormat::from_name).transpose()?,
             timm_model: self.timm_model.clone(),
             inference: Some(if self.dtype == "int8" { InferenceDtype::Int8 } else { InferenceDtype::F32 }),
+            hub: Some(self.hub()),
             ..Default::default()
         })
     }
@@ -62,7 +62,7 @@ impl ModelArgs {
     }
 
     pub fn pipeline(&self) -> Result<Pipeline> {
-        Ok(Pipeline::load(&self.model, &self.load_options()?, &self.hub(), &Device::Cpu)?)
+        Ok(Pipeline::from_pretrained(&self.model, &self.load_options()?)?)
     }
 }
 

@@ -3,9 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use beit::hub::resolve_model;
-use beit::load_pretrained;
-use candle_core::Device;
+use beit::Pretrained;
 use clap::Args;
 
 use crate::common::ModelArgs;
@@ -20,17 +18,15 @@ pub struct ConvertArgs {
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let loc = resolve_model(&a.model.model, &a.model.hub())?;
     if a.model.dtype != "f32" {
         bail!("--dtype {}: convert writes the checkpoint's f32 weights; quantization is for inference only", a.model.dtype);
     }
     let mut opts = a.model.load_options()?;
-    opts.weights_file = loc.weights_file.clone();
     // Saving needs the dense weights, which inference would release.
     opts.inference = None;
-    let m = load_pretrained(&loc.dir, &opts, &Device::Cpu)?;
+    let m = Pretrained::from_pretrained(&a.model.model, &opts)?;
     m.save(&a.out)?;
-    let pre = loc.dir.join("preprocessor_config.json");
+    let pre = m.model_dir.join("preprocessor_config.json");
     if pre.is_file() {
         std::fs::copy(&pre, a.out.join("preprocessor_config.json")).with_context(|| format!("copying {}", pre.display()))?;
     }

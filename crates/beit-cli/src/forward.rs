@@ -4,9 +4,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use beit::hub::resolve_model;
 use beit::npy::{read_npy, NpyData};
-use beit::{load_pretrained, Architecture, ForwardOptions, LoadOptions, ModelInputs};
+use beit::{Architecture, Pretrained, ForwardOptions, LoadOptions, ModelInputs};
 use candle_core::{Device, Tensor};
 use clap::Args;
 
@@ -44,13 +43,11 @@ pub struct ForwardArgs {
 
 pub fn run(a: ForwardArgs) -> Result<()> {
     let device = Device::Cpu;
-    let loc = resolve_model(&a.model.model, &a.model.hub())?;
     let opts = LoadOptions {
         architecture: a.head.as_deref().map(Architecture::from_name).transpose()?,
-        weights_file: loc.weights_file.clone(),
         ..a.model.load_options()?
     };
-    let loaded = load_pretrained(&loc.dir, &opts, &device)?;
+    let loaded = Pretrained::from_pretrained(&a.model.model, &opts)?;
     let config = &loaded.config;
 
     let pv = read_npy(&a.pixel_values)?;

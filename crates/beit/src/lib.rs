@@ -22,7 +22,18 @@ pub mod weights;
 
 pub use config::BeitConfig;
 pub use error::{BeitError, ErrorKind, Result};
-pub use heads::{AnyBeitModel, Architecture, BeitForImageClassification, BeitForMaskedImageModeling, ModelInputs};
+pub use heads::{
+    AnyBeitModel, Architecture, BeitBackbone, BeitForImageClassification, BeitForMaskedImageModeling,
+    BeitForSemanticSegmentation, ModelInputs,
+};
+
+/// transformers' Data2VecVisionModel: BEiT's encoder under the `data2vec_vision.` prefix, without a pooler unless
+/// a head asks for one. `from_pretrained` picks the family from the checkpoint's `model_type`.
+pub type Data2VecVisionModel = BeitModel;
+/// transformers' Data2VecVisionForImageClassification (see [`Data2VecVisionModel`]).
+pub type Data2VecVisionForImageClassification = BeitForImageClassification;
+/// transformers' Data2VecVisionForSemanticSegmentation (see [`Data2VecVisionModel`]).
+pub type Data2VecVisionForSemanticSegmentation = BeitForSemanticSegmentation;
 pub use model::{BeitModel, ForwardOptions};
 pub use nn::InferenceDtype;
 pub use pretrained::{load_pretrained, LoadOptions, Pretrained};

@@ -8,9 +8,8 @@ use image::RgbImage;
 
 use crate::error::{BeitError, Result};
 use crate::heads::AnyBeitModel;
-use crate::hub::{resolve_model, HubOptions};
 use crate::model::{BeitModelOutput, ForwardOptions};
-use crate::pretrained::{load_pretrained, LoadOptions, Pretrained};
+use crate::pretrained::{LoadOptions, Pretrained};
 use crate::processor::{BeitImageProcessor, SegmentationMap};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -36,15 +35,12 @@ pub struct MimPrediction {
 }
 
 impl Pipeline {
-    pub fn load(spec: &str, load: &LoadOptions, hub: &HubOptions, device: &Device) -> Result<Self> {
-        let loc = resolve_model(spec, hub)?;
-        let mut load = load.clone();
-        if loc.weights_file.is_some() {
-            load.weights_file = loc.weights_file.clone();
-        }
-        let pretrained = load_pretrained(&loc.dir, &load, device)?;
-        let processor = processor_for(&loc.dir)?;
-        Ok(Pipeline { pretrained, processor, model_dir: loc.dir, device: device.clone() })
+    /// The model `spec` names (a directory, a weights file or a Hub repo id, as
+    /// [`Pretrained::from_pretrained`] takes it) with its image processor, on the CPU.
+    pub fn from_pretrained(spec: &str, options: &LoadOptions) -> Result<Self> {
+        let pretrained = Pretrained::from_pretrained(spec, options)?;
+        let processor = processor_for(&pretrained.model_dir)?;
+        Ok(Pipeline { model_dir: pretrained.model_dir.clone(), pretrained, processor, device: Device::Cpu })
     }
 
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
@@ -56,7 +52,7 @@ impl Pipeline {
     /// pipeline; sigmoid when the config says multi-label).
     pub fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>> {
         let AnyBeitModel::ImageClassification(m) = &self.pretrained.model else {
-            return Err(self.wrong_class("an image-classification"));
+            return Err(self.wrong_class("image classification", "an image-classification"));
         };
         let logits = m.forward(&self.pixel_values(images)?, &ForwardOptions::default(), None)?.logits;
         let probs = if self.pretrained.config.problem_type.as_deref() == Some("multi_label_classification")
@@ -87,7 +83,7 @@ impl Pipeline {
     /// Class ids per pixel at each image's own size (post_process_semantic_segmentation with target sizes).
     pub fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>> {
         let AnyBeitModel::SemanticSegmentation(m) = &self.pretrained.model else {
-            return Err(self.wrong_class("a semantic-segmentation"));
+            return Err(self.wrong_class("semantic segmentation", "a semantic-segmentation"));
         };
         let logits = m.forward(&self.pixel_values(images)?, &ForwardOptions::default(), None)?.logits;
         let dims: [usize; 4] = logits.dims4()?.into();
@@ -106,7 +102,7 @@ impl Pipeline {
             AnyBeitModel::ImageClassification(m) => m.beit.forward(&x, &o)?,
             AnyBeitModel::MaskedImageModeling(m) => m.beit.forward(&x, &o)?,
             AnyBeitModel::SemanticSegmentation(m) => m.beit.forward(&x, &o)?,
-            AnyBeitModel::Backbone(_) => return Err(self.wrong_class("a BeitModel-based")),
+            AnyBeitModel::Backbone(_) => return Err(self.wrong_class("embedding", "a BeitModel-based")),
         };
         if tokens {
             return Ok(base.last_hidden_state);
@@ -129,7 +125,7 @@ impl Pipeline {
     /// Masks `mask_ratio` of the patches (seeded) and predicts the visual token of each masked one.
     pub fn mim(&self, image: &RgbImage, mask_ratio: f64, seed: u64) -> Result<MimPrediction> {
         let AnyBeitModel::MaskedImageModeling(m) = &self.pretrained.model else {
-            return Err(self.wrong_class("a masked-image-modeling"));
+            return Err(self.wrong_class("masked image modeling", "a masked-image-modeling"));
         };
         if !(0.0..=1.0).contains(&mask_ratio) {
             return Err(BeitError::invalid_input("mask_ratio", format!("{mask_ratio} is not in [0, 1]")));
@@ -157,10 +153,10 @@ impl Pipeline {
         })
     }
 
-    fn wrong_class(&self, what: &str) -> BeitError {
+    fn wrong_class(&self, task: &str, class: &str) -> BeitError {
         BeitError::unsupported(
-            what.to_string(),
-            format!("{} is a {} checkpoint, not {what} one", self.model_dir.display(), self.pretrained.model.architecture().name()),
+            task,
+            format!("{} is a {} checkpoint, not {class} one", self.model_dir.display(), self.pretrained.model.architecture().name()),
         )
     }
 }

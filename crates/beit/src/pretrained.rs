@@ -9,7 +9,13 @@ use candle_core::{Device, Tensor};
 use crate::checkpoint::{align_prefix, find_weight_files, load_tensors, rename_prefix, timm, weights_file, WeightsFormat};
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
-use crate::heads::{AnyBeitModel, Architecture};
+use crate::heads::{
+    AnyBeitModel, Architecture, BeitBackbone, BeitForImageClassification, BeitForMaskedImageModeling,
+    BeitForSemanticSegmentation,
+};
+use crate::hub::{resolve_model, HubOptions};
+use crate::model::BeitModel;
+use crate::processor::BeitImageProcessor;
 use crate::nn::InferenceDtype;
 use crate::weights::{LoadReport, Weights};
 
@@ -27,17 +33,52 @@ pub struct LoadOptions {
     /// kernel (`F32`) or quantized (`Int8`, dynamic quantization), and the dense copies released so that the
     /// weights are held once. Such a model cannot be saved or trained. `None`: as loaded.
     pub inference: Option<InferenceDtype>,
+    /// Where a Hub repo id is looked up (cache, token, offline): `None` reads the environment as
+    /// huggingface_hub does ([`HubOptions::from_env`]).
+    pub hub: Option<HubOptions>,
+    /// The Hub revision (branch, tag or commit) of a repo id, over the one in `hub` (default "main").
+    pub revision: Option<String>,
 }
 
+impl LoadOptions {
+    /// The Hub settings these options imply.
+    pub fn hub_options(&self) -> HubOptions {
+        let mut hub = self.hub.clone().unwrap_or_else(HubOptions::from_env);
+        if let Some(r) = &self.revision {
+            hub.revision = r.clone();
+        }
+        hub
+    }
+}
+
+/// A loaded checkpoint: the model, its config, what was (not) found in the files, and the weights it holds.
 pub struct Pretrained {
+    /// The model, of the class `LoadOptions::architecture` or config.json's `architectures` names.
     pub model: AnyBeitModel,
+    /// The model's config.
     pub config: BeitConfig,
+    /// Tensors newly initialized (absent from the checkpoint) and tensors of the checkpoint left unused.
     pub report: LoadReport,
+    /// The model directory (a Hub snapshot for repo ids): where preprocessor_config.json is looked for.
+    pub model_dir: PathBuf,
+    /// The weight files read.
     pub weight_files: Vec<PathBuf>,
+    /// The model's parameters by name (what `save` writes).
     pub weights: Weights,
 }
 
 impl Pretrained {
+    /// transformers' `from_pretrained` on the CPU: `spec` is a model directory, a single weights file beside its
+    /// config.json, or a Hub repo id (resolved through the Python cache, see [`LoadOptions::hub`]).
+    pub fn from_pretrained(spec: &str, options: &LoadOptions) -> Result<Self> {
+        let loc = resolve_model(spec, &options.hub_options())?;
+        let mut options = options.clone();
+        if loc.weights_file.is_some() {
+            options.weights_file = loc.weights_file;
+        }
+        load_pretrained(&loc.dir, &options, &Device::Cpu)
+    }
+
     /// save_pretrained: config.json and model.safetensors with transformers' names for this class.
     pub fn save(&self, dir: &Path) -> Result<()> {
         if self.weights.is_released() {
@@ -229,5 +270,51 @@ pub fn load_pretrained(dir: &Path, opts: &LoadOptions, device: &Device) -> Resul
     if !report.unused.is_empty() {
         tracing::info!("{} checkpoint tensors are unused by {}: {:?}", report.unused.len(), arch.name(), report.unused);
     }
-    Ok(Pretrained { model, config, report, weight_files: files, weights })
+    Ok(Pretrained { model, config, report, model_dir: dir.to_path_buf(), weight_files: files, weights })
+}
+
+/// `from_pretrained` on each model class, as transformers names them: the class picks the task (a head absent
+/// from the checkpoint is newly initialized, with a warning), the checkpoint the family (BEiT or Data2VecVision).
+macro_rules! from_pretrained {
+    ($($ty:ident => $arch:ident / $variant:ident),* $(,)?) => {$(
+        impl $ty {
+            #[doc = concat!("Loads a `", stringify!($arch), "` from `spec`: a model directory, a weights file beside its ")]
+            /// config.json, or a Hub repo id; `options` as [`Pretrained::from_pretrained`] takes them
+            /// (`options.architecture` is ignored: the class decides).
+            pub fn from_pretrained(spec: &str, options: &LoadOptions) -> Result<Self> {
+                let options = LoadOptions { architecture: Some(Architecture::$arch), ..options.clone() };
+                let loaded = Pretrained::from_pretrained(spec, &options)?;
+                match loaded.model {
+                    AnyBeitModel::$variant(m) => Ok(m),
+                    other => Err(BeitError::internal(
+                        "from_pretrained",
+                        format!("asked for {}, built {}", stringify!($arch), other.architecture().name()),
+                    )),
+                }
+            }
+        }
+    )*};
+}
+
+from_pretrained!(
+    BeitModel => BeitModel / Model,
+    BeitForMaskedImageModeling => BeitForMaskedImageModeling / MaskedImageModeling,
+    BeitForImageClassification => BeitForImageClassification / ImageClassification,
+    BeitForSemanticSegmentation => BeitForSemanticSegmentation / SemanticSegmentation,
+    BeitBackbone => BeitBackbone / Backbone,
+);
+
+impl BeitImageProcessor {
+    /// transformers' `BeitImageProcessor.from_pretrained`: `preprocessor_config.json` of a model directory, of
+    /// the directory of a weights file, or of a Hub repo id (see [`LoadOptions::hub`] for `hub`; `None` reads
+    /// the environment). A directory without the file is an error, as in transformers.
+    pub fn from_pretrained(spec: &str, hub: Option<&HubOptions>) -> Result<Self> {
+        let hub = hub.cloned().unwrap_or_else(HubOptions::from_env);
+        let loc = resolve_model(spec, &hub)?;
+        let path = loc.dir.join("preprocessor_config.json");
+        if !path.is_file() {
+            return Err(BeitError::checkpoint(path, "missing: BeitImageProcessor.from_pretrained needs it"));
+        }
+        Ok(BeitImageProcessor::from_json_file(&path)?)
+    }
 }

@@ -136,3 +136,48 @@ fn models_prepared_for_inference_refuse_to_save_and_unpack_exactly() {
         }
     }
 }
+
+#[test]
+fn each_class_loads_from_pretrained_by_directory_file_or_repo_id() {
+    use beit::{BeitBackbone, BeitForImageClassification, BeitForMaskedImageModeling, BeitImageProcessor, BeitModel};
+    let cache = temp("classes");
+    build_cache(
+        &cache,
+        "test-org/tiny-cls",
+        "c0ffee",
+        &fixture("cls_single"),
+        &["config.json", "model.safetensors", "preprocessor_config.json"],
+    );
+    let hub = LoadOptions { hub: Some(options(&cache)), ..Default::default() };
+    let x = Tensor::read_npy(fixture("cls_single").join("pixel_values.npy")).unwrap();
+    let want = logits(&fixture("cls_single"), None);
+    let dir = fixture("cls_single");
+    let file = dir.join("pytorch_model.bin");
+    for spec in [dir.to_str().unwrap(), file.to_str().unwrap(), "test-org/tiny-cls"] {
+        let m = BeitForImageClassification::from_pretrained(spec, &hub).unwrap();
+        let got = m.forward(&x, &Default::default(), None).unwrap().logits;
+        assert!(same(&got, &want), "{spec}");
+    }
+    // The class decides the task: the bare model from a classification checkpoint (its `beit.` prefix stripped),
+    // and a head the checkpoint lacks is initialized.
+    let base = BeitModel::from_pretrained("test-org/tiny-cls", &hub).unwrap();
+    assert!(base.forward(&x, &Default::default()).unwrap().pooler_output.is_some());
+    assert!(BeitForMaskedImageModeling::from_pretrained(dir.to_str().unwrap(), &hub).is_ok());
+    assert!(BeitBackbone::from_pretrained(dir.to_str().unwrap(), &hub).is_ok());
+    // Prepared for inference: the same logits to float rounding.
+    let packed = LoadOptions { inference: Some(InferenceDtype::F32), ..hub.clone() };
+    let m = BeitForImageClassification::from_pretrained("test-org/tiny-cls", &packed).unwrap();
+    let got = m.forward(&x, &Default::default(), None).unwrap().logits;
+    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-4, "{diff}");
+
+    let p = BeitImageProcessor::from_pretrained("test-org/tiny-cls", Some(&options(&cache))).unwrap();
+    let local = BeitImageProcessor::from_json_file(dir.join("preprocessor_config.json")).unwrap();
+    assert_eq!(p, local);
+    // transformers refuses a directory without preprocessor_config.json; so do we, naming the file.
+    let e = BeitImageProcessor::from_pretrained(fixture("abspos_larger").to_str().unwrap(), None).unwrap_err().to_string();
+    assert!(e.contains("preprocessor_config.json"), "{e}");
+    // A spec that is nothing: the error says what was expected.
+    let e = BeitForImageClassification::from_pretrained("./no/such/dir", &hub).unwrap_err();
+    assert_eq!(e.kind(), beit::ErrorKind::InvalidInput, "{e}");
+}

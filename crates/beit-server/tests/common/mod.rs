@@ -44,7 +44,7 @@ pub fn png_names() -> Vec<String> {
 
 pub fn load_pipeline(model: &str) -> Result<Pipeline, String> {
     let hub = HubOptions { offline: true, ..HubOptions::from_env() };
-    Pipeline::load(model, &LoadOptions::default(), &hub, &candle_core::Device::Cpu).map_err(|e| e.to_string())
+    Pipeline::from_pretrained(model, &LoadOptions { hub: Some(hub), ..Default::default() }).map_err(|e| e.to_string())
 }
 
 pub fn config(model: &str) -> ServerConfig {
