@@ -86,11 +86,8 @@ mod tests {
 
     /// A little- or big-endian EXIF block with one IFD0 entry: Orientation (SHORT) = `value`.
     fn exif_block(value: u16, big_endian: bool) -> Vec<u8> {
-        let (u16b, u32b): (fn(u16) -> [u8; 2], fn(u32) -> [u8; 4]) = if big_endian {
-            (u16::to_be_bytes, u32::to_be_bytes)
-        } else {
-            (u16::to_le_bytes, u32::to_le_bytes)
-        };
+        let (u16b, u32b): (fn(u16) -> [u8; 2], fn(u32) -> [u8; 4]) =
+            if big_endian { (u16::to_be_bytes, u32::to_be_bytes) } else { (u16::to_le_bytes, u32::to_le_bytes) };
         let mut b = EXIF_HEADER.to_vec();
         b.extend_from_slice(if big_endian { b"MM" } else { b"II" });
         b.extend(u16b(42));
@@ -122,7 +119,8 @@ mod tests {
     #[test]
     fn exif_and_xmp_in_jpeg_headers() {
         let jfif = segment(0xE0, b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0");
-        for (value, want) in [(6, Orientation::Rotate90), (8, Orientation::Rotate270), (2, Orientation::FlipHorizontal)] {
+        for (value, want) in [(6, Orientation::Rotate90), (8, Orientation::Rotate270), (2, Orientation::FlipHorizontal)]
+        {
             for be in [false, true] {
                 let d = jpeg(&[jfif.clone(), segment(0xE1, &exif_block(value, be))]);
                 assert_eq!(jpeg_orientation(&d), want, "{value} {be}");
@@ -142,7 +140,9 @@ mod tests {
         let d = jpeg(&[segment(0xE1, &exif_block(1, false)), xmp(r#"tiff:Orientation="6""#)]);
         assert_eq!(jpeg_orientation(&d), Orientation::NoTransforms);
         // Truncated or bogus headers: no orientation, no panic.
-        for d in [&[0xFF, 0xD8][..], &[0xFF, 0xD8, 0xFF], &[0xFF, 0xD8, 0xFF, 0xE1, 0xFF], &[0xFF, 0xD8, 0xFF, 0xE1, 0, 0]] {
+        for d in
+            [&[0xFF, 0xD8][..], &[0xFF, 0xD8, 0xFF], &[0xFF, 0xD8, 0xFF, 0xE1, 0xFF], &[0xFF, 0xD8, 0xFF, 0xE1, 0, 0]]
+        {
             assert_eq!(jpeg_orientation(d), Orientation::NoTransforms);
         }
     }

@@ -92,13 +92,12 @@ fn decode(bytes: &[u8], max_pixels: Option<u64>, name: &str) -> Result<Decoded> 
             Err(jpeg::JpegError::Corrupt(message)) => return Err(dec_err(message)),
         }
     }
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| ProcessorError::Io { path: name.to_string(), source })?;
     let Some(format) = reader.format() else {
         return Err(dec_err("unrecognized format (expected PNG, JPEG, WebP, BMP, TIFF or GIF)".into()));
     };
-    let mut reader = reader;
     let mut limits = image::Limits::default();
     // Room for the largest allowed image in 16-bit RGBA; the pixel check below is the real limit.
     limits.max_alloc = max_pixels.map(|m| m.saturating_mul(8).max(512 << 20));
@@ -114,7 +113,9 @@ fn decode(bytes: &[u8], max_pixels: Option<u64>, name: &str) -> Result<Decoded> 
     // even `Image.open` sees a TIFF upright; for other formats it is left to `exif_transpose`.
     let (on_open, orientation) = match (jpeg_orientation, format) {
         (Some(o), _) => (Orientation::NoTransforms, o),
-        (None, ImageFormat::Tiff) => (decoder.orientation().unwrap_or(Orientation::NoTransforms), Orientation::NoTransforms),
+        (None, ImageFormat::Tiff) => {
+            (decoder.orientation().unwrap_or(Orientation::NoTransforms), Orientation::NoTransforms)
+        }
         (None, _) => (Orientation::NoTransforms, exif::decoder_orientation(&mut decoder)),
     };
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| dec_err(e.to_string()))?;
@@ -246,7 +247,10 @@ mod tests {
             assert!(decode_image_bytes(&bytes, None, name).unwrap() == decode_image(&path, None).unwrap(), "{name}");
         }
         let label = std::fs::read(format!("{FIXTURES}images/label.png")).unwrap();
-        assert!(load_segmentation_map_bytes(&label, "label").unwrap() == load_segmentation_map(format!("{FIXTURES}images/label.png")).unwrap());
+        assert!(
+            load_segmentation_map_bytes(&label, "label").unwrap()
+                == load_segmentation_map(format!("{FIXTURES}images/label.png")).unwrap()
+        );
     }
 
     /// Images stored sideways with an orientation tag (JPEG APP1, PNG eXIf, lossless WebP, TIFF), against
