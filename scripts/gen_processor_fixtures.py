@@ -150,8 +150,9 @@ def rel(*parts):
 
 
 def main():
-    shutil.rmtree(ROOT, ignore_errors=True)
+    # Only this script's folders: exif/ is gen_exif_fixtures.py's.
     for d in ("images", "configs", "pixel_values", "labels", "resize", "torch", "jpeg"):
+        shutil.rmtree(os.path.join(ROOT, d), ignore_errors=True)
         os.makedirs(os.path.join(ROOT, d))
     path = lambda p: os.path.join(ROOT, p)  # noqa: E731
     manifest = {"processor_cases": [], "label_cases": [], "resize_cases": [], "jpeg_cases": [], "torch": {}}

@@ -122,6 +122,35 @@ fn preprocess_writes_what_transformers_produces() {
     assert_eq!(got, want);
 }
 
+/// Files stored sideways with an EXIF orientation tag reach the processor and the model upright, as through
+/// transformers' `load_image` (scripts/gen_exif_fixtures.py).
+#[test]
+fn oriented_images_are_loaded_upright() {
+    let dir = temp("exif");
+    let exif = fixtures().join("processor/exif");
+    let config = exif.join("config.json");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exif.join("manifest.json")).unwrap()).unwrap();
+    for name in ["jpeg_o6.jpg", "jpeg_o7.jpg", "png_o8.png", "webp_o6.webp"] {
+        let case = manifest["cases"].as_array().unwrap().iter().find(|c| c["image"] == format!("exif/{name}")).unwrap();
+        let out = dir.join(format!("{name}.npy"));
+        let img = exif.join(name);
+        let (code, _, err) = beit(&["preprocess", "--processor", config.to_str().unwrap(), img.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let (shape, got) = f32s(&out);
+        let (wshape, want) = f32s(&fixtures().join("processor").join(case["pixel_values"].as_str().unwrap()));
+        assert_eq!(shape, wshape, "{name}");
+        assert!(got == want, "{name}: pixel values differ from transformers'");
+    }
+    // The upright file and the same picture stored sideways classify the same.
+    let classify = |name: &str| {
+        let (code, out, err) = beit(&["classify", "--model", &model("cls_single"), exif.join(name).to_str().unwrap(), "--json"]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    assert_eq!(classify("png_o1.png"), classify("png_o6.png"));
+}
+
 #[test]
 fn mim_predicts_tokens_for_masked_patches() {
     let (code, out, err) = beit(&["mim", "--model", &model("mim"), &image("chelsea.png"), "--mask-ratio", "0.5", "--seed", "3", "--json"]);

@@ -7,11 +7,17 @@
 /// Pillow's resampling filters, numbered as `PIL.Image.Resampling` (the `resample` config key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Filter {
+    /// `NEAREST` (0): the nearest source pixel (Pillow's affine scaler).
     Nearest = 0,
+    /// `LANCZOS` (1): windowed sinc, support 3.
     Lanczos = 1,
+    /// `BILINEAR` (2): triangle, support 1.
     Bilinear = 2,
+    /// `BICUBIC` (3): Keys cubic with a = -0.5, support 2.
     Bicubic = 3,
+    /// `BOX` (4): box, support 0.5.
     Box = 4,
+    /// `HAMMING` (5): Hamming-windowed sinc, support 1.
     Hamming = 5,
 }
 
