@@ -1,8 +1,16 @@
 //! Errors: `ServerError` for starting and running the server, `ApiError` for what a request gets back
-//! (an HTTP status and the JSON body `{"error": ..., "error_type": ...}`, as text-embeddings-inference answers).
+//! (an HTTP status and the JSON body `{"error": ..., "error_type": ..., "request_id": ...}`, as
+//! text-embeddings-inference answers). [`ApiError::from_beit`] is the one place a library error becomes a status.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use beit::processor::ProcessorError;
+use beit::{BeitError, ErrorKind};
 
 /// Starting or running the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +50,7 @@ pub enum ErrorType {
     Overloaded,
     /// The model thread is gone (503).
     Unhealthy,
-    /// The model failed on this input (500).
+    /// A fault in the server or the model, not in the request (500): the cause is logged under the request id.
     Backend,
 }
 
@@ -78,23 +86,86 @@ impl ErrorType {
     }
 }
 
+/// Names one request in the answer and in the server's log, so a 500's logged cause can be found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    /// A fresh id, unique within this process and unlikely to repeat across restarts: a random prefix drawn once
+    /// per process and a counter.
+    pub fn new() -> Self {
+        static PREFIX: OnceLock<u32> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        // std's RandomState is seeded randomly per process: enough to tell two runs of the server apart.
+        let prefix =
+            *PREFIX.get_or_init(|| std::collections::hash_map::RandomState::new().build_hasher().finish() as u32);
+        RequestId(format!("{prefix:08x}-{:06}", NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A failed request: its status comes from the error type.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
+    /// What kind of failure; sets the status.
     pub kind: ErrorType,
+    /// What the client is told.
     pub message: String,
     /// Answer with `Connection: close`: the request's body was not read (an early refusal), so the connection
     /// cannot carry another request.
     pub close: bool,
+    /// The request's id, in the body when known.
+    pub request_id: Option<RequestId>,
 }
 
 /// Seconds a client is asked to wait before retrying a request refused because the queue was full.
 pub const RETRY_AFTER_SECS: u32 = 1;
 
 impl ApiError {
+    /// An error of `kind` saying `message`.
     pub fn new(kind: ErrorType, message: impl Into<String>) -> Self {
-        ApiError { kind, message: message.into(), close: false }
+        ApiError { kind, message: message.into(), close: false, request_id: None }
+    }
+
+    /// The one place a library error becomes an answer. What the caller can fix (invalid input, a bad image, a
+    /// task the model lacks) is a 400 with the library's message, which names what was expected and found.
+    /// Anything else (I/O, an internal fault, a divergence) is not the caller's doing: a 500 with a generic message
+    /// and the request id, and the cause logged under that id.
+    pub fn from_beit(e: &BeitError, id: &RequestId) -> Self {
+        let kind = match (e.kind(), e) {
+            (_, BeitError::Processor(ProcessorError::TooManyPixels { .. })) => ErrorType::ImageTooLarge,
+            (ErrorKind::InvalidInput | ErrorKind::Format, BeitError::Processor(_)) => ErrorType::InvalidImage,
+            (ErrorKind::InvalidInput | ErrorKind::Format, _) => ErrorType::Validation,
+            (ErrorKind::Unsupported, _) => ErrorType::Unsupported,
+            (ErrorKind::Io | ErrorKind::Internal | ErrorKind::Diverged, _) => ErrorType::Backend,
+        };
+        let message = match kind {
+            ErrorType::Backend => {
+                tracing::error!(request_id = %id, kind = ?e.kind(), "request failed: {e}");
+                format!("the server failed on this request (not a fault in the request); its cause is logged under request id {id}")
+            }
+            ErrorType::ImageTooLarge => format!("{e} (the server's --max-image-pixels)"),
+            _ => e.to_string(),
+        };
+        Self::new(kind, message).with_request_id(id)
+    }
+
+    /// The same error, naming the request.
+    pub fn with_request_id(mut self, id: &RequestId) -> Self {
+        self.request_id = Some(id.clone());
+        self
     }
 
     /// The same error, answered with `Connection: close`.
@@ -103,14 +174,12 @@ impl ApiError {
         self
     }
 
+    /// A malformed request (400).
     pub fn validation(message: impl Into<String>) -> Self {
         Self::new(ErrorType::Validation, message)
     }
 
-    pub fn backend(message: impl Into<String>) -> Self {
-        Self::new(ErrorType::Backend, message)
-    }
-
+    /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         self.kind.status()
     }
@@ -118,7 +187,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": self.message, "error_type": self.kind.as_str()});
+        let mut body = serde_json::json!({"error": self.message, "error_type": self.kind.as_str()});
+        if let Some(id) = &self.request_id {
+            body["request_id"] = id.0.clone().into();
+        }
         let mut resp = (self.status(), axum::Json(body)).into_response();
         if self.kind == ErrorType::Overloaded {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));

@@ -26,8 +26,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
-pub use batcher::{Backend, ModelInfo, Task};
-pub use error::{ApiError, ErrorType, ServerError};
+pub use batcher::{Backend, BackendResult, ModelInfo, Task};
+pub use error::{ApiError, ErrorType, RequestId, ServerError};
 pub use metrics::Metrics;
 
 use batcher::{BatchConfig, Batcher};

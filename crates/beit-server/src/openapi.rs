@@ -25,11 +25,13 @@ fn image_body() -> Value {
 fn errors() -> Value {
     let e = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     json!({
-        "400": e("Bad request: invalid JSON or base64 (`validation`), an image that does not decode (`invalid_image`), \
-                  one above --max-image-pixels (`image_too_large`), or a task the model has no head for (`unsupported`)."),
+        "400": e("Bad request: invalid JSON or base64, or an input the model refuses (`validation`), an image that does \
+                  not decode (`invalid_image`), one above --max-image-pixels (`image_too_large`), or a task the model \
+                  has no head for (`unsupported`)."),
         "408": e("The body did not arrive within 60 s (`timeout`)."),
         "413": e("The body is larger than --max-body-bytes (`payload_too_large`)."),
-        "500": e("The model failed on this input (`backend`)."),
+        "500": e("A fault in the server or the model, not in the request (`backend`): the server logged the cause under \
+                  the answer's `request_id`."),
         "503": {
             "description": "The queue is full (`overloaded`; retry after the Retry-After header's seconds), or the model \
                             thread has stopped (`unhealthy`).",
@@ -110,6 +112,7 @@ pub fn document(c: &ServerConfig) -> Value {
                 "mask": {"type": "string", "format": "byte", "description": "Base64 PNG (L8): 255 where the pixel is this class."}}},
             "Error": {"type": "object", "required": ["error", "error_type"], "properties": {
                 "error": {"type": "string"},
+                "request_id": {"type": "string", "description": "Names the request in the server's log."},
                 "error_type": {"type": "string", "enum": ["validation", "invalid_image", "image_too_large", "unsupported",
                     "not_found", "method_not_allowed", "payload_too_large", "timeout", "overloaded", "unhealthy", "backend"]}}}
         }}

@@ -14,13 +14,14 @@ use axum::{Json, Router};
 use base64::Engine;
 use beit::pipeline::Prediction;
 use beit::processor::SegmentationMap;
+use beit::BeitError;
 use image::{GrayImage, ImageFormat};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::batcher::{Batcher, Job, ModelInfo, Output, Task};
 use crate::decode::decode_rgb;
-use crate::error::{ApiError, ErrorType};
+use crate::error::{ApiError, ErrorType, RequestId};
 use crate::metrics::Metrics;
 use crate::ServerConfig;
 
@@ -52,8 +53,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Counts every answer by endpoint and status, and times it.
-async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+/// Names every request (a [`RequestId`] in its extensions), counts every answer by endpoint and status, and
+/// times it.
+async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: Next) -> Response {
+    req.extensions_mut().insert(RequestId::new());
     let endpoint = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let started = Instant::now();
     let resp = next.run(req).await;
@@ -115,20 +118,25 @@ fn admit(state: &AppState) -> Result<Admitted, ApiError> {
     }
 }
 
+/// The id [`track`] gave the request.
+fn request_id(req: &Request) -> RequestId {
+    req.extensions().get::<RequestId>().cloned().unwrap_or_default()
+}
+
+/// [`infer_inner`], with the request's id on every error.
+async fn infer(state: &AppState, task: Task, req: Request) -> Result<(Output, RequestId), ApiError> {
+    let id = request_id(&req);
+    match infer_inner(state, task, req, &id).await {
+        Ok(out) => Ok((out, id)),
+        Err(e) => Err(e.with_request_id(&id)),
+    }
+}
+
 /// Parse, decode, queue, wait: the path every inference request takes. Refusals before the body is read close
 /// the connection (it still holds the unread body).
-async fn infer(state: &AppState, task: Task, req: Request) -> Result<Output, ApiError> {
+async fn infer_inner(state: &AppState, task: Task, req: Request, id: &RequestId) -> Result<Output, ApiError> {
     if !state.info.tasks.contains(&task) {
-        return Err(ApiError::new(
-            ErrorType::Unsupported,
-            format!(
-                "this model ({}) cannot {}; it can: {}",
-                state.info.architecture,
-                task.as_str(),
-                state.info.tasks.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        )
-        .closing());
+        return Err(ApiError::new(ErrorType::Unsupported, state.info.cannot(task)).closing());
     }
     let _admitted = admit(state).map_err(ApiError::closing)?;
     let arriving = Arriving::new(&state.metrics);
@@ -145,26 +153,35 @@ async fn infer(state: &AppState, task: Task, req: Request) -> Result<Output, Api
     let bytes = input.image;
     let image = tokio::task::spawn_blocking(move || decode_rgb(&bytes, max_pixels))
         .await
-        .map_err(|_| ApiError::backend("decoding failed"))??;
+        .unwrap_or_else(|e| Err(BeitError::internal("decoding the request's image", e.to_string())))
+        .map_err(|e| ApiError::from_beit(&e, id))?;
     let (tx, rx) = oneshot::channel();
     state.batcher.submit(Job { task, image, top_k, enqueued: Instant::now(), reply: tx })?;
     // Queued: no longer on its way (counted until now so that the model thread never misses it).
     drop(arriving);
     // If this future is dropped (the client went away), `rx` goes with it and the model thread skips the job.
-    rx.await.map_err(|_| ApiError::new(ErrorType::Unhealthy, "the model thread stopped before answering"))?
+    rx.await
+        .map_err(|_| ApiError::new(ErrorType::Unhealthy, "the model thread stopped before answering"))?
+        .map_err(|e| ApiError::from_beit(&e, id))
+}
+
+/// The model thread answered a task with another task's output: a bug.
+fn wrong_output(task: Task, id: &RequestId) -> ApiError {
+    let e = BeitError::internal("the model thread", format!("answered {} with another task's output", task.as_str()));
+    ApiError::from_beit(&e, id)
 }
 
 async fn classify(State(state): State<Arc<AppState>>, req: Request) -> Result<Json<Vec<Prediction>>, ApiError> {
     match infer(&state, Task::Classify, req).await? {
-        Output::Classify(p) => Ok(Json(p)),
-        _ => Err(ApiError::backend("unexpected output")),
+        (Output::Classify(p), _) => Ok(Json(p)),
+        (_, id) => Err(wrong_output(Task::Classify, &id)),
     }
 }
 
 async fn embed(State(state): State<Arc<AppState>>, req: Request) -> Result<Json<Vec<f32>>, ApiError> {
     match infer(&state, Task::Embed, req).await? {
-        Output::Embed(v) => Ok(Json(v)),
-        _ => Err(ApiError::backend("unexpected output")),
+        (Output::Embed(v), _) => Ok(Json(v)),
+        (_, id) => Err(wrong_output(Task::Embed, &id)),
     }
 }
 
@@ -178,11 +195,16 @@ pub struct Segment {
     pub mask: String,
 }
 
-/// Per class present (ascending class id, as the pipeline's `np.unique`), its share and mask.
-pub fn segments(map: &SegmentationMap, info: &ModelInfo) -> Result<Vec<Segment>, ApiError> {
+/// Per class present (ascending class id, as the pipeline's `np.unique`), its share and mask. A map whose size
+/// is not its pixel count is an internal error (the backend made it).
+pub fn segments(map: &SegmentationMap, info: &ModelInfo) -> Result<Vec<Segment>, BeitError> {
     let (ids, (h, w)) = map;
+    let wrong_size = || {
+        let found = format!("{} class ids for {w}x{h} pixels", ids.len());
+        BeitError::internal("segmentation map", format!("expected one class id per pixel, found {found}"))
+    };
     if ids.len() != h * w || ids.is_empty() {
-        return Err(ApiError::backend("segmentation map of the wrong size"));
+        return Err(wrong_size());
     }
     let mut counts = std::collections::BTreeMap::<u32, usize>::new();
     for &i in ids {
@@ -193,11 +215,10 @@ pub fn segments(map: &SegmentationMap, info: &ModelInfo) -> Result<Vec<Segment>,
         .into_iter()
         .map(|(class, n)| {
             let data: Vec<u8> = ids.iter().map(|&i| if i == class { 255 } else { 0 }).collect();
-            let mask = GrayImage::from_raw(*w as u32, *h as u32, data)
-                .ok_or_else(|| ApiError::backend("segmentation map of the wrong size"))?;
+            let mask = GrayImage::from_raw(*w as u32, *h as u32, data).ok_or_else(wrong_size)?;
             let mut png = Vec::new();
             mask.write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
-                .map_err(|e| ApiError::backend(format!("encoding a mask: {e}")))?;
+                .map_err(|e| BeitError::internal("segmentation mask", format!("PNG encoding failed: {e}")))?;
             Ok(Segment {
                 label: info.label(class),
                 score: (n as f64 / ids.len() as f64) as f32,
@@ -208,15 +229,16 @@ pub fn segments(map: &SegmentationMap, info: &ModelInfo) -> Result<Vec<Segment>,
 }
 
 async fn segment(State(state): State<Arc<AppState>>, req: Request) -> Result<Json<Vec<Segment>>, ApiError> {
-    let map = match infer(&state, Task::Segment, req).await? {
-        Output::Segment(m) => m,
-        _ => return Err(ApiError::backend("unexpected output")),
+    let (map, id) = match infer(&state, Task::Segment, req).await? {
+        (Output::Segment(m), id) => (m, id),
+        (_, id) => return Err(wrong_output(Task::Segment, &id)),
     };
     let st = state.clone();
-    let segs = tokio::task::spawn_blocking(move || segments(&map, &st.info))
+    tokio::task::spawn_blocking(move || segments(&map, &st.info))
         .await
-        .map_err(|_| ApiError::backend("encoding the masks failed"))??;
-    Ok(Json(segs))
+        .unwrap_or_else(|e| Err(BeitError::internal("encoding the segmentation masks", e.to_string())))
+        .map(Json)
+        .map_err(|e| ApiError::from_beit(&e, &id))
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine;
 use beit::pipeline::{Pipeline, Prediction};
 use beit::processor::{load_image, SegmentationMap};
-use beit_server::{Backend, ModelInfo, ServerConfig};
+use beit_server::{Backend, BackendResult, ModelInfo, ServerConfig};
 use common::*;
 use image::RgbImage;
 use serde_json::Value;
@@ -23,15 +23,15 @@ impl Backend for Slow {
     fn info(&self) -> ModelInfo {
         self.inner.info()
     }
-    fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>, String> {
+    fn classify(&self, images: &[RgbImage], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
         std::thread::sleep(self.delay);
         Backend::classify(&self.inner, images, top_k)
     }
-    fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>, String> {
+    fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>> {
         std::thread::sleep(self.delay);
         Backend::segment(&self.inner, images)
     }
-    fn embed(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, String> {
+    fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>> {
         std::thread::sleep(self.delay);
         Backend::embed(&self.inner, images)
     }
