@@ -1,9 +1,10 @@
 //! `beit serve`: an HTTP inference server (crates/beit-server) over the model's pipeline.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use beit_server::ServerConfig;
+use beit_server::{ApiKeys, ServerConfig};
 use clap::Args;
 
 use crate::common::ModelArgs;
@@ -32,9 +33,31 @@ pub struct ServeArgs {
     /// Largest image, in pixels, checked from the header before decoding (400 above).
     #[arg(long, default_value_t = 25_000_000)]
     max_image_pixels: u64,
+    /// An API key clients must send as `Authorization: Bearer KEY` on every endpoint but /health; repeat for
+    /// several. Other users can read it in the process list: prefer --api-key-file or BEIT_API_KEY.
+    #[arg(long = "api-key", value_name = "KEY")]
+    api_keys: Vec<String>,
+    /// A file of API keys, one per line (blank lines and # comments skipped). The BEIT_API_KEYS environment
+    /// variable may name one too.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+}
+
+/// The keys from --api-key, --api-key-file, BEIT_API_KEY (one key) and BEIT_API_KEYS (a keys file), together.
+fn api_keys(a: &ServeArgs) -> Result<ApiKeys> {
+    let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+    let mut keys = ApiKeys::new(a.api_keys.iter().cloned(), "--api-key")?;
+    if let Some(k) = env("BEIT_API_KEY") {
+        keys = keys.merged(ApiKeys::new([k], "BEIT_API_KEY")?);
+    }
+    for file in a.api_key_file.iter().cloned().chain(env("BEIT_API_KEYS").map(PathBuf::from)) {
+        keys = keys.merged(ApiKeys::from_file(&file)?);
+    }
+    Ok(keys)
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    let api_keys = api_keys(&a)?;
     let config = ServerConfig {
         host: a.host,
         port: a.port,
@@ -44,6 +67,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         max_image_pixels: a.max_image_pixels,
         model_id: a.model.model.clone(),
+        api_keys,
+    };
+    let access = match config.api_keys.len() {
+        0 => "open (no API key)".to_string(),
+        n => format!("API key required ({n} key{})", if n == 1 { "" } else { "s" }),
     };
     config.validate()?;
     let model = a.model;
@@ -53,7 +81,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         |addr, info| {
             let tasks: Vec<&str> = info.tasks.iter().map(|t| t.as_str()).collect();
             eprintln!(
-                "beit serve: {} ({}) on http://{addr}; tasks: {}",
+                "beit serve: {} ({}) on http://{addr}; tasks: {}; {access}",
                 info.model_dir,
                 info.architecture,
                 tasks.join(", ")

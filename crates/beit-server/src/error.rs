@@ -38,6 +38,8 @@ pub enum ErrorType {
     ImageTooLarge,
     /// The model checkpoint has no head for this task (400).
     Unsupported,
+    /// No API key, or not one of the server's (401, with `WWW-Authenticate: Bearer`).
+    Unauthorized,
     /// No such endpoint (404).
     NotFound,
     /// The endpoint takes another method (405).
@@ -61,6 +63,7 @@ impl ErrorType {
             ErrorType::InvalidImage => "invalid_image",
             ErrorType::ImageTooLarge => "image_too_large",
             ErrorType::Unsupported => "unsupported",
+            ErrorType::Unauthorized => "unauthorized",
             ErrorType::NotFound => "not_found",
             ErrorType::MethodNotAllowed => "method_not_allowed",
             ErrorType::PayloadTooLarge => "payload_too_large",
@@ -76,6 +79,7 @@ impl ErrorType {
             ErrorType::Validation | ErrorType::InvalidImage | ErrorType::ImageTooLarge | ErrorType::Unsupported => {
                 StatusCode::BAD_REQUEST
             }
+            ErrorType::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorType::NotFound => StatusCode::NOT_FOUND,
             ErrorType::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorType::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

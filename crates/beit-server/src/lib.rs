@@ -9,6 +9,7 @@
 //! running batch; more get 503 with Retry-After), bodies and images are bounded, and a client that disconnects
 //! has its queued work dropped. Shutdown stops accepting, answers what was admitted, then stops the model thread.
 
+pub mod auth;
 pub mod batcher;
 pub mod decode;
 pub mod error;
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
+pub use auth::ApiKeys;
 pub use batcher::{Backend, BackendResult, ModelInfo, Task};
 pub use error::{ApiError, ErrorType, RequestId, ServerError};
 pub use metrics::Metrics;
@@ -48,6 +50,8 @@ pub struct ServerConfig {
     pub max_image_pixels: u64,
     /// What /info calls the model (the --model argument).
     pub model_id: String,
+    /// Keys a request must present (`Authorization: Bearer <key>`) on every endpoint but /health; none: open.
+    pub api_keys: ApiKeys,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             max_body_bytes: 16 << 20,
             max_image_pixels: 25_000_000,
             model_id: String::new(),
+            api_keys: ApiKeys::default(),
         }
     }
 }

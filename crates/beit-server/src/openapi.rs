@@ -28,6 +28,7 @@ fn errors() -> Value {
         "400": e("Bad request: invalid JSON or base64, or an input the model refuses (`validation`), an image that does \
                   not decode (`invalid_image`), one above --max-image-pixels (`image_too_large`), or a task the model \
                   has no head for (`unsupported`)."),
+        "401": e("The server requires an API key and the request had none, or not a valid one (`unauthorized`)."),
         "408": e("The body did not arrive within 60 s (`timeout`)."),
         "413": e("The body is larger than --max-body-bytes (`payload_too_large`)."),
         "500": e("A fault in the server or the model, not in the request (`backend`): the server logged the cause under \
@@ -47,11 +48,12 @@ fn with_errors(ok: Value) -> Value {
     r
 }
 
+/// The document for a server with these settings.
 pub fn document(c: &ServerConfig) -> Value {
     let top_k = json!({"name": "top_k", "in": "query", "required": false,
         "description": "How many classes to return (default 5). A `top_k` in the JSON body or form wins.",
         "schema": {"type": "integer", "minimum": 1, "default": 5}});
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "beit serve",
@@ -114,7 +116,14 @@ pub fn document(c: &ServerConfig) -> Value {
                 "error": {"type": "string"},
                 "request_id": {"type": "string", "description": "Names the request in the server's log."},
                 "error_type": {"type": "string", "enum": ["validation", "invalid_image", "image_too_large", "unsupported",
-                    "not_found", "method_not_allowed", "payload_too_large", "timeout", "overloaded", "unhealthy", "backend"]}}}
+                    "unauthorized", "not_found", "method_not_allowed", "payload_too_large", "timeout", "overloaded", "unhealthy", "backend"]}}}
         }}
-    })
+    });
+    if !c.api_keys.is_empty() {
+        doc["security"] = json!([{"bearer": []}]);
+        doc["components"]["securitySchemes"] =
+            json!({"bearer": {"type": "http", "scheme": "bearer", "description": "One of the server's API keys."}});
+        doc["paths"]["/health"]["get"]["security"] = json!([]);
+    }
+    doc
 }

@@ -35,8 +35,10 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
 }
 
+/// Every endpoint, behind the key check (inside the metrics, so refusals are counted).
 pub fn router(state: Arc<AppState>) -> Router {
     let metrics = state.metrics.clone();
+    let keys = Arc::new(state.config.api_keys.clone());
     Router::new()
         .route("/classify", post(classify))
         .route("/segment", post(segment))
@@ -49,6 +51,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // The inference handlers read bodies themselves, against --max-body-bytes.
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(keys, crate::auth::require_key))
         .layer(middleware::from_fn_with_state(metrics, track))
         .with_state(state)
 }
@@ -259,6 +262,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "labels": state.info.id2label.values().collect::<Vec<_>>(),
         "config": state.info.config,
         "processor": state.info.processor,
+        "api_key_required": !c.api_keys.is_empty(),
         "limits": {
             "max_batch_size": c.max_batch_size,
             "max_batch_delay_ms": c.max_batch_delay.as_millis() as u64,

@@ -92,9 +92,21 @@ impl Http {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Answer, String> {
+        let headers: Vec<(&str, &str)> = content_type.map(|ct| ("content-type", ct)).into_iter().collect();
+        self.send_with(method, path, &headers, body).await
+    }
+
+    /// A request with these headers.
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<Answer, String> {
         let mut b = Request::builder().method(method).uri(format!("{}{path}", self.base));
-        if let Some(ct) = content_type {
-            b = b.header("content-type", ct);
+        for (name, value) in headers {
+            b = b.header(*name, *value);
         }
         let req = b.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
