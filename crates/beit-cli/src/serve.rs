@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// Requests that may wait beyond a running batch; more are answered 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Answer a request 503 (`queue_timeout`, with Retry-After) once it has waited this long in the queue, rather
+    /// than serve it late. No limit unless given.
+    #[arg(long, value_name = "MS")]
+    max_queue_wait_ms: Option<u64>,
     /// Largest request body, in bytes (413 above).
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
@@ -41,6 +45,23 @@ pub struct ServeArgs {
     /// variable may name one too.
     #[arg(long, value_name = "FILE")]
     api_key_file: Option<PathBuf>,
+    /// Log lines as text, or as one JSON object per line (each request: method, path, status, latency, batch
+    /// size, request id). RUST_LOG filters them.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ServeArgs {
+    /// Whether the log is JSON lines.
+    pub fn json_logs(&self) -> bool {
+        self.log_format == LogFormat::Json
+    }
 }
 
 /// The keys from --api-key, --api-key-file, BEIT_API_KEY (one key) and BEIT_API_KEYS (a keys file), together.
@@ -64,6 +85,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_batch_size: a.max_batch_size,
         max_batch_delay: Duration::from_millis(a.max_batch_delay_ms),
         max_queue: a.max_queue,
+        max_queue_wait: a.max_queue_wait_ms.map(Duration::from_millis),
         max_body_bytes: a.max_body_bytes,
         max_image_pixels: a.max_image_pixels,
         model_id: a.model.model.clone(),

@@ -155,16 +155,32 @@ pub enum Output {
     Embed(Vec<f32>),
 }
 
+/// The model's answer for one image, and how many images its call ran together.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The answer.
+    pub output: Output,
+    /// Images in the model call that produced it.
+    pub batch_size: usize,
+}
+
 /// Where the model thread sends one image's answer.
-pub type Reply = oneshot::Sender<BackendResult<Output>>;
+pub type Reply = oneshot::Sender<BackendResult<Answer>>;
 
 /// One image waiting for the model.
 pub struct Job {
+    /// What to do with it.
     pub task: Task,
+    /// The decoded image.
     pub image: RgbImage,
     /// Classification only.
     pub top_k: usize,
+    /// When it was queued.
     pub enqueued: Instant,
+    /// Set by whoever takes the job first: the model thread (it runs the job) or the waiting handler (it gave up
+    /// at --max-queue-wait-ms and answered 503). The loser leaves the job alone.
+    pub claim: Arc<AtomicBool>,
+    /// Where the answer goes.
     pub reply: Reply,
 }
 
@@ -331,6 +347,9 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
     let now = Instant::now();
     let mut groups: BTreeMap<Task, Vec<Job>> = BTreeMap::new();
     for job in batch {
+        if job.claim.swap(true, Ordering::SeqCst) {
+            continue; // its handler gave up waiting and has answered
+        }
         if job.reply.is_closed() {
             metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -347,9 +366,10 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
         metrics.observe_batch(task.as_str(), images.len(), started.elapsed());
         match result {
             Ok(outputs) => {
+                let batch_size = images.len();
                 for (out, (k, reply)) in outputs.into_iter().zip(rest) {
                     // ok to ignore: the client may have gone while the batch ran.
-                    let _ = reply.send(Ok(truncate(out, k)));
+                    let _ = reply.send(Ok(Answer { output: truncate(out, k), batch_size }));
                 }
             }
             Err(e) if images.len() == 1 => {
@@ -367,8 +387,8 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
                     let started = Instant::now();
                     let r = run_task(backend, info, task, std::slice::from_ref(&image), k);
                     metrics.observe_batch(task.as_str(), 1, started.elapsed());
-                    let _ =
-                        reply.send(r.and_then(|mut v| v.pop().ok_or_else(|| fault("gave no output for one image"))));
+                    let one = r.and_then(|mut v| v.pop().ok_or_else(|| fault("gave no output for one image")));
+                    let _ = reply.send(one.map(|output| Answer { output, batch_size: 1 }));
                 }
             }
         }

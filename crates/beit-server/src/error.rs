@@ -50,6 +50,8 @@ pub enum ErrorType {
     Timeout,
     /// The queue is full (503, with Retry-After).
     Overloaded,
+    /// The request waited in the queue longer than --max-queue-wait-ms (503, with Retry-After).
+    QueueTimeout,
     /// The model thread is gone (503).
     Unhealthy,
     /// A fault in the server or the model, not in the request (500): the cause is logged under the request id.
@@ -57,6 +59,7 @@ pub enum ErrorType {
 }
 
 impl ErrorType {
+    /// The `error_type` field.
     pub fn as_str(&self) -> &'static str {
         match self {
             ErrorType::Validation => "validation",
@@ -69,11 +72,26 @@ impl ErrorType {
             ErrorType::PayloadTooLarge => "payload_too_large",
             ErrorType::Timeout => "timeout",
             ErrorType::Overloaded => "overloaded",
+            ErrorType::QueueTimeout => "queue_timeout",
             ErrorType::Unhealthy => "unhealthy",
             ErrorType::Backend => "backend",
         }
     }
 
+    /// A refusal of the server's (overload, a limit, a missing key) rather than an answer about the request's
+    /// content: counted by reason on /metrics.
+    pub fn is_rejection(&self) -> bool {
+        matches!(
+            self,
+            ErrorType::Overloaded
+                | ErrorType::QueueTimeout
+                | ErrorType::Unauthorized
+                | ErrorType::Timeout
+                | ErrorType::PayloadTooLarge
+        )
+    }
+
+    /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
             ErrorType::Validation | ErrorType::InvalidImage | ErrorType::ImageTooLarge | ErrorType::Unsupported => {
@@ -84,7 +102,7 @@ impl ErrorType {
             ErrorType::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorType::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorType::Timeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorType::Overloaded | ErrorType::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorType::Overloaded | ErrorType::QueueTimeout | ErrorType::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
             ErrorType::Backend => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -94,7 +112,18 @@ impl ErrorType {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestId(pub String);
 
+/// The header that carries a request's id, both ways.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
 impl RequestId {
+    /// A client's id if it is usable in logs and headers (1 to 128 characters of letters, digits and `-_.:`),
+    /// else `None`.
+    pub fn from_client(value: &[u8]) -> Option<RequestId> {
+        let ok = (1..=128).contains(&value.len())
+            && value.iter().all(|&b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        ok.then(|| RequestId(String::from_utf8_lossy(value).into_owned()))
+    }
+
     /// A fresh id, unique within this process and unlikely to repeat across restarts: a random prefix drawn once
     /// per process and a counter.
     pub fn new() -> Self {
@@ -189,19 +218,29 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The JSON body: `{"error", "error_type"}`, and `"request_id"` when known.
+    pub fn body(&self) -> serde_json::Value {
         let mut body = serde_json::json!({"error": self.message, "error_type": self.kind.as_str()});
         if let Some(id) = &self.request_id {
             body["request_id"] = id.0.clone().into();
         }
-        let mut resp = (self.status(), axum::Json(body)).into_response();
-        if self.kind == ErrorType::Overloaded {
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// The answer; the error itself rides along in the response's extensions, so the outermost middleware can
+    /// count it and add the request id to a body written without one.
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if matches!(self.kind, ErrorType::Overloaded | ErrorType::QueueTimeout) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         if self.close {
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        resp.extensions_mut().insert(self);
         resp
     }
 }

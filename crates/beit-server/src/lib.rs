@@ -14,6 +14,7 @@ pub mod batcher;
 pub mod decode;
 pub mod error;
 pub mod input;
+pub mod log;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
@@ -46,6 +47,8 @@ pub struct ServerConfig {
     pub max_batch_delay: Duration,
     /// Requests admitted to wait beyond a running batch; more are refused with 503.
     pub max_queue: usize,
+    /// How long a request may wait in the queue before it is answered 503 rather than served late; `None`: no limit.
+    pub max_queue_wait: Option<Duration>,
     pub max_body_bytes: usize,
     pub max_image_pixels: u64,
     /// What /info calls the model (the --model argument).
@@ -62,6 +65,7 @@ impl Default for ServerConfig {
             max_batch_size: 8,
             max_batch_delay: Duration::from_millis(5),
             max_queue: 64,
+            max_queue_wait: None,
             max_body_bytes: 16 << 20,
             max_image_pixels: 25_000_000,
             model_id: String::new(),
@@ -84,6 +88,9 @@ impl ServerConfig {
         }
         if self.max_image_pixels == 0 {
             return bad("max-image-pixels", "must be at least 1");
+        }
+        if self.max_queue_wait.is_some_and(|w| w.is_zero()) {
+            return bad("max-queue-wait-ms", "must be at least 1");
         }
         if self.max_batch_delay > Duration::from_secs(60) {
             return bad("max-batch-delay-ms", "must be at most 60000");

@@ -34,8 +34,9 @@ fn errors() -> Value {
         "500": e("A fault in the server or the model, not in the request (`backend`): the server logged the cause under \
                   the answer's `request_id`."),
         "503": {
-            "description": "The queue is full (`overloaded`; retry after the Retry-After header's seconds), or the model \
-                            thread has stopped (`unhealthy`).",
+            "description": "The queue is full (`overloaded`), or the request waited in it longer than --max-queue-wait-ms \
+                            (`queue_timeout`) — retry after the Retry-After header's seconds; or the model thread has \
+                            stopped (`unhealthy`).",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         }
@@ -60,7 +61,9 @@ pub fn document(c: &ServerConfig) -> Value {
             "version": env!("CARGO_PKG_VERSION"),
             "description": format!(
                 "BEiT inference with dynamic batching: requests that arrive together run as one batch (up to {} images, \
-                 waiting at most {} ms). Answers have the shapes of the Hugging Face Inference API.",
+                 waiting at most {} ms). Answers have the shapes of the Hugging Face Inference API. Every answer carries an \
+                 `x-request-id` header: the client's if it sent one of 1 to 128 letters, digits and `-_.:`, else a fresh \
+                 one; error bodies repeat it as `request_id`.",
                 c.max_batch_size, c.max_batch_delay.as_millis())
         },
         "paths": {
@@ -116,7 +119,7 @@ pub fn document(c: &ServerConfig) -> Value {
                 "error": {"type": "string"},
                 "request_id": {"type": "string", "description": "Names the request in the server's log."},
                 "error_type": {"type": "string", "enum": ["validation", "invalid_image", "image_too_large", "unsupported",
-                    "unauthorized", "not_found", "method_not_allowed", "payload_too_large", "timeout", "overloaded", "unhealthy", "backend"]}}}
+                    "unauthorized", "not_found", "method_not_allowed", "payload_too_large", "timeout", "overloaded", "queue_timeout", "unhealthy", "backend"]}}}
         }}
     });
     if !c.api_keys.is_empty() {
