@@ -34,6 +34,20 @@ pub struct ServeArgs {
     /// Largest request body, in bytes (413 above).
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
+    /// After --body-grace-ms, a request body must keep arriving at this many bytes per second on average, or the
+    /// request gets 408 (0: no minimum). A request holds no queue slot while its body arrives.
+    #[arg(long, value_name = "BYTES_PER_S", default_value_t = 1024)]
+    min_body_rate: u64,
+    /// How long a body may take before --min-body-rate counts, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    body_grace_ms: u64,
+    /// How long a connection may take to send a request's headers (or sit idle between requests), in
+    /// milliseconds, before it is closed.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// Connections one client address may hold open; more are answered 429 and closed.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_client: usize,
     /// Largest image, in pixels, checked from the header before decoding (400 above).
     #[arg(long, default_value_t = 25_000_000)]
     max_image_pixels: u64,
@@ -87,6 +101,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         max_queue_wait: a.max_queue_wait_ms.map(Duration::from_millis),
         max_body_bytes: a.max_body_bytes,
+        min_body_rate: a.min_body_rate,
+        body_grace: Duration::from_millis(a.body_grace_ms),
+        header_timeout: Duration::from_millis(a.header_timeout_ms),
+        max_connections_per_client: a.max_connections_per_client,
         max_image_pixels: a.max_image_pixels,
         model_id: a.model.model.clone(),
         api_keys,

@@ -46,8 +46,10 @@ pub enum ErrorType {
     MethodNotAllowed,
     /// The body is larger than --max-body-bytes (413).
     PayloadTooLarge,
-    /// The body did not arrive in time (408).
+    /// The body did not arrive in time, or arrived slower than --min-body-rate (408).
     Timeout,
+    /// The client's address already has --max-connections-per-client connections open (429).
+    TooManyConnections,
     /// The queue is full (503, with Retry-After).
     Overloaded,
     /// The request waited in the queue longer than --max-queue-wait-ms (503, with Retry-After).
@@ -71,6 +73,7 @@ impl ErrorType {
             ErrorType::MethodNotAllowed => "method_not_allowed",
             ErrorType::PayloadTooLarge => "payload_too_large",
             ErrorType::Timeout => "timeout",
+            ErrorType::TooManyConnections => "too_many_connections",
             ErrorType::Overloaded => "overloaded",
             ErrorType::QueueTimeout => "queue_timeout",
             ErrorType::Unhealthy => "unhealthy",
@@ -87,6 +90,7 @@ impl ErrorType {
                 | ErrorType::QueueTimeout
                 | ErrorType::Unauthorized
                 | ErrorType::Timeout
+                | ErrorType::TooManyConnections
                 | ErrorType::PayloadTooLarge
         )
     }
@@ -102,6 +106,7 @@ impl ErrorType {
             ErrorType::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorType::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorType::Timeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorType::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             ErrorType::Overloaded | ErrorType::QueueTimeout | ErrorType::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
             ErrorType::Backend => StatusCode::INTERNAL_SERVER_ERROR,
         }

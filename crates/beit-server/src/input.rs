@@ -1,7 +1,7 @@
 //! The image and parameters of a request: raw bytes, a multipart form, or JSON `{"inputs": "<base64>"}`.
 
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{FromRequest, Multipart, Request};
@@ -48,15 +48,55 @@ fn too_large(limit: usize) -> ApiError {
     .closing()
 }
 
-/// Reads the whole body, refusing (413) as soon as it passes `limit` bytes — from Content-Length when the client
-/// sends one, else while streaming.
-pub async fn read_body(body: Body, content_length: Option<u64>, limit: usize) -> Result<Bytes, ApiError> {
+/// How a request's body must arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Largest body, bytes (413 above).
+    pub max_bytes: usize,
+    /// After `grace`, the body must keep arriving at this many bytes per second on average (408 otherwise);
+    /// 0: no minimum rate.
+    pub min_rate: u64,
+    /// Time a body may take before the rate counts: `grace + received / min_rate` is its deadline so far.
+    pub grace: Duration,
+}
+
+impl BodyLimits {
+    /// No limit but the size (tests).
+    pub fn max_bytes(max_bytes: usize) -> Self {
+        BodyLimits { max_bytes, min_rate: 0, grace: BODY_TIMEOUT }
+    }
+
+    /// When the next bytes must have arrived, given `received` so far since `started`; `None`: no deadline.
+    fn deadline(&self, started: Instant, received: usize) -> Option<Instant> {
+        if self.min_rate == 0 {
+            return None;
+        }
+        let allowed = Duration::from_millis((received as u64).saturating_mul(1000) / self.min_rate);
+        // Past what an Instant can hold: no deadline but the overall BODY_TIMEOUT.
+        started.checked_add(self.grace)?.checked_add(allowed)
+    }
+}
+
+/// Reads the whole body, refusing (413) as soon as it passes `limits.max_bytes` — from Content-Length when the
+/// client sends one, else while streaming — and (408) as soon as it falls behind `limits.min_rate`.
+pub async fn read_body(body: Body, content_length: Option<u64>, limits: &BodyLimits) -> Result<Bytes, ApiError> {
+    let limit = limits.max_bytes;
     if content_length.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
     let mut body = body;
     let mut buf: Vec<u8> = Vec::with_capacity(content_length.map(|n| n as usize).unwrap_or(0).min(limit));
-    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+    let started = Instant::now();
+    loop {
+        let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+        let frame = match limits.deadline(started, buf.len()) {
+            None => next.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), next).await {
+                Ok(frame) => frame,
+                Err(_) => return Err(too_slow(buf.len(), started.elapsed(), limits)),
+            },
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| ApiError::validation(format!("reading the body: {e}")).closing())?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
@@ -68,12 +108,22 @@ pub async fn read_body(body: Body, content_length: Option<u64>, limit: usize) ->
     Ok(Bytes::from(buf))
 }
 
-/// How long a request may take to send its body: a client trickling bytes would otherwise hold its place in the
-/// queue for ever.
+fn too_slow(received: usize, elapsed: Duration, limits: &BodyLimits) -> ApiError {
+    let message = format!(
+        "the body arrived too slowly: {received} bytes in {:.1} s, expected at least {} bytes/s after the first {:.1} s \
+         (--min-body-rate)",
+        elapsed.as_secs_f64(),
+        limits.min_rate,
+        limits.grace.as_secs_f64()
+    );
+    ApiError::new(ErrorType::Timeout, message).closing()
+}
+
+/// How long a request may take to send its body, however fast it sends.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The image and parameters of a request whose body is at most `limit` bytes.
-pub async fn parse(req: Request, limit: usize) -> Result<Input, ApiError> {
+/// The image and parameters of a request whose body arrives within `limits`.
+pub async fn parse(req: Request, limits: &BodyLimits) -> Result<Input, ApiError> {
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let content_length = req
         .headers()
@@ -81,7 +131,7 @@ pub async fn parse(req: Request, limit: usize) -> Result<Input, ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let (parts, body) = req.into_parts();
-    let bytes = tokio::time::timeout(BODY_TIMEOUT, read_body(body, content_length, limit)).await.map_err(|_| {
+    let bytes = tokio::time::timeout(BODY_TIMEOUT, read_body(body, content_length, limits)).await.map_err(|_| {
         ApiError::new(ErrorType::Timeout, format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()))
             .closing()
     })??;
@@ -237,12 +287,22 @@ mod tests {
 
     #[tokio::test]
     async fn body_limit() {
-        let b = read_body(Body::from(vec![0u8; 10]), None, 10).await.unwrap();
+        let ten = BodyLimits::max_bytes(10);
+        let b = read_body(Body::from(vec![0u8; 10]), None, &ten).await.unwrap();
         assert_eq!(b.len(), 10);
-        let e = read_body(Body::from(vec![0u8; 11]), None, 10).await.unwrap_err();
+        let e = read_body(Body::from(vec![0u8; 11]), None, &ten).await.unwrap_err();
         assert_eq!(e.kind, ErrorType::PayloadTooLarge);
-        let e = read_body(Body::from(vec![0u8; 1]), Some(11), 10).await.unwrap_err();
+        let e = read_body(Body::from(vec![0u8; 1]), Some(11), &ten).await.unwrap_err();
         assert_eq!(e.kind, ErrorType::PayloadTooLarge);
+    }
+
+    #[test]
+    fn the_deadline_grows_with_what_arrived() {
+        let limits = BodyLimits { max_bytes: 1 << 20, min_rate: 1000, grace: Duration::from_millis(100) };
+        let t = Instant::now();
+        assert_eq!(limits.deadline(t, 0), Some(t + Duration::from_millis(100)));
+        assert_eq!(limits.deadline(t, 500), Some(t + Duration::from_millis(600)));
+        assert_eq!(BodyLimits::max_bytes(10).deadline(t, 500), None, "no minimum rate");
     }
 
     #[tokio::test]
@@ -255,13 +315,13 @@ mod tests {
             .header(header::CONTENT_TYPE, "multipart/form-data; boundary=XX")
             .body(Body::from(body))
             .unwrap();
-        let i = parse(req, 1 << 20).await.unwrap();
+        let i = parse(req, &BodyLimits::max_bytes(1 << 20)).await.unwrap();
         assert_eq!(&i.image[..], b"PNGDATA");
         assert_eq!(i.top_k, Some(2));
         let req = Request::builder()
             .header(header::CONTENT_TYPE, "multipart/form-data; boundary=XX")
             .body(Body::from("garbage"))
             .unwrap();
-        assert_eq!(parse(req, 1 << 20).await.unwrap_err().kind, ErrorType::Validation);
+        assert_eq!(parse(req, &BodyLimits::max_bytes(1 << 20)).await.unwrap_err().kind, ErrorType::Validation);
     }
 }

@@ -6,11 +6,15 @@
 //!
 //! The model runs on one dedicated OS thread with dynamic batching (see [`batcher`]); the tokio runtime only
 //! parses, decodes (on its blocking pool) and answers. Admission is bounded (`max_queue` requests waiting beyond a
-//! running batch; more get 503 with Retry-After), bodies and images are bounded, and a client that disconnects
-//! has its queued work dropped. Shutdown stops accepting, answers what was admitted, then stops the model thread.
+//! running batch; more get 503 with Retry-After) and happens only once a request's image is decoded, so slow
+//! uploads hold no slot; bodies must arrive at a minimum rate, headers within a deadline, and one address may hold
+//! only so many connections ([`conn`]). Bodies and images are bounded, and a client that disconnects has its
+//! queued work dropped. Errors are typed ([`ApiError::from_beit`]); with API keys ([`auth`]) every endpoint but
+//! /health needs one. Shutdown stops accepting, answers what was admitted, then stops the model thread.
 
 pub mod auth;
 pub mod batcher;
+pub mod conn;
 pub mod decode;
 pub mod error;
 pub mod input;
@@ -49,7 +53,18 @@ pub struct ServerConfig {
     pub max_queue: usize,
     /// How long a request may wait in the queue before it is answered 503 rather than served late; `None`: no limit.
     pub max_queue_wait: Option<Duration>,
+    /// Largest request body, bytes (413 above).
     pub max_body_bytes: usize,
+    /// After `body_grace`, a body must arrive at this many bytes per second on average or get 408; 0: no minimum.
+    pub min_body_rate: u64,
+    /// How long a body may take before `min_body_rate` counts.
+    pub body_grace: Duration,
+    /// How long a connection may take to send a request's headers (and may sit idle between requests) before it
+    /// is closed.
+    pub header_timeout: Duration,
+    /// Connections one client address may hold open; more are answered 429 and closed.
+    pub max_connections_per_client: usize,
+    /// Largest image, pixels, checked from its header before decoding (400 above).
     pub max_image_pixels: u64,
     /// What /info calls the model (the --model argument).
     pub model_id: String,
@@ -67,6 +82,10 @@ impl Default for ServerConfig {
             max_queue: 64,
             max_queue_wait: None,
             max_body_bytes: 16 << 20,
+            min_body_rate: 1024,
+            body_grace: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            max_connections_per_client: 64,
             max_image_pixels: 25_000_000,
             model_id: String::new(),
             api_keys: ApiKeys::default(),
@@ -86,6 +105,12 @@ impl ServerConfig {
         if self.max_body_bytes == 0 {
             return bad("max-body-bytes", "must be at least 1");
         }
+        if self.header_timeout.is_zero() {
+            return bad("header-timeout-ms", "must be at least 1");
+        }
+        if self.max_connections_per_client == 0 {
+            return bad("max-connections-per-client", "must be at least 1");
+        }
         if self.max_image_pixels == 0 {
             return bad("max-image-pixels", "must be at least 1");
         }
@@ -96,6 +121,11 @@ impl ServerConfig {
             return bad("max-batch-delay-ms", "must be at most 60000");
         }
         Ok(())
+    }
+
+    /// How a request's body must arrive.
+    pub fn body_limits(&self) -> input::BodyLimits {
+        input::BodyLimits { max_bytes: self.max_body_bytes, min_rate: self.min_body_rate, grace: self.body_grace }
     }
 
     /// Requests admitted at once: the queue plus one running batch.
@@ -139,18 +169,19 @@ where
     let admission = Arc::new(Semaphore::new(config.admitted()));
     let state = Arc::new(AppState { config, info, batcher, metrics, admission });
     let app = routes::router(state.clone());
+    let connections = conn::Connections::new(state.config.max_connections_per_client, state.metrics.clone());
+    let header_timeout = state.config.header_timeout;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let st = state.clone();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                // ok to ignore: a dropped sender also means stop.
-                let _ = stop_rx.await;
-            })
-            .await;
+        let stop = async move {
+            // ok to ignore: a dropped sender also means stop.
+            let _ = stop_rx.await;
+        };
+        conn::serve(listener, app, connections, header_timeout, stop).await;
         // Every connection is closed and every admitted request answered; now drain and stop the model thread.
         st.batcher.close().await;
-        served.map_err(ServerError::Serve)
+        Ok(())
     });
     Ok(Server { addr, state, stop: Some(stop_tx), task })
 }

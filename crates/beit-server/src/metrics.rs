@@ -79,11 +79,15 @@ pub struct Metrics {
     queue_wait: Mutex<Option<Histogram>>,
     /// Requests in the batching queue, waiting for the model thread.
     pub queue_depth: AtomicUsize,
-    /// Requests admitted and not yet answered (reading, decoding, queued or running).
+    /// Requests admitted (their image decoded) and not yet answered: queued or running.
     pub in_flight: AtomicUsize,
-    /// Requests admitted and not yet queued (their body is being read or their image decoded): the model thread
-    /// waits for these, up to the batch delay, and not at all when there are none.
+    /// Requests whose body has arrived and whose image is being decoded, not yet queued: the model thread waits for
+    /// these, up to the batch delay, and not at all when there are none.
     pub arriving: AtomicUsize,
+    /// Requests whose body is still arriving; they hold no queue slot.
+    pub reading: AtomicUsize,
+    /// Open client connections.
+    pub connections: AtomicUsize,
     /// Queued requests dropped before they ran because their client had gone.
     pub cancelled: AtomicU64,
     /// Requests refused with 503 because the queue was full.
@@ -183,9 +187,13 @@ impl Metrics {
             &mut out,
             "beit_requests_arriving",
             "gauge",
-            "Requests admitted whose body is being read or image decoded.",
+            "Requests whose image is being decoded, about to be queued.",
         );
         let _ = writeln!(out, "beit_requests_arriving {}", self.arriving.load(Ordering::Relaxed));
+        header(&mut out, "beit_requests_reading", "gauge", "Requests whose body is still arriving (no queue slot).");
+        let _ = writeln!(out, "beit_requests_reading {}", self.reading.load(Ordering::Relaxed));
+        header(&mut out, "beit_connections_open", "gauge", "Open client connections.");
+        let _ = writeln!(out, "beit_connections_open {}", self.connections.load(Ordering::Relaxed));
         header(
             &mut out,
             "beit_requests_cancelled_total",

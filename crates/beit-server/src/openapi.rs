@@ -29,8 +29,11 @@ fn errors() -> Value {
                   not decode (`invalid_image`), one above --max-image-pixels (`image_too_large`), or a task the model \
                   has no head for (`unsupported`)."),
         "401": e("The server requires an API key and the request had none, or not a valid one (`unauthorized`)."),
-        "408": e("The body did not arrive within 60 s (`timeout`)."),
+        "408": e("The body did not arrive within 60 s, or arrived slower than --min-body-rate after --body-grace-ms \
+                  (`timeout`)."),
         "413": e("The body is larger than --max-body-bytes (`payload_too_large`)."),
+        "429": e("The client's address already has --max-connections-per-client connections open \
+                  (`too_many_connections`)."),
         "500": e("A fault in the server or the model, not in the request (`backend`): the server logged the cause under \
                   the answer's `request_id`."),
         "503": {
@@ -119,7 +122,7 @@ pub fn document(c: &ServerConfig) -> Value {
                 "error": {"type": "string"},
                 "request_id": {"type": "string", "description": "Names the request in the server's log."},
                 "error_type": {"type": "string", "enum": ["validation", "invalid_image", "image_too_large", "unsupported",
-                    "unauthorized", "not_found", "method_not_allowed", "payload_too_large", "timeout", "overloaded", "queue_timeout", "unhealthy", "backend"]}}}
+                    "unauthorized", "not_found", "method_not_allowed", "payload_too_large", "timeout", "too_many_connections", "overloaded", "queue_timeout", "unhealthy", "backend"]}}}
         }}
     });
     if !c.api_keys.is_empty() {

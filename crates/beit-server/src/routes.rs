@@ -1,7 +1,7 @@
 //! The HTTP endpoints.
 
 use std::io::Cursor;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -101,40 +101,34 @@ struct TopKQuery {
     top_k: Option<usize>,
 }
 
+/// Counts a request on one of the metrics' gauges until dropped.
+struct Counting {
+    metrics: Arc<Metrics>,
+    gauge: fn(&Metrics) -> &AtomicUsize,
+}
+
+impl Counting {
+    fn new(metrics: &Arc<Metrics>, gauge: fn(&Metrics) -> &AtomicUsize) -> Self {
+        gauge(metrics).fetch_add(1, Ordering::SeqCst);
+        Counting { metrics: metrics.clone(), gauge }
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        (self.gauge)(&self.metrics).fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Holds an admission permit and the in-flight gauge for the life of a request.
 struct Admitted {
     _permit: OwnedSemaphorePermit,
-    metrics: Arc<Metrics>,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Counts a request as on its way to the queue until it is queued (or fails).
-struct Arriving(Arc<Metrics>);
-
-impl Arriving {
-    fn new(metrics: &Arc<Metrics>) -> Self {
-        metrics.arriving.fetch_add(1, Ordering::SeqCst);
-        Arriving(metrics.clone())
-    }
-}
-
-impl Drop for Arriving {
-    fn drop(&mut self) {
-        self.0.arriving.fetch_sub(1, Ordering::SeqCst);
-    }
+    _in_flight: Counting,
 }
 
 fn admit(state: &AppState) -> Result<Admitted, ApiError> {
     match state.admission.clone().try_acquire_owned() {
-        Ok(permit) => {
-            state.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
-            Ok(Admitted { _permit: permit, metrics: state.metrics.clone() })
-        }
+        Ok(permit) => Ok(Admitted { _permit: permit, _in_flight: Counting::new(&state.metrics, |m| &m.in_flight) }),
         Err(_) => {
             state.metrics.rejected.fetch_add(1, Ordering::Relaxed);
             Err(ApiError::new(ErrorType::Overloaded, "the queue is full; retry later"))
@@ -170,30 +164,34 @@ impl Done {
     }
 }
 
-/// Parse, decode, queue, wait: the path every inference request takes. Refusals before the body is read close
-/// the connection (it still holds the unread body).
+/// Read, decode, admit, queue, wait: the path every inference request takes. A request takes a queue slot only
+/// once its image is decoded, so clients that send slowly (or not at all) hold none. Refusals before the body is
+/// read close the connection (it still holds the unread body).
 async fn infer(state: &AppState, task: Task, req: Request) -> Result<(Output, Done), ApiError> {
     let id = request_id(&req);
     if !state.info.tasks.contains(&task) {
         return Err(ApiError::new(ErrorType::Unsupported, state.info.cannot(task)).closing());
     }
-    let _admitted = admit(state).map_err(ApiError::closing)?;
-    let arriving = Arriving::new(&state.metrics);
     let query_top_k = match Query::<TopKQuery>::try_from_uri(req.uri()) {
         Ok(q) => q.0.top_k,
         Err(e) => return Err(ApiError::validation(format!("bad query string: {}", e.body_text())).closing()),
     };
-    let input = crate::input::parse(req, state.config.max_body_bytes).await?;
+    let reading = Counting::new(&state.metrics, |m| &m.reading);
+    let input = crate::input::parse(req, &state.config.body_limits()).await?;
+    drop(reading);
     let top_k = input.top_k.or(query_top_k).unwrap_or(5);
     if top_k == 0 {
         return Err(ApiError::validation("`top_k` must be at least 1"));
     }
+    // On its way to the queue: the model thread waits for it (up to the batch delay) while it decodes.
+    let arriving = Counting::new(&state.metrics, |m| &m.arriving);
     let max_pixels = state.config.max_image_pixels;
     let bytes = input.image;
     let image = tokio::task::spawn_blocking(move || decode_rgb(&bytes, max_pixels))
         .await
         .unwrap_or_else(|e| Err(BeitError::internal("decoding the request's image", e.to_string())))
         .map_err(|e| ApiError::from_beit(&e, &id))?;
+    let _admitted = admit(state)?;
     let (tx, rx) = oneshot::channel();
     let claim = Arc::new(AtomicBool::new(false));
     state.batcher.submit(Job { task, image, top_k, enqueued: Instant::now(), claim: claim.clone(), reply: tx })?;
@@ -325,6 +323,10 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
             "max_queue": c.max_queue,
             "max_queue_wait_ms": c.max_queue_wait.map(|w| w.as_millis() as u64),
             "max_body_bytes": c.max_body_bytes,
+            "min_body_rate": c.min_body_rate,
+            "body_grace_ms": c.body_grace.as_millis() as u64,
+            "header_timeout_ms": c.header_timeout.as_millis() as u64,
+            "max_connections_per_client": c.max_connections_per_client,
             "max_image_pixels": c.max_image_pixels,
         },
         "version": env!("CARGO_PKG_VERSION"),

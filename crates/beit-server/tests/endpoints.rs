@@ -16,17 +16,6 @@ fn as_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::from_str(&serde_json::to_string(v).unwrap()).unwrap()
 }
 
-/// Waits (up to 10 s) until `cond` holds on the server's metrics.
-async fn wait_for(server: &beit_server::Server, what: &str, cond: impl Fn(&beit_server::Metrics) -> bool) {
-    for _ in 0..1000 {
-        if cond(server.metrics()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 fn in_flight(m: &beit_server::Metrics) -> usize {
     m.in_flight.load(std::sync::atomic::Ordering::SeqCst)
 }

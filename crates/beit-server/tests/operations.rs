@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use beit_server::ServerConfig;
@@ -94,14 +95,10 @@ async fn a_request_that_waits_too_long_in_the_queue_is_answered_503() {
         tokio::spawn(async move { http.post("/classify", "image/png", image_bytes("chelsea.png")).await })
     };
     // The first request is on the model thread; the second waits behind it, past the limit.
-    for _ in 0..1000 {
-        let m = server.metrics();
-        let in_flight = m.in_flight.load(std::sync::atomic::Ordering::SeqCst);
-        if in_flight == 1 && m.queue_depth.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for(&server, "the first request running", |m| {
+        m.in_flight.load(Ordering::SeqCst) == 1 && m.queue_depth.load(Ordering::SeqCst) == 0
+    })
+    .await;
     let started = Instant::now();
     let late = http.post("/classify", "image/png", image_bytes("camera.png")).await;
     let waited = started.elapsed();

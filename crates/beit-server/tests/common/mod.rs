@@ -233,3 +233,14 @@ pub fn logged(needle: &str) -> Vec<String> {
     let log = LOG.lock().unwrap_or_else(|e| e.into_inner());
     String::from_utf8_lossy(&log).lines().filter(|l| l.contains(needle)).map(str::to_owned).collect()
 }
+
+/// Waits (up to 10 s) until `cond` holds on the server's metrics.
+pub async fn wait_for(server: &beit_server::Server, what: &str, cond: impl Fn(&beit_server::Metrics) -> bool) {
+    for _ in 0..1000 {
+        if cond(server.metrics()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
