@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use beit_server::{ApiKeys, ServerConfig};
+use beit_server::{ApiKeys, CorsOrigins, ServerConfig};
 use clap::Args;
 
 use crate::common::ModelArgs;
@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// variable may name one too.
     #[arg(long, value_name = "FILE")]
     api_key_file: Option<PathBuf>,
+    /// An origin (e.g. https://app.example.com) whose pages may call the API from a browser; repeat for several,
+    /// `*` for any. CORS is off unless given.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
     /// Log lines as text, or as one JSON object per line (each request: method, path, status, latency, batch
     /// size, request id). RUST_LOG filters them.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -108,6 +112,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_image_pixels: a.max_image_pixels,
         model_id: a.model.model.clone(),
         api_keys,
+        cors_origins: CorsOrigins(a.cors_origins),
     };
     let access = match config.api_keys.len() {
         0 => "open (no API key)".to_string(),

@@ -1,12 +1,13 @@
-//! API keys: with any configured, every endpoint but `/health` requires `Authorization: Bearer <key>`, checked in
-//! constant time against every key. Keys are never logged or shown (`Debug` prints only how many there are).
+//! Access control. API keys: with any configured, every endpoint but `/health` requires `Authorization: Bearer
+//! <key>`, checked in constant time against every key; keys are never logged or shown (`Debug` prints only how
+//! many there are). CORS: off unless origins are named; then those origins' browsers may call the API.
 
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -116,6 +117,44 @@ pub async fn require_key(State(keys): State<Arc<ApiKeys>>, req: Request, next: N
     };
     let mut resp = ApiError::new(ErrorType::Unauthorized, message).closing().into_response();
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// The origins whose pages may call the API from a browser; none: CORS off (no CORS headers at all).
+#[derive(Debug, Clone, Default)]
+pub struct CorsOrigins(pub Vec<String>);
+
+impl CorsOrigins {
+    /// The `Origin` header's value if it is allowed (`*` allows any).
+    fn allows<'a>(&self, req: &'a Request) -> Option<&'a HeaderValue> {
+        let origin = req.headers().get(header::ORIGIN)?;
+        self.0.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes()).then_some(origin)
+    }
+}
+
+/// How long a browser may cache a preflight's answer, seconds.
+const PREFLIGHT_MAX_AGE: u32 = 600;
+
+/// Middleware (outside the key check: preflights carry no key): answers an allowed origin's preflight with 204,
+/// and marks answers to an allowed origin's requests as readable by its page.
+pub async fn cors(State(origins): State<Arc<CorsOrigins>>, req: Request, next: Next) -> Response {
+    let Some(origin) = origins.allows(&req).cloned() else {
+        return next.run(req).await;
+    };
+    let preflight =
+        req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(req).await };
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.append(header::VARY, HeaderValue::from_static("origin"));
+    if preflight {
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+        let allowed = HeaderValue::from_static("authorization, content-type, x-request-id");
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed);
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(PREFLIGHT_MAX_AGE));
+    } else {
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("x-request-id, retry-after"));
+    }
     resp
 }
 

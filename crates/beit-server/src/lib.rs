@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
-pub use auth::ApiKeys;
+pub use auth::{ApiKeys, CorsOrigins};
 pub use batcher::{Backend, BackendResult, ModelInfo, Task};
 pub use error::{ApiError, ErrorType, RequestId, ServerError};
 pub use metrics::Metrics;
@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub model_id: String,
     /// Keys a request must present (`Authorization: Bearer <key>`) on every endpoint but /health; none: open.
     pub api_keys: ApiKeys,
+    /// Origins whose pages may call the API from a browser (`*`: any); none: CORS off.
+    pub cors_origins: CorsOrigins,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +91,7 @@ impl Default for ServerConfig {
             max_image_pixels: 25_000_000,
             model_id: String::new(),
             api_keys: ApiKeys::default(),
+            cors_origins: CorsOrigins::default(),
         }
     }
 }

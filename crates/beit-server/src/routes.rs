@@ -35,9 +35,11 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
 }
 
-/// Every endpoint, behind the key check (inside [`track`], so refusals are counted and logged).
+/// Every endpoint, behind the key check, behind CORS (preflights carry no key), inside [`track`] (so refusals are
+/// counted and logged).
 pub fn router(state: Arc<AppState>) -> Router {
     let keys = Arc::new(state.config.api_keys.clone());
+    let origins = Arc::new(state.config.cors_origins.clone());
     Router::new()
         .route("/classify", post(classify))
         .route("/segment", post(segment))
@@ -51,6 +53,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // The inference handlers read bodies themselves, against --max-body-bytes.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(keys, crate::auth::require_key))
+        .layer(middleware::from_fn_with_state(origins, crate::auth::cors))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }

@@ -1,4 +1,5 @@
-//! API keys: every endpoint but /health needs `Authorization: Bearer <key>`; a missing or wrong key is a 401.
+//! Access control: every endpoint but /health needs `Authorization: Bearer <key>` (a missing or wrong key is a
+//! 401); CORS only for the origins named.
 
 mod common;
 
@@ -84,5 +85,41 @@ async fn without_keys_the_server_is_open() {
     // A stray Authorization header is ignored.
     assert_eq!(post_with(&http, "chelsea.png", Some("Bearer whatever")).await.status, 200);
     assert_eq!(http.get("/info").await.json()["api_key_required"], false);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_only_for_named_origins() {
+    let model = model_dir("cls_single");
+    let cfg = ServerConfig {
+        api_keys: ApiKeys::new(KEYS, "test").unwrap(),
+        cors_origins: beit_server::CorsOrigins(vec!["https://app.example".into()]),
+        ..config(&model)
+    };
+    let server = start(&model, cfg).await;
+    let http = Http::new(&server);
+    let preflight = |origin: &'static str| {
+        let http = http.clone();
+        async move {
+            let headers = [("origin", origin), ("access-control-request-method", "POST")];
+            http.send_with(Method::OPTIONS, "/classify", &headers, Vec::new()).await.unwrap()
+        }
+    };
+    // The named origin's preflight needs no key (browsers send none) and says what the page may send.
+    let a = preflight("https://app.example").await;
+    assert_eq!(a.status, 204, "{}", a.text());
+    assert_eq!(a.headers["access-control-allow-origin"], "https://app.example");
+    assert!(a.headers["access-control-allow-headers"].to_str().unwrap().contains("authorization"));
+    // Another origin gets no CORS headers (and the key check as usual).
+    let a = preflight("https://evil.example").await;
+    assert_eq!(a.status, 401);
+    assert!(!a.headers.contains_key("access-control-allow-origin"));
+    // The real request still needs the key; its answer is readable by the named origin's page.
+    let right = format!("Bearer {}", KEYS[0]);
+    let headers = [("content-type", "image/png"), ("origin", "https://app.example"), ("authorization", &right)];
+    let a = http.send_with(Method::POST, "/classify", &headers, image_bytes("chelsea.png")).await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["access-control-allow-origin"], "https://app.example");
+    assert!(a.headers["access-control-expose-headers"].to_str().unwrap().contains("x-request-id"));
     server.shutdown().await.unwrap();
 }
