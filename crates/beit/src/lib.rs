@@ -6,19 +6,27 @@ pub mod config;
 pub mod error;
 pub mod heads;
 pub mod hub;
-pub mod kernels;
+pub(crate) mod kernels;
 pub mod masking;
 pub mod model;
 pub mod nn;
 pub mod npy;
-pub mod ops;
+pub(crate) mod ops;
 pub mod pipeline;
 pub mod pretrained;
 pub mod processor;
-pub mod rng;
+pub(crate) mod rng;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
+
+/// For benchmarks and examples, with no stability promise: the CPU kernels and the seeded generator behind
+/// the model, which are otherwise internal.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::kernels::{attention, conv, cpu, f32, int8, math};
+    pub use crate::rng::Rng;
+}
 
 pub use config::BeitConfig;
 pub use error::{BeitError, ErrorKind, Result};
@@ -34,7 +42,7 @@ pub type Data2VecVisionModel = BeitModel;
 pub type Data2VecVisionForImageClassification = BeitForImageClassification;
 /// transformers' Data2VecVisionForSemanticSegmentation (see [`Data2VecVisionModel`]).
 pub type Data2VecVisionForSemanticSegmentation = BeitForSemanticSegmentation;
-pub use model::{BeitModel, ForwardOptions};
+pub use model::{BeitModel, ForwardOptions, Inference, InferencePath};
 pub use nn::InferenceDtype;
 pub use pretrained::{load_pretrained, LoadOptions, Pretrained};
 pub use processor::{BeitFeatureExtractor, BeitImageProcessor};

@@ -9,6 +9,8 @@ use crate::error::{BeitError, Result};
 use crate::kernels::conv::{ConvGeometry, PackedConv2d, PackedConvTranspose2d};
 use crate::kernels::f32::PackedF32;
 use crate::kernels::int8::QuantizedLinear;
+use crate::kernels::math::gelu_erf_par;
+use crate::kernels::view::{view, with_f32};
 use crate::rng::Rng;
 use crate::weights::{Init, Weights};
 
@@ -39,9 +41,9 @@ pub struct Linear {
     weight: Option<Tensor>,
     pub bias: Option<Tensor>,
     /// Set by [`Linear::prepare_inference`] with int8.
-    pub quantized: Option<Arc<QuantizedLinear>>,
+    pub(crate) quantized: Option<Arc<QuantizedLinear>>,
     /// Set by [`Linear::prepare_inference`] with f32: the weight in the f32 kernel's layout, packed once.
-    pub packed: Option<Arc<PackedF32>>,
+    pub(crate) packed: Option<Arc<PackedF32>>,
     in_features: usize,
     out_features: usize,
 }
@@ -99,26 +101,16 @@ impl Linear {
         if !w.device().is_cpu() {
             return Ok(());
         }
-        let w = w.to_dtype(candle_core::DType::F32)?;
-        // Borrowed in place when contiguous: no third copy of the weight while the packed one is built.
-        let borrowed = crate::model::fast_path::view(&w);
-        let owned;
-        let weight: &[f32] = match &borrowed {
-            Some(v) => v.slice(),
-            None => {
-                owned = w.flatten_all()?.to_vec1::<f32>()?;
-                &owned
-            }
-        };
         let (n, k) = (self.out_features, self.in_features);
+        // Borrowed in place when contiguous f32: no third copy of the weight while the packed one is built.
         match dtype {
-            InferenceDtype::F32 => self.packed = Some(Arc::new(PackedF32::pack(weight, n, k)?)),
+            InferenceDtype::F32 => self.packed = Some(Arc::new(with_f32(w, |w| PackedF32::pack(w, n, k))?)),
             InferenceDtype::Int8 => {
                 let bias = match &self.bias {
-                    Some(b) => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                    Some(b) => Some(with_f32(b, |b| Ok(b.to_vec()))?),
                     None => None,
                 };
-                self.quantized = Some(Arc::new(QuantizedLinear::quantize(weight, n, k, bias.as_deref())?));
+                self.quantized = Some(Arc::new(with_f32(w, |w| QuantizedLinear::quantize(w, n, k, bias.as_deref()))?));
             }
         }
         self.weight = None;
@@ -205,7 +197,7 @@ pub struct Conv2d {
     pub padding: usize,
     pub dilation: usize,
     /// Set by [`Conv2d::prepare_inference`]: the weight (and bias) in the f32 kernel's layout, packed once.
-    pub packed: Option<Arc<PackedConv2d>>,
+    pub(crate) packed: Option<Arc<PackedConv2d>>,
 }
 
 /// Shape and placement of a convolution, as torch.nn.Conv2d's arguments.
@@ -217,15 +209,6 @@ pub struct ConvSpec {
     pub padding: usize,
     pub dilation: usize,
     pub bias: bool,
-}
-
-/// A tensor's values as f32, borrowed when it is a contiguous f32 CPU tensor.
-fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let t = t.to_dtype(candle_core::DType::F32)?;
-    if let Some(v) = crate::model::fast_path::view(&t) {
-        return f(v.slice());
-    }
-    f(&t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Conv2d {
@@ -348,7 +331,7 @@ impl Conv2d {
                 channels.push(xc);
             }
             // Borrowed in place (to_dtype and contiguous above make them contiguous f32 CPU tensors).
-            let views: Vec<_> = conts.iter().filter_map(crate::model::fast_path::view).collect();
+            let views: Vec<_> = conts.iter().filter_map(view).collect();
             if views.len() != conts.len() {
                 return Err(BeitError::invalid_input("conv input", "expected contiguous f32 CPU tensors"));
             }
@@ -383,7 +366,7 @@ pub struct ConvTranspose2d {
     pub bias: Tensor,
     pub stride: usize,
     /// Set by [`ConvTranspose2d::prepare_inference`].
-    pub packed: Option<Arc<PackedConvTranspose2d>>,
+    pub(crate) packed: Option<Arc<PackedConvTranspose2d>>,
 }
 
 impl ConvTranspose2d {
@@ -488,7 +471,7 @@ impl ConvTranspose2d {
             let mut y = with_f32(&xc, |xs| p.forward(xs, b, h, w))?;
             let s = self.stride;
             if gelu {
-                crate::model::fast_path::gelu_erf_par(&mut y, w * s);
+                gelu_erf_par(&mut y, w * s);
             }
             let y = Tensor::from_vec(y, (b, p.out_channels(), h * s, w * s), x.device())?;
             return Ok(if x.dtype() == candle_core::DType::F32 { y } else { y.to_dtype(x.dtype())? });

@@ -10,8 +10,7 @@ use candle_core::Tensor;
 
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
-use crate::model::{BeitModel, ForwardOptions};
-use crate::nn::InferenceDtype;
+use crate::model::{BeitModel, ForwardOptions, Inference};
 use crate::weights::Weights;
 pub use backbone::BeitBackbone;
 pub use image_classification::BeitForImageClassification;
@@ -167,13 +166,13 @@ impl AnyBeitModel {
 
     /// CPU inference for the encoder (see [`BeitModel::prepare_inference`]). The model can then no longer be
     /// trained or saved: its dense Linear weights are released.
-    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
+    pub fn prepare_inference(&mut self, inference: impl Into<Inference>) -> Result<()> {
         match self {
-            AnyBeitModel::Model(m) => m.prepare_inference(dtype),
-            AnyBeitModel::MaskedImageModeling(m) => m.beit.prepare_inference(dtype),
-            AnyBeitModel::ImageClassification(m) => m.beit.prepare_inference(dtype),
-            AnyBeitModel::SemanticSegmentation(m) => m.prepare_inference(dtype),
-            AnyBeitModel::Backbone(m) => m.encoder.prepare_inference(dtype),
+            AnyBeitModel::Model(m) => m.prepare_inference(inference),
+            AnyBeitModel::MaskedImageModeling(m) => m.beit.prepare_inference(inference),
+            AnyBeitModel::ImageClassification(m) => m.beit.prepare_inference(inference),
+            AnyBeitModel::SemanticSegmentation(m) => m.prepare_inference(inference),
+            AnyBeitModel::Backbone(m) => m.encoder.prepare_inference(inference),
         }
     }
 

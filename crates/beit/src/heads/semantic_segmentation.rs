@@ -304,11 +304,11 @@ impl BeitForSemanticSegmentation {
         })
     }
 
-    /// CPU inference: the encoder's Linear layers as `dtype` (see [`BeitModel::prepare_inference`]), and
+    /// CPU inference: the encoder as `inference` asks (see [`BeitModel::prepare_inference`]), and
     /// the pyramid's and heads' convolutions packed once for the f32 kernel (f32 for either dtype), with
     /// their BatchNorms folded in. The model can then no longer be trained or saved.
-    pub fn prepare_inference(&mut self, dtype: crate::nn::InferenceDtype) -> Result<()> {
-        self.beit.prepare_inference(dtype)?;
+    pub fn prepare_inference(&mut self, inference: impl Into<crate::model::Inference>) -> Result<()> {
+        self.beit.prepare_inference(inference)?;
         self.pyramid.prepare_inference()?;
         self.decode_head.prepare_inference()?;
         if let Some(aux) = &mut self.auxiliary_head {

@@ -32,6 +32,7 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use crate::error::{BeitError, Result};
+use crate::kernels::cpu;
 use crate::kernels::f32::{linear_packed, PackedF32, MR};
 
 /// Bytes per stripe of the GEMM's A (or of its output, when larger), by path.
@@ -867,15 +868,9 @@ fn to_nhwc(parts: &[(&[f32], usize)], img: usize, hw: usize, pixels: std::ops::R
     });
 }
 
+/// Whether the AVX-512 code may run ([`cpu::features`]).
 fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cpu::features().avx512
 }
 
 /// `dst[j · ldd + i] = src[i · lds + j]` for `i, j < 16`. Only called where [`avx512`] holds; elsewhere

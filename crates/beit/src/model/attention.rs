@@ -1,14 +1,11 @@
 //! BeitSelfAttention, BeitSelfOutput and BeitAttention: multi-head attention with query and value biases and
 //! no key bias (as in the checkpoints), plus the relative position bias.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 
 use crate::config::BeitConfig;
 use crate::error::Result;
 use crate::model::relative_position::BeitRelativePositionBias;
-use crate::kernels::int8::QuantizedLinear;
 use crate::nn::{dropout, softmax_last_dim, InferenceDtype, Linear, Mode};
 use crate::weights::Weights;
 
@@ -29,9 +26,6 @@ pub struct BeitSelfAttention {
     pub key: Linear,
     pub value: Linear,
     pub relative_position_bias: Option<BeitRelativePositionBias>,
-    /// int8 inference only: query, key and value quantized as one (3 hidden, hidden) matrix, so the fast path
-    /// makes one call with three times the columns.
-    pub fused_qkv_int8: Option<Arc<QuantizedLinear>>,
     num_attention_heads: usize,
     attention_head_size: usize,
     attention_probs_dropout_prob: f64,
@@ -49,30 +43,14 @@ impl BeitSelfAttention {
                 Some(ws) => Some(BeitRelativePositionBias::load(&w.pp("relative_position_bias"), c, ws)?),
                 None => None,
             },
-            fused_qkv_int8: None,
             num_attention_heads: c.num_attention_heads,
             attention_head_size: c.head_dim(),
             attention_probs_dropout_prob: c.attention_probs_dropout_prob,
         })
     }
 
-    /// CPU inference (see [`Linear::prepare_inference`]); with int8, q, k and v are also quantized as one
-    /// fused matrix.
+    /// CPU inference for query, key and value (see [`Linear::prepare_inference`]).
     pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
-        if dtype == InferenceDtype::Int8 && self.fused_qkv_int8.is_none() {
-            let (q, k, v) = (self.query.weight()?, self.key.weight()?, self.value.weight()?);
-            if q.device().is_cpu() {
-                let d = self.query.in_features();
-                let weight = Tensor::cat(&[&q, &k, &v], 0)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let zeros = Tensor::zeros(d, candle_core::DType::F32, q.device())?;
-                let bias = |l: &Linear| l.bias.clone().unwrap_or_else(|| zeros.clone());
-                let bias = Tensor::cat(&[bias(&self.query), bias(&self.key), bias(&self.value)], 0)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?;
-                let n = weight.len() / d.max(1);
-                self.fused_qkv_int8 = Some(Arc::new(QuantizedLinear::quantize(&weight, n, d, Some(&bias))?));
-            }
-        }
         for l in [&mut self.query, &mut self.key, &mut self.value] {
             l.prepare_inference(dtype)?;
         }

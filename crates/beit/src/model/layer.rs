@@ -93,9 +93,6 @@ impl BeitLayer {
     }
 
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
-        if let Some(y) = crate::model::fast_path::layer_forward(self, x, a)? {
-            return Ok((y, None));
-        }
         let (mut attn, probs) = self.attention.forward(&self.layernorm_before.forward(x, a.mode)?, a)?;
         if let Some(l1) = &self.lambda_1 {
             attn = attn.broadcast_mul(l1)?;

@@ -3,7 +3,7 @@
 pub mod attention;
 pub mod embeddings;
 pub mod encoder;
-pub(crate) mod fast_path;
+pub(crate) mod fused;
 pub mod layer;
 pub mod relative_position;
 
@@ -15,6 +15,33 @@ use crate::nn::{InferenceDtype, LayerNorm, Mode};
 use crate::weights::Weights;
 use embeddings::BeitEmbeddings;
 use encoder::{BeitEncoder, EncoderInputs};
+
+/// How a model prepared for CPU inference runs its encoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InferencePath {
+    /// The fused CPU encoder (model/fused.rs), built once when the model is prepared: every call without a
+    /// head mask or attention outputs runs it.
+    #[default]
+    Fused,
+    /// candle op by op, as training runs it: the baseline of performance comparisons.
+    Generic,
+}
+
+/// What preparing a model for CPU inference does: the number format of the encoder's Linear layers, and the
+/// path its forward takes. An [`InferenceDtype`] alone means the fused path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Inference {
+    /// The Linear layers' number format.
+    pub dtype: InferenceDtype,
+    /// Fused or generic.
+    pub path: InferencePath,
+}
+
+impl From<InferenceDtype> for Inference {
+    fn from(dtype: InferenceDtype) -> Self {
+        Inference { dtype, path: InferencePath::Fused }
+    }
+}
 
 /// The inputs of a forward pass besides pixel values, with transformers' argument names.
 #[derive(Debug, Clone, Default)]
@@ -78,9 +105,10 @@ pub struct BeitModel {
 
 impl BeitModel {
     /// CPU inference for the encoder's Linear layers: packed f32 or int8 (what onnxruntime's quantize_dynamic
-    /// quantizes, less the small head); the patch embedding and the heads stay as loaded.
-    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
-        self.encoder.prepare_inference(dtype)
+    /// quantizes, less the small head), and the fused encoder unless `inference` asks for the generic path
+    /// (see [`BeitEncoder::prepare_inference`]); the patch embedding and the heads stay as loaded.
+    pub fn prepare_inference(&mut self, inference: impl Into<Inference>) -> Result<()> {
+        self.encoder.prepare_inference(inference)
     }
 
     pub fn load(w: &Weights, c: &BeitConfig, add_pooling_layer: bool) -> Result<Self> {
