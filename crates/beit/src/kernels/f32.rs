@@ -1042,11 +1042,7 @@ mod tests {
             let bias = rng.symmetric_f32(n, 1.0);
             for kernel in kernels() {
                 let at = |threads: usize| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| run(kernel, &a, k, m, &w, n, k, Some(&bias), n))
+                    crate::kernels::on_threads(threads, || run(kernel, &a, k, m, &w, n, k, Some(&bias), n))
                 };
                 assert!(same_bits(&at(1), &at(3)), "{kernel:?} ({m}, {k}, {n})");
             }
@@ -1174,11 +1170,7 @@ mod tests {
                     let a = rng.symmetric_f32(m * lda, 1.0);
                     for kernel in kernels() {
                         for threads in [1, 2] {
-                            let (want, got) = rayon::ThreadPoolBuilder::new()
-                                .num_threads(threads)
-                                .build()
-                                .unwrap()
-                                .install(|| {
+                            let (want, got) = crate::kernels::on_threads(threads, || {
                                     (
                                         run(kernel, &a, lda, m, &w, n, k, b, ldo),
                                         run_packed(kernel, &a, lda, m, &packed, b, ldo),
@@ -1209,11 +1201,7 @@ mod tests {
             let packed = PackedF32::pack(&w, n, k).unwrap();
             for kernel in kernels() {
                 let at = |threads: usize| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| {
+                    crate::kernels::on_threads(threads, || {
                             (
                                 run(kernel, &a, lda, m, &w, n, k, Some(&bias), ldo),
                                 run_packed(kernel, &a, lda, m, &packed, Some(&bias), ldo),
@@ -1260,11 +1248,7 @@ mod tests {
             let bias = rng.symmetric_f32(n, 1.0);
             for kernel in kernels() {
                 let at = |threads: usize| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| run_packed(kernel, &a, k, m, &w, Some(&bias), n))
+                    crate::kernels::on_threads(threads, || run_packed(kernel, &a, k, m, &w, Some(&bias), n))
                 };
                 let one = at(1);
                 assert!(same_bits(&one, &at(2)), "{kernel:?} ({m}, {k}, {n})");
@@ -1317,11 +1301,7 @@ mod tests {
                 *v = o;
             }
             for threads in [1, 2] {
-                let p = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| PackedF32::pack(&w, n, k).unwrap());
+                let p = crate::kernels::on_threads(threads, || PackedF32::pack(&w, n, k).unwrap());
                 assert!(same_bits(&p.unpack(), &w), "({n}, {k})");
                 assert_eq!(p.bytes(), n.div_ceil(NR) * NR * k * 4, "({n}, {k})");
             }

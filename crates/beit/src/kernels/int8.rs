@@ -937,9 +937,9 @@ mod tests {
         let x = rng.symmetric_f32(rows * k, 1.0);
         for kernel in kernels() {
             let one =
-                rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| run(&q, kernel, &x, rows));
+                crate::kernels::on_threads(1, || run(&q, kernel, &x, rows));
             let three =
-                rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| run(&q, kernel, &x, rows));
+                crate::kernels::on_threads(3, || run(&q, kernel, &x, rows));
             assert!(same_bits(&one, &three));
         }
     }

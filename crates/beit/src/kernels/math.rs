@@ -164,23 +164,26 @@ fn max(x: &[f32]) -> f32 {
 pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len().max(1);
     let rows = rows_per_task(x.len() / d, d);
-    out.par_chunks_mut(rows * d).zip(x.par_chunks(rows * d)).for_each(|(o, x)| {
-        for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            let mean = sum(x) / d as f32;
-            let mut var_acc = [0f32; 16];
-            let (lines, rest) = x.as_chunks::<16>();
-            for c in lines {
-                for (acc, v) in var_acc.iter_mut().zip(c) {
-                    *acc += (v - mean) * (v - mean);
+    out.par_chunks_mut(rows * d)
+        .zip(x.par_chunks(rows * d))
+        .for_each(|(o, x)| {
+            for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let mean = sum(x) / d as f32;
+                let mut var_acc = [0f32; 16];
+                let (lines, rest) = x.as_chunks::<16>();
+                for c in lines {
+                    for (acc, v) in var_acc.iter_mut().zip(c) {
+                        *acc += (v - mean) * (v - mean);
+                    }
+                }
+                let var = (var_acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>())
+                    / d as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for (((o, x), w), b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+                    *o = (x - mean) * inv * w + b;
                 }
             }
-            let var = (var_acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()) / d as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (((o, x), w), b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
-                *o = (x - mean) * inv * w + b;
-            }
-        }
-    });
+        });
 }
 
 /// Rows per parallel task: enough work per task that rayon's overhead does not show.

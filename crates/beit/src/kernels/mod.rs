@@ -25,3 +25,9 @@ pub mod f32;
 pub mod int8;
 pub mod math;
 pub mod view;
+
+/// `f` on a rayon pool of `threads` threads: the kernels' results must not depend on the count.
+#[cfg(test)]
+pub(crate) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+}

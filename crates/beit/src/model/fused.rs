@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use crate::config::HiddenAct;
 use crate::error::{BeitError, Result};
+use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::f32::{linear_packed, linear_packed_with, Epilogue, PackedF32};
 use crate::kernels::int8::QuantizedLinear;
 use crate::kernels::math::{gelu_erf, gelu_erf_par, layer_norm};
@@ -38,7 +39,9 @@ pub(crate) struct FusedEncoder {
 
 impl std::fmt::Debug for FusedEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FusedEncoder").field("layers", &self.layers.len()).finish()
+        f.debug_struct("FusedEncoder")
+            .field("layers", &self.layers.len())
+            .finish()
     }
 }
 
@@ -68,7 +71,11 @@ struct Norm {
 
 impl Norm {
     fn new(ln: &LayerNorm) -> Result<Self> {
-        Ok(Norm { weight: to_vec(&ln.weight)?, bias: to_vec(&ln.bias)?, eps: ln.eps as f32 })
+        Ok(Norm {
+            weight: to_vec(&ln.weight)?,
+            bias: to_vec(&ln.bias)?,
+            eps: ln.eps as f32,
+        })
     }
 }
 
@@ -81,7 +88,10 @@ enum Qkv {
 
 /// A Linear prepared for inference: its packed f32 or its int8 weights (shared with the [`Linear`]).
 enum FusedLinear {
-    F32 { weight: Arc<PackedF32>, bias: Option<Vec<f32>> },
+    F32 {
+        weight: Arc<PackedF32>,
+        bias: Option<Vec<f32>>,
+    },
     Int8(Arc<QuantizedLinear>),
 }
 
@@ -97,7 +107,10 @@ impl FusedLinear {
         }
         let Some(p) = &l.packed else { return Ok(None) };
         let bias = l.bias.as_ref().map(to_vec).transpose()?;
-        Ok(Some(FusedLinear::F32 { weight: p.clone(), bias }))
+        Ok(Some(FusedLinear::F32 {
+            weight: p.clone(),
+            bias,
+        }))
     }
 
     fn out_features(&self) -> usize {
@@ -109,7 +122,15 @@ impl FusedLinear {
 
     /// `m` rows of `a` (`k` values each) through the layer into `out` at row stride `ldo`, then `epilogue`
     /// on each finished run of outputs of one row.
-    fn forward(&self, a: &[f32], m: usize, k: usize, out: &mut [f32], ldo: usize, epilogue: Option<Epilogue>) -> Result<()> {
+    fn forward(
+        &self,
+        a: &[f32],
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+        ldo: usize,
+        epilogue: Option<Epilogue>,
+    ) -> Result<()> {
         match self {
             FusedLinear::F32 { weight, bias } => match epilogue {
                 Some(e) => linear_packed_with(a, k, m, weight, bias.as_deref(), out, ldo, e),
@@ -130,7 +151,10 @@ impl FusedLinear {
                     o[..n].copy_from_slice(t);
                 }
                 if let Some(e) = epilogue {
-                    out.par_chunks_mut(ldo).take(m).enumerate().for_each(|(r, row)| e(r, 0, &mut row[..n]));
+                    out.par_chunks_mut(ldo)
+                        .take(m)
+                        .enumerate()
+                        .for_each(|(r, row)| e(r, 0, &mut row[..n]));
                 }
                 Ok(())
             }
@@ -159,7 +183,12 @@ fn quantize_qkv(sa: &BeitSelfAttention) -> Result<Option<FusedLinear>> {
         }
     }
     let n = weight.len() / d.max(1);
-    Ok(Some(FusedLinear::Int8(Arc::new(QuantizedLinear::quantize(&weight, n, d, Some(&bias))?))))
+    Ok(Some(FusedLinear::Int8(Arc::new(QuantizedLinear::quantize(
+        &weight,
+        n,
+        d,
+        Some(&bias),
+    )?))))
 }
 
 impl FusedLayer {
@@ -167,12 +196,23 @@ impl FusedLayer {
     /// its fused form; None when its weights are not on the CPU.
     fn prepare(layer: &mut BeitLayer, dtype: InferenceDtype) -> Result<Option<Self>> {
         let sa = &layer.attention.attention;
-        let fused_qkv = if dtype == InferenceDtype::Int8 { quantize_qkv(sa)? } else { None };
+        let fused_qkv = if dtype == InferenceDtype::Int8 {
+            quantize_qkv(sa)?
+        } else {
+            None
+        };
         layer.prepare_inference(dtype)?;
         let sa = &layer.attention.attention;
         let (heads, head_size) = (sa.num_attention_heads(), sa.attention_head_size());
         let mut linears = Vec::with_capacity(6);
-        for l in [&sa.query, &sa.key, &sa.value, &layer.attention.output.dense, &layer.intermediate.dense, &layer.output.dense] {
+        for l in [
+            &sa.query,
+            &sa.key,
+            &sa.value,
+            &layer.attention.output.dense,
+            &layer.intermediate.dense,
+            &layer.output.dense,
+        ] {
             match FusedLinear::new(l)? {
                 Some(f) => linears.push(f),
                 // Weights off the CPU.
@@ -221,8 +261,14 @@ impl FusedEncoder {
     /// Prepares every layer for inference as `dtype` and builds the fused encoder from them; None when the
     /// weights are not on the CPU (the generic path then runs).
     pub(crate) fn prepare(layers: &mut [BeitLayer], dtype: InferenceDtype) -> Result<Option<Self>> {
-        let layers = layers.par_iter_mut().map(|l| FusedLayer::prepare(l, dtype)).collect::<Result<Vec<_>>>()?;
-        Ok(layers.into_iter().collect::<Option<Vec<_>>>().map(|layers| FusedEncoder { layers }))
+        let layers = layers
+            .par_iter_mut()
+            .map(|l| FusedLayer::prepare(l, dtype))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(layers
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .map(|layers| FusedEncoder { layers }))
     }
 
     /// The last hidden state and, when asked, every layer's input and the last output.
@@ -248,7 +294,16 @@ fn internal(what: &str, detail: String) -> BeitError {
 
 /// Borrows a tensor the fused path made f32 and contiguous.
 fn slice_of<'a>(t: &'a Tensor, what: &str) -> Result<crate::kernels::view::F32View<'a>> {
-    view(t).ok_or_else(|| internal(what, format!("expected a contiguous f32 CPU tensor, found {:?} on {:?}", t.dtype(), t.device())))
+    view(t).ok_or_else(|| {
+        internal(
+            what,
+            format!(
+                "expected a contiguous f32 CPU tensor, found {:?} on {:?}",
+                t.dtype(),
+                t.device()
+            ),
+        )
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -272,7 +327,10 @@ struct Scratch {
 
 impl Scratch {
     fn bytes(&self) -> usize {
-        let values = [&self.normed, &self.qkv, &self.ctx, &self.x1, &self.hidden].iter().map(|v| v.capacity()).sum::<usize>();
+        let values = [&self.normed, &self.qkv, &self.ctx, &self.x1, &self.hidden]
+            .iter()
+            .map(|v| v.capacity())
+            .sum::<usize>();
         values * std::mem::size_of::<f32>()
     }
 }
@@ -327,9 +385,14 @@ impl FusedLayer {
         if let Some(shared) = a.shared_relative_position_bias {
             bias_tensors.push(shared.clone());
         }
-        let bias_tensors =
-            bias_tensors.into_iter().map(|t| Ok(t.to_dtype(DType::F32)?.contiguous()?)).collect::<Result<Vec<_>>>()?;
-        let bias_views = bias_tensors.iter().map(|t| slice_of(t, "relative position bias")).collect::<Result<Vec<_>>>()?;
+        let bias_tensors = bias_tensors
+            .into_iter()
+            .map(|t| Ok(t.to_dtype(DType::F32)?.contiguous()?))
+            .collect::<Result<Vec<_>>>()?;
+        let bias_views = bias_tensors
+            .iter()
+            .map(|t| slice_of(t, "relative position bias"))
+            .collect::<Result<Vec<_>>>()?;
         let biases: Vec<&[f32]> = bias_views.iter().map(|v| v.slice()).collect();
         let xv = slice_of(x, "hidden states")?;
         // The buffers live across layers and calls (taken out here, put back after): no allocation, page
@@ -343,7 +406,13 @@ impl FusedLayer {
         Ok(Tensor::from_vec(y?, (batch, n, d), x.device())?)
     }
 
-    fn compute(&self, xs: &[f32], biases: &[&[f32]], Shape { batch, n, d, heads, dh }: Shape, s: &mut Scratch) -> Result<Vec<f32>> {
+    fn compute(
+        &self,
+        xs: &[f32],
+        biases: &[&[f32]],
+        Shape { batch, n, d, heads, dh }: Shape,
+        s: &mut Scratch,
+    ) -> Result<Vec<f32>> {
         let rows = batch * n;
         let normed = sized(&mut s.normed, rows * d);
         let ln = &self.layernorm_before;
@@ -358,7 +427,17 @@ impl FusedLayer {
             }
         }
         let ctx = sized(&mut s.ctx, rows * d);
-        crate::kernels::attention::attention(qkv, ctx, batch, n, heads, dh, biases)?;
+        attention(
+            qkv,
+            ctx,
+            AttentionShape {
+                batch,
+                tokens: n,
+                heads,
+                head_size: dh,
+            },
+            biases,
+        )?;
         let x1 = sized(&mut s.x1, rows * d);
         let lambda_1 = self.lambda_1.as_deref();
         let residual_1 = |r: usize, c: usize, v: &mut [f32]| add_residual(xs, lambda_1, d, r, c, v);
@@ -380,7 +459,8 @@ impl FusedLayer {
         let x1 = &*x1;
         let lambda_2 = self.lambda_2.as_deref();
         let residual_2 = |r: usize, c: usize, v: &mut [f32]| add_residual(x1, lambda_2, d, r, c, v);
-        self.mlp_output.forward(hidden, rows, inter, &mut y, d, Some(&residual_2))?;
+        self.mlp_output
+            .forward(hidden, rows, inter, &mut y, d, Some(&residual_2))?;
         Ok(y)
     }
 }

@@ -29,7 +29,7 @@ use std::cell::Cell;
 
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::{AttentionShape, SendPtr};
 use crate::kernels::f32::AlignedF32;
 use crate::kernels::math::exp_line;
 
@@ -60,15 +60,8 @@ thread_local! {
 ///
 /// # Safety
 /// The CPU must support AVX-512 F.
-pub(super) unsafe fn attention(
-    qkv: &[f32],
-    ctx: &mut [f32],
-    batch: usize,
-    n: usize,
-    heads: usize,
-    dh: usize,
-    biases: &[&[f32]],
-) -> Option<()> {
+pub(super) unsafe fn attention(qkv: &[f32], ctx: &mut [f32], shape: AttentionShape, biases: &[&[f32]]) -> Option<()> {
+    let (batch, n, heads, dh) = shape.dims();
     let d = heads * dh;
     let sh = Shape::new(n, heads, dh, biases.len())?;
     let threads = rayon::current_num_threads().max(1);
@@ -285,14 +278,16 @@ unsafe fn task(job: &Job<'_>, scratch: &mut [f32]) {
         row_lines(v_src, key0..key0 + 16, Hint::L1);
         let panel = &mut kt[c0 * 16 * dh..(c0 + w) * 16 * dh];
         // SAFETY: AVX-512 F (this function's own).
-        unsafe { transpose_rows(
-            &k_src[key0 * ld..],
-            ld,
-            (n - key0).min(16),
-            dh,
-            &mut panel[16 * c..],
-            16 * w,
-        ) };
+        unsafe {
+            transpose_rows(
+                &k_src[key0 * ld..],
+                ld,
+                (n - key0).min(16),
+                dh,
+                &mut panel[16 * c..],
+                16 * w,
+            )
+        };
     }
     // V rows, zero-padded to whole vectors (the p·v tile loads full vectors, stores only dh columns).
     for (j, row) in vp.chunks_exact_mut(sh.dh_pad).take(n).enumerate() {
@@ -408,7 +403,9 @@ fn prefetch(x: &[f32], hint: Hint) {
 #[inline(always)]
 fn prefetch_write(p: *mut f32, len: usize) {
     // SAFETY: prefetching never faults; wrapping_add keeps the address computation defined.
-    each_line(p.cast_const().cast(), 4 * len, |p| unsafe { _mm_prefetch::<_MM_HINT_ET0>(p) });
+    each_line(p.cast_const().cast(), 4 * len, |p| unsafe {
+        _mm_prefetch::<_MM_HINT_ET0>(p)
+    });
 }
 
 /// Transposes `rows` (≤ 16) rows of `cols` values at stride `ld` into `cols` vectors of 16 values at
@@ -429,7 +426,6 @@ unsafe fn transpose_rows(src: &[f32], ld: usize, rows: usize, cols: usize, dst: 
     // SAFETY: AVX-512 F by the caller; bounds asserted above.
     unsafe { transpose_rows_avx512(src, ld, rows, cols, dst, dst_ld) };
 }
-
 
 /// [`transpose_rows`] by 16 × 16 blocks in registers, masked at the edges.
 ///
@@ -456,7 +452,6 @@ unsafe fn transpose_rows_avx512(src: &[f32], ld: usize, rows: usize, cols: usize
     }
 }
 
-
 /// A q·kᵀ tile: rows `r0..r0 + QK_R` of the block against the key vectors of one panel.
 struct QkTile<'a> {
     /// The tile's query rows, straight from qkv: row i's feature kk at `i · ldq + kk`, for i < rows.
@@ -478,7 +473,6 @@ struct QkTile<'a> {
     /// Running maxima of the rows, 16 lanes per row, from row r0 on.
     mx: &'a mut [f32],
 }
-
 
 /// Runs the q·kᵀ tile with `w` (1..=QK_NV) key vectors and `nb` (0..=2) biases.
 ///
@@ -519,7 +513,6 @@ unsafe fn qk_dispatch(w: usize, nb: usize, t: QkTile<'_>) {
     // SAFETY: AVX-512 F by the caller; bounds asserted above.
     unsafe { by_shape!(qk_tile_avx512) }
 }
-
 
 /// The AVX-512 q·kᵀ tile: `R · NV` zmm accumulators, `NV` loads and `R` broadcasts per feature.
 ///
@@ -590,7 +583,9 @@ fn softmax_row(s: &mut [f32], n: usize, mx: &[f32]) -> f32 {
         chunks > 0 && s.len() >= ((chunks - 1) * RB + 1) * 16 && mx.len() >= 16,
         "softmax row: slice too short"
     );
-    let m = mx[..16].iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let m = mx[..16]
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     let (lines, _) = s.as_chunks_mut::<16>();
     let mut acc = [0f32; 16];
     for c in 0..chunks {
@@ -599,7 +594,6 @@ fn softmax_row(s: &mut [f32], n: usize, mx: &[f32]) -> f32 {
     }
     1.0 / acc.iter().sum::<f32>()
 }
-
 
 /// A p·v tile: rows `r0..r0 + PV_R` of the block against `NV` vectors of output columns.
 struct PvTile<'a> {
@@ -618,7 +612,6 @@ struct PvTile<'a> {
     rows: usize,
     cols: usize,
 }
-
 
 /// Runs the p·v tile with `w` (1..=4) vectors of columns.
 ///
@@ -650,7 +643,6 @@ unsafe fn pv_dispatch(w: usize, t: PvTile<'_>) {
     // SAFETY: AVX-512 F and the output by the caller; bounds asserted above.
     unsafe { by_shape!(pv_tile_avx512) }
 }
-
 
 /// The AVX-512 p·v tile: `R · NV` zmm accumulators, `NV` loads and `R` broadcasts per key.
 ///
@@ -704,7 +696,6 @@ unsafe fn pv_tile_avx512<const R: usize, const NV: usize>(t: PvTile<'_>) {
         }
     }
 }
-
 
 /// Timing probes for tuning (ignored by default; the comparison with the portable kernel is the
 /// `attention_timing` example). `cargo test --release -p beit --lib attention::avx512::perf_probe -- --ignored --nocapture`.
@@ -770,32 +761,8 @@ mod perf_probe {
         let mut sp = vec![0f32; QK_NV * RB * 16];
         let mut mx = vec![0f32; RB * 16];
         let reps = 500;
-        for nb in 0..3 {
-            let t = min_time(400, || {
-                for _ in 0..reps {
-                    let tile = QkTile {
-                        q: &qp,
-                        ldq: 3 * dh,
-                        kp: &kp,
-                        dh,
-                        scale: 0.125,
-                        bias: [&bias, &bias],
-                        ldb: n,
-                        rows: QK_R,
-                        cols: 16 * QK_NV,
-                        s: &mut sp,
-                        mx: &mut mx,
-                    };
-                    unsafe { qk_dispatch(QK_NV, nb, tile) }
-                }
-            });
-            println!(
-                "qk tile {QK_R}x{}, dh {dh}, {nb} biases: {:6.1} GFLOP/s",
-                16 * QK_NV,
-                2.0 * (QK_R * 16 * QK_NV * dh * reps) as f64 / t / 1e9
-            );
-        }
-        for w in 1..QK_NV {
+        // Full panels with 0-2 biases, then narrower ones with one.
+        for (w, nb) in (0..3).map(|nb| (QK_NV, nb)).chain((1..QK_NV).map(|w| (w, 1))) {
             let t = min_time(400, || {
                 for _ in 0..reps {
                     let tile = QkTile {
@@ -811,11 +778,11 @@ mod perf_probe {
                         s: &mut sp,
                         mx: &mut mx,
                     };
-                    unsafe { qk_dispatch(w, 1, tile) }
+                    unsafe { qk_dispatch(w, nb, tile) }
                 }
             });
             println!(
-                "qk tile {QK_R}x{}, dh {dh}, 1 bias: {:6.1} GFLOP/s",
+                "qk tile {QK_R}x{}, dh {dh}, {nb} biases: {:6.1} GFLOP/s",
                 16 * w,
                 2.0 * (QK_R * 16 * w * dh * reps) as f64 / t / 1e9
             );
@@ -858,7 +825,11 @@ mod perf_probe {
             }
         });
         let row = t / (10 * RB) as f64;
-        println!("softmax: {:6.1} ns per row, {:5.1} us per head", row * 1e9, row * n as f64 * 1e6);
+        println!(
+            "softmax: {:6.1} ns per row, {:5.1} us per head",
+            row * 1e9,
+            row * n as f64 * 1e6
+        );
         #[target_feature(enable = "avx512f")]
         fn exp_stream(x: &mut [f32]) {
             let mut acc = [0f32; 16];
@@ -873,7 +844,10 @@ mod perf_probe {
                 unsafe { exp_stream(&mut xs) };
             }
         });
-        println!("exp stream: {:5.2} ns per vector (incl. abs pass)", t / 10.0 / 256.0 * 1e9);
+        println!(
+            "exp stream: {:5.2} ns per vector (incl. abs pass)",
+            t / 10.0 / 256.0 * 1e9
+        );
         let mut kt = vec![0f32; chunks * 16 * dh];
         let t = min_time(400, || {
             for _ in 0..10 {
@@ -882,18 +856,19 @@ mod perf_probe {
                     let w = (chunks - c0).min(QK_NV);
                     let key0 = 16 * gc;
                     let panel = &mut kt[c0 * 16 * dh..(c0 + w) * 16 * dh];
-                    unsafe { transpose_rows(
-                        &qkv[dh + key0 * 3 * dh..],
-                        3 * dh,
-                        (n - key0).min(16),
-                        dh,
-                        &mut panel[16 * c..],
-                        16 * w,
-                    ) };
+                    unsafe {
+                        transpose_rows(
+                            &qkv[dh + key0 * 3 * dh..],
+                            3 * dh,
+                            (n - key0).min(16),
+                            dh,
+                            &mut panel[16 * c..],
+                            16 * w,
+                        )
+                    };
                 }
             }
         });
         println!("pack K: {:5.1} us per head", t / 10.0 * 1e6);
     }
 }
-

@@ -29,37 +29,46 @@ use crate::error::{BeitError, Result};
 use crate::kernels::cpu::{self, CpuFeatures};
 use crate::kernels::math::softmax;
 
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Images.
+    pub batch: usize,
+    /// Tokens per image (`n`).
+    pub tokens: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Features per head (`dh`).
+    pub head_size: usize,
+}
+
+impl AttentionShape {
+    /// `(batch, tokens, heads, head_size)`.
+    fn dims(self) -> (usize, usize, usize, usize) {
+        (self.batch, self.tokens, self.heads, self.head_size)
+    }
+}
+
 /// Multi-head attention from the fused qkv buffer `(batch·n, 3d)` into ctx `(batch·n, d)`, `d = heads·dh`:
 /// per image `b` and head `h`, `ctx_h = softmax(Σ biases[·][h] + q_h·k_hᵀ/√dh) · v_h`, with the fastest
 /// kernel [`cpu::features`] allows, on rayon's current thread pool.
 ///
 /// Each bias is `heads · n · n` values, head-major (`[h][query][key]`); any number of them (0 for none)
 /// is added. Fails, naming the lengths, when `qkv`, `ctx` or a bias does not have the expected length.
-pub fn attention(
-    qkv: &[f32],
-    ctx: &mut [f32],
-    batch: usize,
-    n: usize,
-    heads: usize,
-    dh: usize,
-    biases: &[&[f32]],
-) -> Result<()> {
-    attention_using(cpu::features(), qkv, ctx, batch, n, heads, dh, biases)
+pub fn attention(qkv: &[f32], ctx: &mut [f32], shape: AttentionShape, biases: &[&[f32]]) -> Result<()> {
+    attention_using(cpu::features(), qkv, ctx, shape, biases)
 }
 
 /// [`attention`] with the kernel `cpu` selects (AVX-512 when it has `avx512`, the portable one otherwise;
 /// for benchmarks and tests); fails if this CPU lacks one of `cpu`'s features.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_using(
     cpu: CpuFeatures,
     qkv: &[f32],
     ctx: &mut [f32],
-    batch: usize,
-    n: usize,
-    heads: usize,
-    dh: usize,
+    shape: AttentionShape,
     biases: &[&[f32]],
 ) -> Result<()> {
+    let (batch, n, heads, dh) = shape.dims();
     cpu.check("attention")?;
     let ctx_len = ctx.len();
     let err = || shape_error(qkv.len(), ctx_len, batch, n, heads, dh);
@@ -78,14 +87,17 @@ pub fn attention_using(
     #[cfg(target_arch = "x86_64")]
     if cpu.avx512 {
         // SAFETY: `cpu` is within this CPU's features (checked above).
-        return unsafe { avx512::attention(qkv, ctx, batch, n, heads, dh, biases) }.ok_or_else(err);
+        return unsafe { avx512::attention(qkv, ctx, shape, biases) }.ok_or_else(err);
     }
-    portable(qkv, ctx, batch, n, heads, dh, biases);
+    portable(qkv, ctx, shape, biases);
     Ok(())
 }
 
 fn shape_error(qkv: usize, ctx: usize, batch: usize, n: usize, heads: usize, dh: usize) -> BeitError {
-    BeitError::internal("attention kernel", format!("qkv {qkv} / ctx {ctx} values for batch {batch}, {n} tokens, {heads}x{dh}"))
+    BeitError::internal(
+        "attention kernel",
+        format!("qkv {qkv} / ctx {ctx} values for batch {batch}, {n} tokens, {heads}x{dh}"),
+    )
 }
 
 /// The output buffer, shared by tasks that each write their own part of it.
@@ -103,7 +115,8 @@ impl SendPtr {
 }
 
 /// The portable kernel (see the module doc) on checked, non-empty shapes.
-fn portable(qkv: &[f32], ctx: &mut [f32], batch: usize, n: usize, heads: usize, dh: usize, biases: &[&[f32]]) {
+fn portable(qkv: &[f32], ctx: &mut [f32], shape: AttentionShape, biases: &[&[f32]]) {
+    let (batch, n, heads, dh) = shape.dims();
     let d = heads * dh;
     let scale = 1.0 / (dh as f32).sqrt();
     let out = SendPtr(ctx.as_mut_ptr());
@@ -214,31 +227,25 @@ mod tests {
         (qkv, biases)
     }
 
-    fn run(
-        kernel: CpuFeatures,
-        qkv: &[f32],
-        batch: usize,
-        n: usize,
-        heads: usize,
-        dh: usize,
-        biases: &[Vec<f32>],
-    ) -> Vec<f32> {
+    /// (batch, tokens, heads, head size).
+    type Dims = (usize, usize, usize, usize);
+
+    fn run(kernel: CpuFeatures, qkv: &[f32], (batch, n, heads, dh): Dims, biases: &[Vec<f32>]) -> Vec<f32> {
         let b: Vec<&[f32]> = biases.iter().map(|b| &b[..]).collect();
         // NaN everywhere first: every output must be written.
         let mut ctx = vec![f32::NAN; batch * n * heads * dh];
-        attention_using(kernel, qkv, &mut ctx, batch, n, heads, dh, &b).unwrap();
+        let shape = AttentionShape {
+            batch,
+            tokens: n,
+            heads,
+            head_size: dh,
+        };
+        attention_using(kernel, qkv, &mut ctx, shape, &b).unwrap();
         ctx
     }
 
     /// The f64 reference, and per output Σ_j p_j |v_j| (the scale its rounding error is relative to).
-    fn reference(
-        qkv: &[f32],
-        batch: usize,
-        n: usize,
-        heads: usize,
-        dh: usize,
-        biases: &[Vec<f32>],
-    ) -> (Vec<f64>, Vec<f64>) {
+    fn reference(qkv: &[f32], (batch, n, heads, dh): Dims, biases: &[Vec<f32>]) -> (Vec<f64>, Vec<f64>) {
         let d = heads * dh;
         let mut out = vec![0f64; batch * n * d];
         let mut mag = vec![0f64; batch * n * d];
@@ -293,29 +300,42 @@ mod tests {
                 let nb = (idx + 2 * jdx) % 3;
                 let sd = if jdx % 2 == 0 { 0.02 } else { 2.0 };
                 let (qkv, biases) = inputs((idx * 10 + jdx) as u64, batch, n, heads, dh, nb, sd);
-                let (want, mag) = reference(&qkv, batch, n, heads, dh, &biases);
+                let (want, mag) = reference(&qkv, (batch, n, heads, dh), &biases);
                 for (k, kernel) in kernels().into_iter().enumerate() {
-                    let got = run(kernel, &qkv, batch, n, heads, dh, &biases);
+                    let got = run(kernel, &qkv, (batch, n, heads, dh), &biases);
                     let err = worst_error(&got, &want, &mag);
-                    assert!(err < 1e-5, "{kernel:?} batch {batch}, n {n}, {heads}x{dh}, {nb} biases: error {err:e}");
+                    assert!(
+                        err < 1e-5,
+                        "{kernel:?} batch {batch}, n {n}, {heads}x{dh}, {nb} biases: error {err:e}"
+                    );
                     worst[k] = worst[k].max(err);
                 }
             }
         }
-        eprintln!("worst error relative to sum p|v|: portable {:e}, native {:e}", worst[0], worst[1]);
+        eprintln!(
+            "worst error relative to sum p|v|: portable {:e}, native {:e}",
+            worst[0], worst[1]
+        );
     }
 
     /// BEiT-base's shape (197 tokens, 12 x 64), two relative position biases.
     #[test]
     fn matches_f64_reference_on_beit_base() {
         let (qkv, biases) = inputs(7, 2, 197, 12, 64, 2, 0.5);
-        let (want, mag) = reference(&qkv, 2, 197, 12, 64, &biases);
+        let (want, mag) = reference(&qkv, (2, 197, 12, 64), &biases);
         let big = want.iter().fold(0f64, |m, v| m.max(v.abs()));
         for kernel in kernels() {
-            let got = run(kernel, &qkv, 2, 197, 12, 64, &biases);
+            let got = run(kernel, &qkv, (2, 197, 12, 64), &biases);
             let err = worst_error(&got, &want, &mag);
-            let abs = got.iter().zip(&want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max);
-            eprintln!("{kernel:?}: worst error {err:e} of sum p|v|, {:e} of the largest output", abs / big);
+            let abs = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).abs())
+                .fold(0.0, f64::max);
+            eprintln!(
+                "{kernel:?}: worst error {err:e} of sum p|v|, {:e} of the largest output",
+                abs / big
+            );
             assert!(err < 1e-5 && abs < 1e-5 * big, "{kernel:?}: {err:e}, {abs:e}");
         }
     }
@@ -323,14 +343,21 @@ mod tests {
     /// The AVX-512 kernel agrees with the portable one up to rounding (FMA, the order of the sums).
     #[test]
     fn kernels_agree_with_the_portable_one() {
-        for &(batch, n, heads, dh, nb) in &[(2usize, 197usize, 12usize, 64usize, 2usize), (1, 33, 3, 80, 1), (3, 7, 2, 8, 0)] {
+        for &(batch, n, heads, dh, nb) in &[
+            (2usize, 197usize, 12usize, 64usize, 2usize),
+            (1, 33, 3, 80, 1),
+            (3, 7, 2, 8, 0),
+        ] {
             let (qkv, biases) = inputs(11, batch, n, heads, dh, nb, 1.0);
-            let a = run(CpuFeatures::PORTABLE, &qkv, batch, n, heads, dh, &biases);
+            let a = run(CpuFeatures::PORTABLE, &qkv, (batch, n, heads, dh), &biases);
             let big = a.iter().fold(0f32, |m, v| m.max(v.abs()));
             for kernel in kernels().into_iter().skip(1) {
-                let b = run(kernel, &qkv, batch, n, heads, dh, &biases);
+                let b = run(kernel, &qkv, (batch, n, heads, dh), &biases);
                 let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-                assert!(diff <= 2e-6 * big, "{kernel:?} batch {batch}, n {n}, {heads}x{dh}: {diff} of {big}");
+                assert!(
+                    diff <= 2e-6 * big,
+                    "{kernel:?} batch {batch}, n {n}, {heads}x{dh}: {diff} of {big}"
+                );
             }
         }
     }
@@ -343,11 +370,7 @@ mod tests {
             let (qkv, biases) = inputs(5, batch, n, heads, dh, 2, 0.5);
             for kernel in kernels() {
                 let at = |threads: usize| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| run(kernel, &qkv, batch, n, heads, dh, &biases))
+                    crate::kernels::on_threads(threads, || run(kernel, &qkv, (batch, n, heads, dh), &biases))
                 };
                 let one = at(1);
                 for threads in [2, 3, 7] {
@@ -365,12 +388,20 @@ mod tests {
     /// with serial ones.
     #[test]
     fn concurrent_and_nested_calls_agree() {
-        let cases: Vec<_> = (0..6).map(|s| inputs(20 + s, 1, 50 + 7 * s as usize, 4, 32, 1, 0.5)).collect();
+        let cases: Vec<_> = (0..6)
+            .map(|s| inputs(20 + s, 1, 50 + 7 * s as usize, 4, 32, 1, 0.5))
+            .collect();
         for kernel in kernels() {
-            let serial: Vec<Vec<f32>> =
-                cases.iter().enumerate().map(|(s, (q, b))| run(kernel, q, 1, 50 + 7 * s, 4, 32, b)).collect();
-            let parallel: Vec<Vec<f32>> =
-                cases.par_iter().enumerate().map(|(s, (q, b))| run(kernel, q, 1, 50 + 7 * s, 4, 32, b)).collect();
+            let serial: Vec<Vec<f32>> = cases
+                .iter()
+                .enumerate()
+                .map(|(s, (q, b))| run(kernel, q, (1, 50 + 7 * s, 4, 32), b))
+                .collect();
+            let parallel: Vec<Vec<f32>> = cases
+                .par_iter()
+                .enumerate()
+                .map(|(s, (q, b))| run(kernel, q, (1, 50 + 7 * s, 4, 32), b))
+                .collect();
             for (s, p) in serial.iter().zip(&parallel) {
                 assert!(s.iter().zip(p).all(|(a, b)| a.to_bits() == b.to_bits()), "{kernel:?}");
             }
@@ -382,9 +413,13 @@ mod tests {
     fn degenerate_inputs_give_exact_answers() {
         for kernel in kernels() {
             let (qkv, _) = inputs(3, 2, 1, 3, 16, 0, 0.0);
-            let ctx = run(kernel, &qkv, 2, 1, 3, 16, &[]);
+            let ctx = run(kernel, &qkv, (2, 1, 3, 16), &[]);
             for b in 0..2 {
-                assert_eq!(ctx[b * 48..(b + 1) * 48], qkv[b * 144 + 96..b * 144 + 144], "{kernel:?}");
+                assert_eq!(
+                    ctx[b * 48..(b + 1) * 48],
+                    qkv[b * 144 + 96..b * 144 + 144],
+                    "{kernel:?}"
+                );
             }
             // q = 0: every key weighs 1/4, so ctx is the mean of the four v rows.
             let (n, dh) = (4, 8);
@@ -395,7 +430,7 @@ mod tests {
                     qkv[j * 3 * dh + 2 * dh + c] = (j + c) as f32;
                 }
             }
-            let ctx = run(kernel, &qkv, 1, n, 1, dh, &[]);
+            let ctx = run(kernel, &qkv, (1, n, 1, dh), &[]);
             for i in 0..n {
                 for c in 0..dh {
                     assert_eq!(ctx[i * dh + c], 1.5 + c as f32, "{kernel:?}");
@@ -410,6 +445,19 @@ mod tests {
         let (qkv, biases) = inputs(1, batch, n, heads, dh, 1, 0.5);
         let mut ctx = vec![0f32; batch * n * heads * dh];
         let msg = |r: Result<()>| r.unwrap_err().to_string();
+        let attention = |qkv: &[f32], ctx: &mut [f32], batch, tokens, heads, head_size, biases: &[&[f32]]| {
+            attention(
+                qkv,
+                ctx,
+                AttentionShape {
+                    batch,
+                    tokens,
+                    heads,
+                    head_size,
+                },
+                biases,
+            )
+        };
         let bias = [&biases[0][..]];
         assert!(attention(&qkv, &mut ctx, batch, n, heads, dh, &bias).is_ok());
         assert_eq!(
@@ -433,9 +481,9 @@ mod tests {
     #[test]
     fn three_biases_match_the_reference() {
         let (qkv, biases) = inputs(9, 2, 30, 3, 16, 3, 1.0);
-        let (want, mag) = reference(&qkv, 2, 30, 3, 16, &biases);
+        let (want, mag) = reference(&qkv, (2, 30, 3, 16), &biases);
         for kernel in kernels() {
-            let got = run(kernel, &qkv, 2, 30, 3, 16, &biases);
+            let got = run(kernel, &qkv, (2, 30, 3, 16), &biases);
             let err = worst_error(&got, &want, &mag);
             assert!(err < 1e-5, "{kernel:?}: {err:e}");
         }
