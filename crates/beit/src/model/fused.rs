@@ -183,12 +183,8 @@ fn quantize_qkv(sa: &BeitSelfAttention) -> Result<Option<FusedLinear>> {
         }
     }
     let n = weight.len() / d.max(1);
-    Ok(Some(FusedLinear::Int8(Arc::new(QuantizedLinear::quantize(
-        &weight,
-        n,
-        d,
-        Some(&bias),
-    )?))))
+    let quantized = QuantizedLinear::quantize(&weight, n, d, Some(&bias))?;
+    Ok(Some(FusedLinear::Int8(Arc::new(quantized))))
 }
 
 impl FusedLayer {
