@@ -22,6 +22,7 @@ pub struct CommonTrainArgs {
     /// Epochs of the schedule [default: train 30, pretrain 800].
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Images per batch.
     #[arg(long, default_value_t = RunOptions::default().batch_size)]
     pub batch_size: usize,
     /// Peak learning rate [default: train 0.004; pretrain the paper's 1.5e-3 at batch 2048, scaled linearly to
@@ -31,11 +32,13 @@ pub struct CommonTrainArgs {
     /// Final learning rate of the cosine [default: train 1e-6; pretrain lr / 150, unilm's 1e-5 against 1.5e-3].
     #[arg(long)]
     pub min_lr: Option<f64>,
+    /// AdamW's weight decay (biases, norms, tokens and position tables have none).
     #[arg(long, default_value_t = RunOptions::default().weight_decay)]
     pub weight_decay: f64,
     /// Epochs of linear warmup [default: train 5, pretrain 10].
     #[arg(long)]
     pub warmup_epochs: Option<f64>,
+    /// Seed of fresh weights, shuffles, augmentation, dropout and drop path.
     #[arg(long, default_value_t = RunOptions::default().seed)]
     pub seed: u64,
     /// Stochastic depth rate, overriding the config's drop_path_rate [default: train the config's, pretrain 0.1].
@@ -44,6 +47,7 @@ pub struct CommonTrainArgs {
     /// RandomResizedCrop's smallest area share.
     #[arg(long, default_value_t = RunOptions::default().scale_min)]
     pub crop_scale_min: f64,
+    /// No random horizontal flips.
     #[arg(long)]
     pub no_hflip: bool,
     /// Input resolution of a model built from a preset or config.json (a checkpoint keeps its own).
@@ -187,7 +191,11 @@ pub fn plot_epochs(path: &Path, epochs: usize, panels: &[Panel]) -> Result<()> {
                 .label(s.label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
         }
-        c.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{augment, ImageFolder};
 use super::run::{
-    eval_processor, read_checkpoint, resume_dir, Best, EpochRecord, EpochStats, Run, RunCore, RunOptions, Task,
-    TrainObserver,
+    eval_processor, read_checkpoint, resume_dir, Best, EpochRecord, EpochStats, Observer, Run, RunCore, RunOptions,
+    Task,
 };
 use crate::checkpoint::align_prefix;
 use crate::config::BeitConfig;
@@ -49,12 +49,6 @@ pub struct TrainOptions {
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions { run: RunOptions::default(), layer_decay: 0.65, label_smoothing: 0.1, accum_steps: 1 }
-    }
-}
-
-impl AsRef<RunOptions> for TrainOptions {
-    fn as_ref(&self) -> &RunOptions {
-        &self.run
     }
 }
 
@@ -136,7 +130,9 @@ fn unshare_relative_bias(config: &mut BeitConfig, tensors: &mut HashMap<String, 
     if let Some(table) = tensors.remove(key) {
         for i in 0..config.num_hidden_layers {
             tensors.insert(
-                format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"),
+                format!(
+                    "beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
+                ),
                 table.clone(),
             );
         }
@@ -172,7 +168,6 @@ impl FineTuning {
 impl Task for FineTuning {
     type Options = TrainOptions;
     type Metrics = ClassificationMetrics;
-    const ARCH: Architecture = Architecture::BeitForImageClassification;
     const BEST: Best = Best { name: "top1", higher_is_better: true };
 
     fn best_value(m: &ClassificationMetrics) -> Option<f64> {
@@ -183,18 +178,13 @@ impl Task for FineTuning {
         &self.data.skipped
     }
 
-    fn epoch(
-        &mut self,
-        core: &mut RunCore<Self>,
-        epoch: usize,
-        obs: &mut dyn TrainObserver<EpochMetrics>,
-    ) -> Result<(ClassificationMetrics, EpochStats)> {
+    fn epoch(&mut self, core: &mut RunCore<Self>, obs: &mut Observer<'_, Self>) -> Result<(Self::Metrics, EpochStats)> {
         let o = core.opts.clone();
         let (size, device) = (core.image_size, core.device.clone());
         let processor = eval_processor(size);
         let options = ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() };
         let (model, train) = (&self.model, &self.data.train);
-        let stats = core.train_epoch(epoch, train.images.len(), o.accum_steps, None, obs, |batch, rng| {
+        let stats = core.train_epoch(train.images.len(), o.accum_steps, None, obs, |batch, rng| {
             let mut pixels = Vec::with_capacity(batch.len() * 3 * size * size);
             for &i in batch {
                 pixels.extend(augment(&train.images[i], size, o.run.scale_min, o.run.hflip, rng, &processor)?);
@@ -239,7 +229,7 @@ impl Trainer {
             }
         };
         config.id2label = id2label;
-        config.architectures = Some(vec![FineTuning::ARCH.name().to_string()]);
+        config.architectures = Some(vec![Architecture::BeitForImageClassification.name().to_string()]);
         config.problem_type = None;
         if let Some(dp) = opts.run.drop_path {
             config.drop_path_rate = dp;

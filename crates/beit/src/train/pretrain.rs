@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use super::data::{ImageFolder, IMAGE_EXTENSIONS};
 use super::pretrain_data::{pretrain_sample, TwoViewOptions};
 use super::run::{
-    eval_processor, read_checkpoint, resume_dir, Best, EpochRecord, EpochStats, Run, RunCore, RunOptions, Task,
-    TrainObserver,
+    eval_processor, read_checkpoint, resume_dir, Best, EpochRecord, EpochStats, Observer, Run, RunCore, RunOptions,
+    Task,
 };
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
@@ -149,6 +149,12 @@ pub struct PretrainOptions {
     pub split_seed: Option<u64>,
 }
 
+impl AsMut<RunOptions> for PretrainOptions {
+    fn as_mut(&mut self) -> &mut RunOptions {
+        &mut self.run
+    }
+}
+
 impl Default for PretrainOptions {
     /// The paper's recipe at batch 64.
     fn default() -> Self {
@@ -162,18 +168,6 @@ impl Default for PretrainOptions {
             ..RunOptions::default()
         };
         PretrainOptions { run, clip_grad: Some(3.0), num_masking_patches: None, split_seed: None }
-    }
-}
-
-impl AsRef<RunOptions> for PretrainOptions {
-    fn as_ref(&self) -> &RunOptions {
-        &self.run
-    }
-}
-
-impl AsMut<RunOptions> for PretrainOptions {
-    fn as_mut(&mut self) -> &mut RunOptions {
-        &mut self.run
     }
 }
 
@@ -366,7 +360,6 @@ pub type Pretrainer = Run<Pretraining>;
 impl Task for Pretraining {
     type Options = PretrainOptions;
     type Metrics = MimMetrics;
-    const ARCH: Architecture = Architecture::BeitForMaskedImageModeling;
     const BEST: Best = Best { name: "loss", higher_is_better: false };
 
     fn best_value(m: &MimMetrics) -> Option<f64> {
@@ -377,19 +370,14 @@ impl Task for Pretraining {
         &self.data.skipped
     }
 
-    fn epoch(
-        &mut self,
-        core: &mut RunCore<Self>,
-        epoch: usize,
-        obs: &mut dyn TrainObserver<PretrainEpochMetrics>,
-    ) -> Result<(MimMetrics, EpochStats)> {
+    fn epoch(&mut self, core: &mut RunCore<Self>, obs: &mut Observer<'_, Self>) -> Result<(Self::Metrics, EpochStats)> {
         let processor = eval_processor(core.image_size);
         let (s, t, device) = (self.views.size, self.views.second_size, core.device.clone());
         let mode = Mode { train: true, uncached: true };
         let mut token_counts = vec![0usize; self.tokenizer.vocab_size];
         let (mut correct, mut count) = (0usize, 0usize);
         let clip = core.opts.clip_grad;
-        let stats = core.train_epoch(epoch, self.data.images.len(), 1, clip, obs, |batch, rng| {
+        let stats = core.train_epoch(self.data.images.len(), 1, clip, obs, |batch, rng| {
             let mut patches = Vec::with_capacity(batch.len() * 3 * s * s);
             let mut pixels01 = Vec::with_capacity(batch.len() * 3 * t * t);
             let mut mask = Vec::with_capacity(batch.len() * self.masking.height * self.masking.width);
@@ -451,7 +439,7 @@ impl Pretrainer {
             }
             None => (pretraining_config(model, &opts, &tokenizer)?, HashMap::new()),
         };
-        config.architectures = Some(vec![Pretraining::ARCH.name().to_string()]);
+        config.architectures = Some(vec![Architecture::BeitForMaskedImageModeling.name().to_string()]);
         config.validate()?;
         let (_, grid) = check_geometry(&config, &tokenizer)?;
         // No layer decay in pre-training (unilm's run_beit_pretraining has none).

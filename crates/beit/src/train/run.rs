@@ -154,12 +154,10 @@ pub struct EpochStats {
 /// A training task on the shared loop: its model and data, one epoch's training (through
 /// [`RunCore::train_epoch`]) and evaluation. Semantic segmentation would be a third: mIoU as [`Task::BEST`].
 pub trait Task: Sized {
-    /// The task's options, with the shared ones inside.
-    type Options: Clone + Serialize + DeserializeOwned + AsRef<RunOptions> + AsMut<RunOptions>;
+    /// The task's options, with the shared ones inside (`as_mut` gives them).
+    type Options: Clone + Serialize + DeserializeOwned + AsMut<RunOptions>;
     /// The task's fields of an epoch's record.
     type Metrics: Clone + Serialize + DeserializeOwned;
-    /// The architecture checkpoints are saved as.
-    const ARCH: Architecture;
     /// The metric `out/best` follows.
     const BEST: Best;
 
@@ -169,13 +167,9 @@ pub trait Task: Sized {
     /// Files the data loader skipped, with the reason.
     fn skipped(&self) -> &[(PathBuf, String)];
 
-    /// Trains epoch `epoch` (1-based) and evaluates: the task's record with the loop's measurements.
-    fn epoch(
-        &mut self,
-        core: &mut RunCore<Self>,
-        epoch: usize,
-        obs: &mut dyn TrainObserver<EpochRecord<Self::Metrics>>,
-    ) -> Result<(Self::Metrics, EpochStats)>;
+    /// Trains the next epoch (through [`RunCore::train_epoch`]) and evaluates: the task's record with the
+    /// loop's measurements.
+    fn epoch(&mut self, core: &mut RunCore<Self>, obs: &mut Observer<'_, Self>) -> Result<(Self::Metrics, EpochStats)>;
 
     /// Called once the schedule's last epoch is done (also by a resumed run that finds it done).
     fn completed(&self, _core: &RunCore<Self>, _out: &Path) -> Result<()> {
@@ -183,10 +177,15 @@ pub trait Task: Sized {
     }
 }
 
+/// What a run of task `T` reports to.
+pub type Observer<'a, T> = dyn TrainObserver<EpochRecord<<T as Task>::Metrics>> + 'a;
+
 /// The shared state of a run: config, weights, optimizer, options and the epochs so far.
 pub struct RunCore<T: Task> {
     /// The model's config, as checkpoints save it.
     pub config: BeitConfig,
+    /// The architecture checkpoints are saved as (the config's first).
+    pub arch: Architecture,
     /// The trained parameters.
     pub weights: Weights,
     /// AdamW with its moments and step count.
@@ -233,27 +232,40 @@ pub fn read_checkpoint(dir: &Path) -> Result<(BeitConfig, HashMap<String, Tensor
 }
 
 impl<T: Task> RunCore<T> {
-    /// Weights from `tensors` (fresh ones from the seed where missing), the model from them by `load`, AdamW
+    /// A run of `config`, saved as its first `architectures` entry: weights from `tensors` (fresh ones from the
+    /// seed where missing), the model from them by `load`, AdamW
     /// over them with `layer_decay`; with `resume_from`, the state saved there: optimizer moments, epochs so
     /// far, and the run's own options, which win over `opts` but for the larger epoch count.
     pub fn build<Model>(
         config: BeitConfig,
         tensors: HashMap<String, Tensor>,
         out: &Path,
-        opts: T::Options,
+        mut opts: T::Options,
         layer_decay: f64,
         resume_from: Option<&Path>,
         load: impl FnOnce(&Weights, &BeitConfig) -> Result<Model>,
     ) -> Result<(Self, Model)> {
+        let named = config.architectures.as_ref().and_then(|a| a.first());
+        let arch = Architecture::from_name(named.map_or("", |n| n.as_str()))?;
         let device = Device::Cpu;
-        let run = opts.as_ref();
+        let run = opts.as_mut();
         let source = if tensors.is_empty() { Source::Fresh } else { Source::Checkpoint };
         let weights = Weights::build(tensors, out.join("<init>"), source, &device, true, run.seed);
         let model = load(&weights, &config)?;
         let optimizer = AdamW::new(weights.vars(), config.num_hidden_layers, layer_decay, run.weight_decay)?;
         let image_size = config.image_size.height;
-        let mut core =
-            RunCore { config, weights, optimizer, opts, image_size, device, history: Vec::new(), start_epoch: 0, best: None };
+        let mut core = RunCore {
+            config,
+            arch,
+            weights,
+            optimizer,
+            opts,
+            image_size,
+            device,
+            history: Vec::new(),
+            start_epoch: 0,
+            best: None,
+        };
         if let Some(last) = resume_from {
             core.restore(last)?;
         }
@@ -263,12 +275,12 @@ impl<T: Task> RunCore<T> {
     fn restore(&mut self, last: &Path) -> Result<()> {
         let path = last.join(STATE_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| BeitError::io(&path, e))?;
-        let state: SavedState<T::Options, Vec<EpochRecord<T::Metrics>>> =
+        let mut state: SavedState<T::Options, Vec<EpochRecord<T::Metrics>>> =
             serde_json::from_str(&text).map_err(|e| BeitError::Json { path: path.clone(), message: e.to_string() })?;
         let moments = candle_core::safetensors::load(last.join(OPTIMIZER_FILE), &self.device)?;
         self.optimizer.load_state(&moments, state.step)?;
         // The run's own options win over the caller's, so the resumed run is the same run.
-        let epochs = self.opts.as_ref().epochs.max(state.options.as_ref().epochs);
+        let epochs = self.opts.as_mut().epochs.max(state.options.as_mut().epochs);
         self.opts = state.options;
         self.opts.as_mut().epochs = epochs;
         self.history = state.history;
@@ -287,21 +299,22 @@ impl<T: Task> RunCore<T> {
         &self.history
     }
 
-    /// One epoch (1-based) over `n` training items in batches, shuffled by the seed and the epoch; `rng`, which
+    /// The next epoch (1-based: [`RunCore::completed_epochs`] + 1) over `n` training items in batches, shuffled
+    /// by the seed and the epoch; `rng`, which
     /// shuffled them, goes on to the task's augmentation. `batch_loss` gives a batch's mean loss and how many
     /// items it is a mean over. The loop stops on a loss that is not finite, sums the gradients of
     /// `accum_steps` batches, clips their global norm to `clip`, steps AdamW at the scheduled learning rate and
     /// reports each batch to `obs`.
     pub fn train_epoch(
         &mut self,
-        epoch: usize,
         n: usize,
         accum_steps: usize,
         clip: Option<f64>,
-        obs: &mut dyn TrainObserver<EpochRecord<T::Metrics>>,
+        obs: &mut Observer<'_, T>,
         mut batch_loss: impl FnMut(&[usize], &mut Rng) -> Result<(Tensor, usize)>,
     ) -> Result<EpochStats> {
-        let o = self.opts.as_ref().clone();
+        let o = self.opts.as_mut().clone();
+        let epoch = self.start_epoch + 1;
         let mut order: Vec<usize> = (0..n).collect();
         let mut rng = Rng::derive(o.seed, 2, epoch as u64);
         rng.shuffle(&mut order);
@@ -335,10 +348,10 @@ impl<T: Task> RunCore<T> {
         Ok(EpochStats { loss: loss_sum / weight.max(1) as f64, lr, images_per_sec: seen as f64 / secs.max(1e-9) })
     }
 
-    /// Writes the model of `T::ARCH` with the preprocessor config of the training resolution into `dir` (in
+    /// Writes the model of `arch` with the preprocessor config of the training resolution into `dir` (in
     /// place; [`RunCore::save`] writes a whole directory atomically).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
-        save_pretrained(dir, &self.config, T::ARCH, &self.weights.params())?;
+        save_pretrained(dir, &self.config, self.arch, &self.weights.params())?;
         write_file(&dir.join("preprocessor_config.json"), &processor_json(self.image_size))
     }
 
@@ -370,7 +383,8 @@ impl<T: Task> RunCore<T> {
         let moments = self.optimizer.state();
         self.save(&out.join("last"), |tmp| {
             candle_core::safetensors::save(&moments, tmp.join(OPTIMIZER_FILE))?;
-            let text = serde_json::to_string_pretty(&state).map_err(|e| BeitError::internal("trainer state", e.to_string()))?;
+            let text = serde_json::to_string_pretty(&state)
+                .map_err(|e| BeitError::internal("trainer state", e.to_string()))?;
             write_file(&tmp.join(STATE_FILE), &text)
         })?;
         let lines: Vec<String> = self.history.iter().filter_map(|h| serde_json::to_string(h).ok()).collect();
@@ -403,16 +417,16 @@ impl<T: Task> Run<T> {
         &mut self,
         out: &Path,
         stop_after: Option<usize>,
-        obs: &mut dyn TrainObserver<EpochRecord<T::Metrics>>,
+        obs: &mut Observer<'_, T>,
     ) -> Result<Vec<EpochRecord<T::Metrics>>> {
         std::fs::create_dir_all(out).map_err(|e| BeitError::io(out, e))?;
         for (p, why) in self.task.skipped() {
             obs.note(&format!("skipped {}: {why}", p.display()));
         }
-        let epochs = self.core.opts.as_ref().epochs;
+        let epochs = self.core.opts.as_mut().epochs;
         for epoch in self.core.start_epoch + 1..=end_epoch(self.core.start_epoch, epochs, stop_after) {
             let t = Instant::now();
-            let (task, stats) = self.task.epoch(&mut self.core, epoch, obs)?;
+            let (task, stats) = self.task.epoch(&mut self.core, obs)?;
             let seconds = t.elapsed().as_secs_f64();
             let m = EpochRecord { epoch, task, lr: stats.lr, images_per_sec: stats.images_per_sec, seconds };
             self.core.end_epoch(out, m.clone())?;
@@ -478,7 +492,14 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 
 /// The learning rate of optimizer step `step` in a run of `epochs` epochs of `steps_per_epoch` steps: linear
 /// warmup over `warmup_epochs`, then cosine down to `min_lr` (unilm's per-step cosine_scheduler).
-pub fn scheduled_lr(step: usize, steps_per_epoch: usize, epochs: usize, warmup_epochs: f64, lr: f64, min_lr: f64) -> f64 {
+pub fn scheduled_lr(
+    step: usize,
+    steps_per_epoch: usize,
+    epochs: usize,
+    warmup_epochs: f64,
+    lr: f64,
+    min_lr: f64,
+) -> f64 {
     let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
     cosine_lr(step, steps_per_epoch * epochs, warmup, lr, min_lr)
 }
@@ -512,7 +533,13 @@ mod tests {
 
     #[test]
     fn a_record_reads_shared_task_shared() {
-        let m = EpochRecord { epoch: 2, task: Scores { train_loss: 0.5, top1: None }, lr: 1e-3, images_per_sec: 9.0, seconds: 1.5 };
+        let m = EpochRecord {
+            epoch: 2,
+            task: Scores { train_loss: 0.5, top1: None },
+            lr: 1e-3,
+            images_per_sec: 9.0,
+            seconds: 1.5,
+        };
         let line = serde_json::to_string(&m).unwrap();
         assert_eq!(line, r#"{"epoch":2,"train_loss":0.5,"top1":null,"lr":0.001,"images_per_sec":9.0,"seconds":1.5}"#);
         assert_eq!(serde_json::from_str::<EpochRecord<Scores>>(&line).unwrap(), m);
@@ -520,12 +547,19 @@ mod tests {
 
     #[test]
     fn the_state_keeps_the_task_s_best_under_its_name() {
-        let history = vec![EpochRecord { epoch: 1, task: 0.25f64, lr: 0.1, images_per_sec: 1.0, seconds: 1.0 }];
+        let task = Scores { train_loss: 0.25, top1: Some(0.75) };
+        let history = vec![EpochRecord { epoch: 1, task, lr: 0.1, images_per_sec: 1.0, seconds: 1.0 }];
         let opts = RunOptions { lr: 0.1 + 0.2, ..RunOptions::default() };
-        let state = SavedState { epoch: 1, step: 7, best: BTreeMap::from([("best_top1".into(), Some(0.75))]), options: &opts, history: &history };
+        let state = SavedState {
+            epoch: 1,
+            step: 7,
+            best: BTreeMap::from([("best_top1".into(), Some(0.75))]),
+            options: &opts,
+            history: &history,
+        };
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.starts_with(r#"{"epoch":1,"step":7,"best_top1":0.75,"options":{"epochs":30,"#), "{text}");
-        let back: SavedState<RunOptions, Vec<EpochRecord<f64>>> = serde_json::from_str(&text).unwrap();
+        let back: SavedState<RunOptions, Vec<EpochRecord<Scores>>> = serde_json::from_str(&text).unwrap();
         assert_eq!((back.epoch, back.step, back.best["best_top1"], &back.history), (1, 7, Some(0.75), &history));
         // Options come back bit for bit.
         assert_eq!(back.options, opts);
@@ -535,7 +569,9 @@ mod tests {
     fn best_follows_the_metric_s_direction() {
         let acc = Best { name: "top1", higher_is_better: true };
         let loss = Best { name: "loss", higher_is_better: false };
-        assert!(acc.improves(Some(0.5), None) && acc.improves(Some(0.6), Some(0.5)) && !acc.improves(Some(0.5), Some(0.5)));
+        assert!(
+            acc.improves(Some(0.5), None) && acc.improves(Some(0.6), Some(0.5)) && !acc.improves(Some(0.5), Some(0.5))
+        );
         assert!(loss.improves(Some(0.4), Some(0.5)) && !loss.improves(Some(0.6), Some(0.5)));
         // An epoch without the metric (no validation split) never becomes best.
         assert!(!acc.improves(None, None) && !acc.improves(None, Some(0.1)));
