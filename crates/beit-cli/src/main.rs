@@ -11,6 +11,7 @@ mod preprocess;
 mod pretrain;
 mod segment;
 mod train;
+mod training;
 mod serve;
 mod tokenize;
 
@@ -55,13 +56,23 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
 }
 
+/// Logs to stderr, filtered by RUST_LOG (default: warnings; `beit serve` adds its one line per request). `serve
+/// --log-format json` writes one JSON object per line.
+fn init_logging(command: &Command) {
+    let (default, json) = match command {
+        Command::Serve(a) => ("warn,beit_server=info", a.json_logs()),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    if json {
+        builder.event_format(beit_server::log::JsonFormat).init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -70,6 +81,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    init_logging(&cli.command);
     let result = match cli.command {
         Command::Classify(a) => classify::run(a),
         Command::Bench(a) => bench::run(a),

@@ -16,12 +16,16 @@ use std::time::{Duration, Instant};
 
 use beit::pipeline::{Pipeline, Prediction};
 use beit::processor::{SegmentationMap, SizeDict};
-use beit::{AnyBeitModel, Architecture};
+use beit::{AnyBeitModel, Architecture, BeitError};
 use image::RgbImage;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::error::{ApiError, ErrorType, ServerError};
+
+/// What a model call returns: the library's typed error, whose kind decides the answer's status
+/// ([`ApiError::from_beit`]).
+pub type BackendResult<T> = Result<T, BeitError>;
 use crate::metrics::Metrics;
 
 /// The three things the server asks of a model.
@@ -55,21 +59,33 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// The class's name, or `LABEL_{id}` as transformers names classes without one.
     pub fn label(&self, id: u32) -> String {
         self.id2label.get(&(id as usize)).cloned().unwrap_or_else(|| format!("LABEL_{id}"))
     }
+
+    /// Why this model cannot do `task`, and what it can do.
+    pub fn cannot(&self, task: Task) -> String {
+        let can: Vec<&str> = self.tasks.iter().map(|t| t.as_str()).collect();
+        format!("this model ({}) cannot {}; it can: {}", self.architecture, task.as_str(), can.join(", "))
+    }
 }
 
-/// The model behind the server: `Pipeline`, or anything else that answers the same way (tests use a slow one).
-/// It is created and used on the model thread only, so it need not be `Send`.
+/// The model behind the server: `Pipeline`, or anything else that answers the same way (tests use a slow one
+/// and a faulty one). It is created and used on the model thread only, so it need not be `Send`.
+///
+/// Errors are typed: an input the model refuses (`ErrorKind::InvalidInput` or `Format`) or a task it cannot do
+/// (`Unsupported`) is answered 400 with the error's message; anything else is a fault, answered 500 with its
+/// cause logged. A panic counts as an internal fault of that call; the server keeps serving.
 pub trait Backend {
+    /// What /info says, and which tasks the server routes to this backend.
     fn info(&self) -> ModelInfo;
     /// The `top_k` best classes per image, best first.
-    fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>, String>;
+    fn classify(&self, images: &[RgbImage], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>>;
     /// Class ids per pixel at each image's size.
-    fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>, String>;
+    fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>>;
     /// The pooled vector per image.
-    fn embed(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, String>;
+    fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>>;
 }
 
 impl Backend for Pipeline {
@@ -111,17 +127,16 @@ impl Backend for Pipeline {
         }
     }
 
-    fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>, String> {
-        Pipeline::classify(self, images, top_k).map_err(|e| e.to_string())
+    fn classify(&self, images: &[RgbImage], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
+        Pipeline::classify(self, images, top_k)
     }
 
-    fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>, String> {
-        Pipeline::segment(self, images).map_err(|e| e.to_string())
+    fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>> {
+        Pipeline::segment(self, images)
     }
 
-    fn embed(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, String> {
-        let t = Pipeline::embed(self, images, false).map_err(|e| e.to_string())?;
-        t.to_vec2::<f32>().map_err(|e| e.to_string())
+    fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>> {
+        Ok(Pipeline::embed(self, images, false)?.to_vec2::<f32>()?)
     }
 }
 
@@ -140,15 +155,32 @@ pub enum Output {
     Embed(Vec<f32>),
 }
 
-pub type Reply = oneshot::Sender<Result<Output, ApiError>>;
+/// The model's answer for one image, and how many images its call ran together.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The answer.
+    pub output: Output,
+    /// Images in the model call that produced it.
+    pub batch_size: usize,
+}
+
+/// Where the model thread sends one image's answer.
+pub type Reply = oneshot::Sender<BackendResult<Answer>>;
 
 /// One image waiting for the model.
 pub struct Job {
+    /// What to do with it.
     pub task: Task,
+    /// The decoded image.
     pub image: RgbImage,
     /// Classification only.
     pub top_k: usize,
+    /// When it was queued.
     pub enqueued: Instant,
+    /// Set by whoever takes the job first: the model thread (it runs the job) or the waiting handler (it gave up
+    /// at --max-queue-wait-ms and answered 503). The loser leaves the job alone.
+    pub claim: Arc<AtomicBool>,
+    /// Where the answer goes.
     pub reply: Reply,
 }
 
@@ -315,6 +347,9 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
     let now = Instant::now();
     let mut groups: BTreeMap<Task, Vec<Job>> = BTreeMap::new();
     for job in batch {
+        if job.claim.swap(true, Ordering::SeqCst) {
+            continue; // its handler gave up waiting and has answered
+        }
         if job.reply.is_closed() {
             metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -331,17 +366,19 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
         metrics.observe_batch(task.as_str(), images.len(), started.elapsed());
         match result {
             Ok(outputs) => {
+                let batch_size = images.len();
                 for (out, (k, reply)) in outputs.into_iter().zip(rest) {
                     // ok to ignore: the client may have gone while the batch ran.
-                    let _ = reply.send(Ok(truncate(out, k)));
+                    let _ = reply.send(Ok(Answer { output: truncate(out, k), batch_size }));
                 }
             }
             Err(e) if images.len() == 1 => {
-                for (_, reply) in rest {
-                    let _ = reply.send(Err(e.clone()));
+                if let Some((_, reply)) = rest.into_iter().next() {
+                    let _ = reply.send(Err(e));
                 }
             }
-            Err(_) => {
+            Err(e) => {
+                tracing::debug!("a batch of {} failed ({e}); running its images one by one", images.len());
                 for (image, (k, reply)) in images.into_iter().zip(rest) {
                     if reply.is_closed() {
                         metrics.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -350,7 +387,8 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
                     let started = Instant::now();
                     let r = run_task(backend, info, task, std::slice::from_ref(&image), k);
                     metrics.observe_batch(task.as_str(), 1, started.elapsed());
-                    let _ = reply.send(r.and_then(|mut v| v.pop().ok_or_else(|| ApiError::backend("no output"))));
+                    let one = r.and_then(|mut v| v.pop().ok_or_else(|| fault("gave no output for one image")));
+                    let _ = reply.send(one.map(|output| Answer { output, batch_size: 1 }));
                 }
             }
         }
@@ -367,18 +405,23 @@ fn truncate(out: Output, k: usize) -> Output {
     }
 }
 
-/// One model call, with panics and wrong output counts turned into errors.
+/// A fault of the backend: a bug, not the request's doing.
+fn fault(message: impl Into<String>) -> BeitError {
+    BeitError::internal("the server's model backend", message)
+}
+
+/// One model call, with panics and wrong output counts turned into internal errors.
 fn run_task<B: Backend>(
     backend: &B,
     info: &ModelInfo,
     task: Task,
     images: &[RgbImage],
     top_k: usize,
-) -> Result<Vec<Output>, ApiError> {
+) -> BackendResult<Vec<Output>> {
     if !info.tasks.contains(&task) {
-        return Err(ApiError::new(ErrorType::Unsupported, format!("this model cannot {}", task.as_str())));
+        return Err(BeitError::unsupported(task.as_str(), info.cannot(task)));
     }
-    let r = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Output>, String> {
+    let r = catch_unwind(AssertUnwindSafe(|| -> BackendResult<Vec<Output>> {
         Ok(match task {
             Task::Classify => backend.classify(images, top_k)?.into_iter().map(Output::Classify).collect(),
             Task::Segment => backend.segment(images)?.into_iter().map(Output::Segment).collect(),
@@ -387,8 +430,15 @@ fn run_task<B: Backend>(
     }));
     match r {
         Ok(Ok(v)) if v.len() == images.len() => Ok(v),
-        Ok(Ok(v)) => Err(ApiError::backend(format!("the model gave {} outputs for {} images", v.len(), images.len()))),
-        Ok(Err(e)) => Err(ApiError::backend(e)),
-        Err(_) => Err(ApiError::backend("the model failed on this input")),
+        Ok(Ok(v)) => Err(fault(format!("{} gave {} outputs for {} images", task.as_str(), v.len(), images.len()))),
+        Ok(Err(e)) => Err(e),
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(fault(format!("{} panicked: {why}", task.as_str())))
+        }
     }
 }

@@ -3,39 +3,31 @@
 //! `convert("RGB")`), with the pixel limit checked from the header before any pixel is decoded.
 
 use beit::processor::{load_image_bytes, ProcessorError};
+use beit::BeitError;
 use image::RgbImage;
 
-use crate::error::{ApiError, ErrorType};
+/// What the library's messages call a request's image.
+pub const IMAGE_NAME: &str = "request body";
 
 /// Decodes an image (format sniffed from the bytes, first frame), turns it upright by its EXIF orientation and
 /// converts it to RGB as transformers' `load_image` does, refusing images with more than `max_pixels` pixels
-/// before decoding.
-pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ApiError> {
+/// before decoding. Errors are the library's, naming the image [`IMAGE_NAME`]; [`crate::ApiError::from_beit`]
+/// answers them.
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, BeitError> {
+    let decode_error = |message: &str| ProcessorError::Decode { path: IMAGE_NAME.into(), message: message.into() };
     if bytes.is_empty() {
-        return Err(ApiError::new(ErrorType::InvalidImage, "the request has no image bytes"));
+        return Err(decode_error("no bytes: the request has no image").into());
     }
     // The image decoders are not expected to panic on bad input; if one does, the request fails, not the server.
-    std::panic::catch_unwind(|| load_image_bytes(bytes, Some(max_pixels), "image"))
-        .unwrap_or_else(|_| Err(ProcessorError::Decode { path: "image".into(), message: "the decoder failed".into() }))
-        .map_err(|e| match e {
-            ProcessorError::TooManyPixels { width, height, pixels, limit, .. } => ApiError::new(
-                ErrorType::ImageTooLarge,
-                format!(
-                    "image is {width}x{height} = {pixels} pixels, more than the server's limit of {limit} \
-                     (--max-image-pixels)"
-                ),
-            ),
-            // The bytes have no name worth repeating: keep what the decoder said.
-            ProcessorError::Decode { message, .. } => {
-                ApiError::new(ErrorType::InvalidImage, format!("cannot decode image: {message}"))
-            }
-            other => ApiError::new(ErrorType::InvalidImage, format!("cannot decode image: {other}")),
-        })
+    std::panic::catch_unwind(|| load_image_bytes(bytes, Some(max_pixels), IMAGE_NAME))
+        .unwrap_or_else(|_| Err(decode_error("the decoder failed")))
+        .map_err(BeitError::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{ApiError, ErrorType, RequestId};
     use std::io::Cursor;
     use std::path::{Path, PathBuf};
 
@@ -53,27 +45,37 @@ mod tests {
         assert_eq!(img.get_pixel(4, 2).0, [4, 2, 7]);
     }
 
+    /// The answer a request with these bytes gets.
+    fn answer(bytes: &[u8], max_pixels: u64) -> ApiError {
+        ApiError::from_beit(&decode_rgb(bytes, max_pixels).unwrap_err(), &RequestId::new())
+    }
+
     #[test]
     fn pixel_limit_is_checked_from_the_header() {
-        let e = decode_rgb(&png(20, 20), 399).unwrap_err();
+        let e = answer(&png(20, 20), 399);
         assert_eq!(e.kind, ErrorType::ImageTooLarge, "{e}");
         assert!(e.message.contains("20x20 = 400 pixels"), "{e}");
+        assert!(e.message.contains("--max-image-pixels"), "{e}");
         // A header claiming a huge image with no pixel data behind it: refused before any allocation.
         let mut bytes = png(1, 1);
         bytes[16..20].copy_from_slice(&100_000u32.to_be_bytes());
         bytes[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-        let e = decode_rgb(&bytes, 1_000_000).unwrap_err();
+        let e = answer(&bytes, 1_000_000);
         assert!(matches!(e.kind, ErrorType::ImageTooLarge | ErrorType::InvalidImage), "{e}");
     }
 
     #[test]
     fn garbage_truncated_and_empty_are_invalid_images() {
         for bytes in [b"not an image at all".to_vec(), png(8, 8)[..40].to_vec(), Vec::new(), vec![0xFF, 0xD8, 0xFF]] {
-            let e = decode_rgb(&bytes, 1 << 20).unwrap_err();
-            assert_eq!(e.kind, ErrorType::InvalidImage, "{e}");
+            let e = answer(&bytes, 1 << 20);
+            assert_eq!((e.kind, e.status().as_u16()), (ErrorType::InvalidImage, 400), "{e}");
         }
-        let e = decode_rgb(b"not an image at all", 1 << 20).unwrap_err();
-        assert!(e.message.contains("unrecognized format"), "{e}");
+        // The library's message, naming the request's image.
+        let e = answer(b"not an image at all", 1 << 20);
+        assert!(
+            e.message.starts_with("request body: cannot decode image: ") && e.message.contains("unrecognized format"),
+            "{e}"
+        );
     }
 
     fn fixture(name: &str) -> PathBuf {

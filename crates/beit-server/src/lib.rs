@@ -9,10 +9,12 @@
 //! running batch; more get 503 with Retry-After), bodies and images are bounded, and a client that disconnects
 //! has its queued work dropped. Shutdown stops accepting, answers what was admitted, then stops the model thread.
 
+pub mod auth;
 pub mod batcher;
 pub mod decode;
 pub mod error;
 pub mod input;
+pub mod log;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
@@ -26,8 +28,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
-pub use batcher::{Backend, ModelInfo, Task};
-pub use error::{ApiError, ErrorType, ServerError};
+pub use auth::ApiKeys;
+pub use batcher::{Backend, BackendResult, ModelInfo, Task};
+pub use error::{ApiError, ErrorType, RequestId, ServerError};
 pub use metrics::Metrics;
 
 use batcher::{BatchConfig, Batcher};
@@ -44,10 +47,14 @@ pub struct ServerConfig {
     pub max_batch_delay: Duration,
     /// Requests admitted to wait beyond a running batch; more are refused with 503.
     pub max_queue: usize,
+    /// How long a request may wait in the queue before it is answered 503 rather than served late; `None`: no limit.
+    pub max_queue_wait: Option<Duration>,
     pub max_body_bytes: usize,
     pub max_image_pixels: u64,
     /// What /info calls the model (the --model argument).
     pub model_id: String,
+    /// Keys a request must present (`Authorization: Bearer <key>`) on every endpoint but /health; none: open.
+    pub api_keys: ApiKeys,
 }
 
 impl Default for ServerConfig {
@@ -58,9 +65,11 @@ impl Default for ServerConfig {
             max_batch_size: 8,
             max_batch_delay: Duration::from_millis(5),
             max_queue: 64,
+            max_queue_wait: None,
             max_body_bytes: 16 << 20,
             max_image_pixels: 25_000_000,
             model_id: String::new(),
+            api_keys: ApiKeys::default(),
         }
     }
 }
@@ -79,6 +88,9 @@ impl ServerConfig {
         }
         if self.max_image_pixels == 0 {
             return bad("max-image-pixels", "must be at least 1");
+        }
+        if self.max_queue_wait.is_some_and(|w| w.is_zero()) {
+            return bad("max-queue-wait-ms", "must be at least 1");
         }
         if self.max_batch_delay > Duration::from_secs(60) {
             return bad("max-batch-delay-ms", "must be at most 60000");

@@ -88,6 +88,8 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     /// Requests refused with 503 because the queue was full.
     pub rejected: AtomicU64,
+    /// Refusals by reason (the answer's `error_type`: overloaded, queue_timeout, unauthorized, ...).
+    rejections: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -114,6 +116,16 @@ impl Metrics {
 
     pub fn observe_queue_wait(&self, waited: Duration) {
         lock(&self.queue_wait).get_or_insert_with(|| Histogram::new(LATENCY_BUCKETS)).observe(waited.as_secs_f64());
+    }
+
+    /// One request refused for `reason`.
+    pub fn reject(&self, reason: &'static str) {
+        *lock(&self.rejections).entry(reason).or_default() += 1;
+    }
+
+    /// How many requests were refused for `reason` so far.
+    pub fn rejections(&self, reason: &str) -> u64 {
+        lock(&self.rejections).get(reason).copied().unwrap_or(0)
     }
 
     /// How many requests were answered with this endpoint and status so far.
@@ -188,6 +200,15 @@ impl Metrics {
             "Requests refused with 503 because the queue was full.",
         );
         let _ = writeln!(out, "beit_requests_rejected_total {}", self.rejected.load(Ordering::Relaxed));
+        header(
+            &mut out,
+            "beit_requests_rejected_by_reason_total",
+            "counter",
+            "Requests refused before an answer about their content, by reason (the answer's error_type).",
+        );
+        for (reason, n) in lock(&self.rejections).iter() {
+            let _ = writeln!(out, "beit_requests_rejected_by_reason_total{} {n}", label_set(&[("reason", reason)]));
+        }
         out
     }
 }

@@ -25,14 +25,18 @@ fn image_body() -> Value {
 fn errors() -> Value {
     let e = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     json!({
-        "400": e("Bad request: invalid JSON or base64 (`validation`), an image that does not decode (`invalid_image`), \
-                  one above --max-image-pixels (`image_too_large`), or a task the model has no head for (`unsupported`)."),
+        "400": e("Bad request: invalid JSON or base64, or an input the model refuses (`validation`), an image that does \
+                  not decode (`invalid_image`), one above --max-image-pixels (`image_too_large`), or a task the model \
+                  has no head for (`unsupported`)."),
+        "401": e("The server requires an API key and the request had none, or not a valid one (`unauthorized`)."),
         "408": e("The body did not arrive within 60 s (`timeout`)."),
         "413": e("The body is larger than --max-body-bytes (`payload_too_large`)."),
-        "500": e("The model failed on this input (`backend`)."),
+        "500": e("A fault in the server or the model, not in the request (`backend`): the server logged the cause under \
+                  the answer's `request_id`."),
         "503": {
-            "description": "The queue is full (`overloaded`; retry after the Retry-After header's seconds), or the model \
-                            thread has stopped (`unhealthy`).",
+            "description": "The queue is full (`overloaded`), or the request waited in it longer than --max-queue-wait-ms \
+                            (`queue_timeout`) — retry after the Retry-After header's seconds; or the model thread has \
+                            stopped (`unhealthy`).",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         }
@@ -45,18 +49,21 @@ fn with_errors(ok: Value) -> Value {
     r
 }
 
+/// The document for a server with these settings.
 pub fn document(c: &ServerConfig) -> Value {
     let top_k = json!({"name": "top_k", "in": "query", "required": false,
         "description": "How many classes to return (default 5). A `top_k` in the JSON body or form wins.",
         "schema": {"type": "integer", "minimum": 1, "default": 5}});
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "beit serve",
             "version": env!("CARGO_PKG_VERSION"),
             "description": format!(
                 "BEiT inference with dynamic batching: requests that arrive together run as one batch (up to {} images, \
-                 waiting at most {} ms). Answers have the shapes of the Hugging Face Inference API.",
+                 waiting at most {} ms). Answers have the shapes of the Hugging Face Inference API. Every answer carries an \
+                 `x-request-id` header: the client's if it sent one of 1 to 128 letters, digits and `-_.:`, else a fresh \
+                 one; error bodies repeat it as `request_id`.",
                 c.max_batch_size, c.max_batch_delay.as_millis())
         },
         "paths": {
@@ -110,8 +117,16 @@ pub fn document(c: &ServerConfig) -> Value {
                 "mask": {"type": "string", "format": "byte", "description": "Base64 PNG (L8): 255 where the pixel is this class."}}},
             "Error": {"type": "object", "required": ["error", "error_type"], "properties": {
                 "error": {"type": "string"},
+                "request_id": {"type": "string", "description": "Names the request in the server's log."},
                 "error_type": {"type": "string", "enum": ["validation", "invalid_image", "image_too_large", "unsupported",
-                    "not_found", "method_not_allowed", "payload_too_large", "timeout", "overloaded", "unhealthy", "backend"]}}}
+                    "unauthorized", "not_found", "method_not_allowed", "payload_too_large", "timeout", "overloaded", "queue_timeout", "unhealthy", "backend"]}}}
         }}
-    })
+    });
+    if !c.api_keys.is_empty() {
+        doc["security"] = json!([{"bearer": []}]);
+        doc["components"]["securitySchemes"] =
+            json!({"bearer": {"type": "http", "scheme": "bearer", "description": "One of the server's API keys."}});
+        doc["paths"]["/health"]["get"]["security"] = json!([]);
+    }
+    doc
 }

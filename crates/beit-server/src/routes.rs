@@ -1,26 +1,27 @@
 //! The HTTP endpoints.
 
 use std::io::Cursor;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use base64::Engine;
-use beit::pipeline::Prediction;
 use beit::processor::SegmentationMap;
+use beit::BeitError;
 use image::{GrayImage, ImageFormat};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::batcher::{Batcher, Job, ModelInfo, Output, Task};
+use crate::batcher::{Answer, BackendResult, Batcher, Job, ModelInfo, Output, Task};
 use crate::decode::decode_rgb;
-use crate::error::{ApiError, ErrorType};
+use crate::error::{ApiError, ErrorType, RequestId, REQUEST_ID_HEADER};
 use crate::metrics::Metrics;
 use crate::ServerConfig;
 
@@ -34,8 +35,9 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
 }
 
+/// Every endpoint, behind the key check (inside [`track`], so refusals are counted and logged).
 pub fn router(state: Arc<AppState>) -> Router {
-    let metrics = state.metrics.clone();
+    let keys = Arc::new(state.config.api_keys.clone());
     Router::new()
         .route("/classify", post(classify))
         .route("/segment", post(segment))
@@ -48,16 +50,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // The inference handlers read bodies themselves, against --max-body-bytes.
         .layer(DefaultBodyLimit::disable())
-        .layer(middleware::from_fn_with_state(metrics, track))
+        .layer(middleware::from_fn_with_state(keys, crate::auth::require_key))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
 
-/// Counts every answer by endpoint and status, and times it.
-async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+/// Names every request (the client's `x-request-id` if usable, else a fresh one), puts the id on the answer (the
+/// header, and the body of an error written without it), counts and times every answer, counts refusals by
+/// reason, and writes one access-log line (target `beit_server::access`) per request.
+async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let id =
+        req.headers().get(REQUEST_ID_HEADER).and_then(|v| RequestId::from_client(v.as_bytes())).unwrap_or_default();
+    req.extensions_mut().insert(id.clone());
     let endpoint = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let started = Instant::now();
-    let resp = next.run(req).await;
-    metrics.observe_request(endpoint.as_deref().unwrap_or("unmatched"), resp.status().as_u16(), started.elapsed());
+    let mut resp = next.run(req).await;
+    if let Some(e) = resp.extensions_mut().remove::<ApiError>() {
+        if e.kind.is_rejection() {
+            state.metrics.reject(e.kind.as_str());
+        }
+        if e.request_id.is_none() {
+            let (mut parts, _) = resp.into_parts();
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let body = e.with_request_id(&id).body().to_string();
+            resp = Response::from_parts(parts, body.into());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&id.0) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    let (status, elapsed) = (resp.status().as_u16(), started.elapsed());
+    state.metrics.observe_request(endpoint.as_deref().unwrap_or("unmatched"), status, elapsed);
+    let batch_size = resp.extensions().get::<BatchSize>().map(|b| b.0 as u64);
+    let latency_ms = elapsed.as_secs_f64() * 1e3;
+    tracing::info!(target: "beit_server::access", %method, path = %path, status, latency_ms, batch_size, request_id = %id, "request");
     resp
 }
 
@@ -115,20 +142,40 @@ fn admit(state: &AppState) -> Result<Admitted, ApiError> {
     }
 }
 
+/// The id [`track`] gave the request.
+fn request_id(req: &Request) -> RequestId {
+    req.extensions().get::<RequestId>().cloned().unwrap_or_default()
+}
+
+/// How many images the model call that answered a request ran together, for the access log.
+#[derive(Debug, Clone, Copy)]
+struct BatchSize(usize);
+
+/// How the model thread answered the request `id`.
+struct Done {
+    batch_size: usize,
+    id: RequestId,
+}
+
+impl Done {
+    /// The response, carrying its batch size for [`track`].
+    fn respond(self, body: impl IntoResponse) -> Response {
+        (Extension(BatchSize(self.batch_size)), body).into_response()
+    }
+
+    /// The model thread answered a task with another task's output: a bug.
+    fn wrong_output(&self, task: Task) -> ApiError {
+        let what = format!("answered {} with another task's output", task.as_str());
+        ApiError::from_beit(&BeitError::internal("the model thread", what), &self.id)
+    }
+}
+
 /// Parse, decode, queue, wait: the path every inference request takes. Refusals before the body is read close
 /// the connection (it still holds the unread body).
-async fn infer(state: &AppState, task: Task, req: Request) -> Result<Output, ApiError> {
+async fn infer(state: &AppState, task: Task, req: Request) -> Result<(Output, Done), ApiError> {
+    let id = request_id(&req);
     if !state.info.tasks.contains(&task) {
-        return Err(ApiError::new(
-            ErrorType::Unsupported,
-            format!(
-                "this model ({}) cannot {}; it can: {}",
-                state.info.architecture,
-                task.as_str(),
-                state.info.tasks.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        )
-        .closing());
+        return Err(ApiError::new(ErrorType::Unsupported, state.info.cannot(task)).closing());
     }
     let _admitted = admit(state).map_err(ApiError::closing)?;
     let arriving = Arriving::new(&state.metrics);
@@ -145,26 +192,53 @@ async fn infer(state: &AppState, task: Task, req: Request) -> Result<Output, Api
     let bytes = input.image;
     let image = tokio::task::spawn_blocking(move || decode_rgb(&bytes, max_pixels))
         .await
-        .map_err(|_| ApiError::backend("decoding failed"))??;
+        .unwrap_or_else(|e| Err(BeitError::internal("decoding the request's image", e.to_string())))
+        .map_err(|e| ApiError::from_beit(&e, &id))?;
     let (tx, rx) = oneshot::channel();
-    state.batcher.submit(Job { task, image, top_k, enqueued: Instant::now(), reply: tx })?;
+    let claim = Arc::new(AtomicBool::new(false));
+    state.batcher.submit(Job { task, image, top_k, enqueued: Instant::now(), claim: claim.clone(), reply: tx })?;
     // Queued: no longer on its way (counted until now so that the model thread never misses it).
     drop(arriving);
     // If this future is dropped (the client went away), `rx` goes with it and the model thread skips the job.
-    rx.await.map_err(|_| ApiError::new(ErrorType::Unhealthy, "the model thread stopped before answering"))?
+    let answer = wait(state, rx, &claim).await?.map_err(|e| ApiError::from_beit(&e, &id))?;
+    Ok((answer.output, Done { batch_size: answer.batch_size, id }))
 }
 
-async fn classify(State(state): State<Arc<AppState>>, req: Request) -> Result<Json<Vec<Prediction>>, ApiError> {
-    match infer(&state, Task::Classify, req).await? {
-        Output::Classify(p) => Ok(Json(p)),
-        _ => Err(ApiError::backend("unexpected output")),
+/// Waits for the model thread's answer. Past --max-queue-wait-ms, a job the model thread has not taken yet is
+/// given up (503) rather than served late; one it has taken is waited for.
+async fn wait(
+    state: &AppState,
+    mut rx: oneshot::Receiver<BackendResult<Answer>>,
+    claim: &AtomicBool,
+) -> Result<BackendResult<Answer>, ApiError> {
+    let gone = |_| ApiError::new(ErrorType::Unhealthy, "the model thread stopped before answering");
+    let Some(limit) = state.config.max_queue_wait else {
+        return rx.await.map_err(gone);
+    };
+    match tokio::time::timeout(limit, &mut rx).await {
+        Ok(answer) => answer.map_err(gone),
+        Err(_) if !claim.swap(true, Ordering::SeqCst) => Err(ApiError::new(
+            ErrorType::QueueTimeout,
+            format!(
+                "the request waited {} ms in the queue, the server's limit (--max-queue-wait-ms); retry later",
+                limit.as_millis()
+            ),
+        )),
+        Err(_) => rx.await.map_err(gone),
     }
 }
 
-async fn embed(State(state): State<Arc<AppState>>, req: Request) -> Result<Json<Vec<f32>>, ApiError> {
+async fn classify(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
+    match infer(&state, Task::Classify, req).await? {
+        (Output::Classify(p), done) => Ok(done.respond(Json(p))),
+        (_, done) => Err(done.wrong_output(Task::Classify)),
+    }
+}
+
+async fn embed(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
     match infer(&state, Task::Embed, req).await? {
-        Output::Embed(v) => Ok(Json(v)),
-        _ => Err(ApiError::backend("unexpected output")),
+        (Output::Embed(v), done) => Ok(done.respond(Json(v))),
+        (_, done) => Err(done.wrong_output(Task::Embed)),
     }
 }
 
@@ -178,11 +252,16 @@ pub struct Segment {
     pub mask: String,
 }
 
-/// Per class present (ascending class id, as the pipeline's `np.unique`), its share and mask.
-pub fn segments(map: &SegmentationMap, info: &ModelInfo) -> Result<Vec<Segment>, ApiError> {
+/// Per class present (ascending class id, as the pipeline's `np.unique`), its share and mask. A map whose size
+/// is not its pixel count is an internal error (the backend made it).
+pub fn segments(map: &SegmentationMap, info: &ModelInfo) -> Result<Vec<Segment>, BeitError> {
     let (ids, (h, w)) = map;
+    let wrong_size = || {
+        let found = format!("{} class ids for {w}x{h} pixels", ids.len());
+        BeitError::internal("segmentation map", format!("expected one class id per pixel, found {found}"))
+    };
     if ids.len() != h * w || ids.is_empty() {
-        return Err(ApiError::backend("segmentation map of the wrong size"));
+        return Err(wrong_size());
     }
     let mut counts = std::collections::BTreeMap::<u32, usize>::new();
     for &i in ids {
@@ -193,11 +272,10 @@ pub fn segments(map: &SegmentationMap, info: &ModelInfo) -> Result<Vec<Segment>,
         .into_iter()
         .map(|(class, n)| {
             let data: Vec<u8> = ids.iter().map(|&i| if i == class { 255 } else { 0 }).collect();
-            let mask = GrayImage::from_raw(*w as u32, *h as u32, data)
-                .ok_or_else(|| ApiError::backend("segmentation map of the wrong size"))?;
+            let mask = GrayImage::from_raw(*w as u32, *h as u32, data).ok_or_else(wrong_size)?;
             let mut png = Vec::new();
             mask.write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
-                .map_err(|e| ApiError::backend(format!("encoding a mask: {e}")))?;
+                .map_err(|e| BeitError::internal("segmentation mask", format!("PNG encoding failed: {e}")))?;
             Ok(Segment {
                 label: info.label(class),
                 score: (n as f64 / ids.len() as f64) as f32,
@@ -207,16 +285,19 @@ pub fn segments(map: &SegmentationMap, info: &ModelInfo) -> Result<Vec<Segment>,
         .collect()
 }
 
-async fn segment(State(state): State<Arc<AppState>>, req: Request) -> Result<Json<Vec<Segment>>, ApiError> {
-    let map = match infer(&state, Task::Segment, req).await? {
-        Output::Segment(m) => m,
-        _ => return Err(ApiError::backend("unexpected output")),
+async fn segment(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
+    let (map, done) = match infer(&state, Task::Segment, req).await? {
+        (Output::Segment(m), done) => (m, done),
+        (_, done) => return Err(done.wrong_output(Task::Segment)),
     };
     let st = state.clone();
-    let segs = tokio::task::spawn_blocking(move || segments(&map, &st.info))
-        .await
-        .map_err(|_| ApiError::backend("encoding the masks failed"))??;
-    Ok(Json(segs))
+    match tokio::task::spawn_blocking(move || segments(&map, &st.info)).await {
+        Ok(Ok(segs)) => Ok(done.respond(Json(segs))),
+        Ok(Err(e)) => Err(ApiError::from_beit(&e, &done.id)),
+        Err(e) => {
+            Err(ApiError::from_beit(&BeitError::internal("encoding the segmentation masks", e.to_string()), &done.id))
+        }
+    }
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
@@ -237,10 +318,12 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "labels": state.info.id2label.values().collect::<Vec<_>>(),
         "config": state.info.config,
         "processor": state.info.processor,
+        "api_key_required": !c.api_keys.is_empty(),
         "limits": {
             "max_batch_size": c.max_batch_size,
             "max_batch_delay_ms": c.max_batch_delay.as_millis() as u64,
             "max_queue": c.max_queue,
+            "max_queue_wait_ms": c.max_queue_wait.map(|w| w.as_millis() as u64),
             "max_body_bytes": c.max_body_bytes,
             "max_image_pixels": c.max_image_pixels,
         },

@@ -6,41 +6,11 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use base64::Engine;
-use beit::pipeline::{Pipeline, Prediction};
-use beit::processor::{load_image, SegmentationMap};
-use beit_server::{Backend, ModelInfo, ServerConfig};
+use beit::pipeline::Pipeline;
+use beit::processor::load_image;
+use beit_server::ServerConfig;
 use common::*;
-use image::RgbImage;
 use serde_json::Value;
-
-/// The fixture pipeline, `delay` slower per model call.
-struct Slow {
-    inner: Pipeline,
-    delay: Duration,
-}
-
-impl Backend for Slow {
-    fn info(&self) -> ModelInfo {
-        self.inner.info()
-    }
-    fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>, String> {
-        std::thread::sleep(self.delay);
-        Backend::classify(&self.inner, images, top_k)
-    }
-    fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>, String> {
-        std::thread::sleep(self.delay);
-        Backend::segment(&self.inner, images)
-    }
-    fn embed(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, String> {
-        std::thread::sleep(self.delay);
-        Backend::embed(&self.inner, images)
-    }
-}
-
-async fn start_slow(cfg: ServerConfig, delay: Duration) -> beit_server::Server {
-    let model = model_dir("cls_single");
-    beit_server::start(cfg, move || Ok(Slow { inner: load_pipeline(&model)?, delay })).await.unwrap()
-}
 
 fn as_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::from_str(&serde_json::to_string(v).unwrap()).unwrap()

@@ -4,16 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::io::Write;
+use std::sync::{Mutex, Once};
+
 use beit::hub::HubOptions;
-use beit::pipeline::Pipeline;
+use beit::pipeline::{Pipeline, Prediction};
+use beit::processor::SegmentationMap;
 use beit::LoadOptions;
-use beit_server::{Server, ServerConfig};
+use beit_server::{Backend, BackendResult, ModelInfo, Server, ServerConfig};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use image::RgbImage;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../beit/tests/fixtures")
@@ -92,9 +97,21 @@ impl Http {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Answer, String> {
+        let headers: Vec<(&str, &str)> = content_type.map(|ct| ("content-type", ct)).into_iter().collect();
+        self.send_with(method, path, &headers, body).await
+    }
+
+    /// A request with these headers.
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<Answer, String> {
         let mut b = Request::builder().method(method).uri(format!("{}{path}", self.base));
-        if let Some(ct) = content_type {
-            b = b.header("content-type", ct);
+        for (name, value) in headers {
+            b = b.header(*name, *value);
         }
         let req = b.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
@@ -150,4 +167,69 @@ pub fn rss_bytes() -> u64 {
 pub fn base64(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// The fixture pipeline, `delay` slower per model call.
+pub struct Slow {
+    pub inner: Pipeline,
+    pub delay: Duration,
+}
+
+impl Backend for Slow {
+    fn info(&self) -> ModelInfo {
+        self.inner.info()
+    }
+    fn classify(&self, images: &[RgbImage], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
+        std::thread::sleep(self.delay);
+        Backend::classify(&self.inner, images, top_k)
+    }
+    fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>> {
+        std::thread::sleep(self.delay);
+        Backend::segment(&self.inner, images)
+    }
+    fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>> {
+        std::thread::sleep(self.delay);
+        Backend::embed(&self.inner, images)
+    }
+}
+
+pub async fn start_slow(cfg: ServerConfig, delay: Duration) -> beit_server::Server {
+    let model = model_dir("cls_single");
+    beit_server::start(cfg, move || Ok(Slow { inner: load_pipeline(&model)?, delay })).await.unwrap()
+}
+
+/// Everything the server logs, from every thread (the runtime's and the model's, not only the test's).
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs, once per test binary, a global subscriber that keeps every log line (info and above), as text or as
+/// the server's JSON lines.
+pub fn capture_logs(json: bool) {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let builder = tracing_subscriber::fmt().with_writer(|| Capture).with_ansi(false);
+        if json {
+            tracing::subscriber::set_global_default(builder.event_format(beit_server::log::JsonFormat).finish())
+        } else {
+            tracing::subscriber::set_global_default(builder.finish())
+        }
+        .unwrap();
+    });
+}
+
+/// The logged lines that contain `needle`.
+pub fn logged(needle: &str) -> Vec<String> {
+    let log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+    String::from_utf8_lossy(&log).lines().filter(|l| l.contains(needle)).map(str::to_owned).collect()
 }
