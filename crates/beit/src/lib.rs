@@ -1,5 +1,6 @@
 //! beit-rs: BEiT (Bao, Dong, Wei, "BEiT: BERT Pre-Training of Image Transformers") in Rust, loading the
 //! checkpoints Hugging Face transformers loads and computing the same outputs.
+#![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod config;

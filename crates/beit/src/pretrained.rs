@@ -20,10 +20,12 @@ use crate::model::{Inference, InferencePath};
 use crate::nn::InferenceDtype;
 use crate::weights::{LoadReport, Weights};
 
+/// How [`from_pretrained`](Pretrained::from_pretrained) loads: weights file or format, timm name, Hub settings, inference dtype.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Build this class instead of the one config.json's `architectures` names.
     pub architecture: Option<Architecture>,
+    /// Read this format even when others are present.
     pub weights_format: Option<WeightsFormat>,
     /// One weights file to load instead of searching the directory.
     pub weights_file: Option<PathBuf>,
