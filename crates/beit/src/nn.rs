@@ -18,6 +18,7 @@ use crate::weights::{Init, Weights};
 /// so training takes the composite path.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Mode {
+    /// Training: dropout and drop path active, gradients recorded.
     pub train: bool,
     /// The weights may change between calls (evaluation during training): derive nothing to keep.
     pub uncached: bool,
@@ -34,11 +35,13 @@ pub enum InferenceDtype {
     Int8,
 }
 
+/// torch.nn.Linear, with optional packed (f32) or quantized (int8) copies for CPU inference.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `(out, in)`, as PyTorch stores it. `None` once [`prepare_inference`](Self::prepare_inference) has replaced
     /// it by a packed or quantized copy, so that the weights are held once.
     weight: Option<Tensor>,
+    /// The bias, when the layer has one.
     pub bias: Option<Tensor>,
     /// Set by [`Linear::prepare_inference`] with int8.
     pub(crate) quantized: Option<Arc<QuantizedLinear>>,
@@ -49,6 +52,7 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = w.get((out_dim, in_dim), "weight", Init::Normal(std))?;
         let bias = if bias { Some(w.get(out_dim, "bias", Init::Zeros)?) } else { None };
@@ -66,10 +70,12 @@ impl Linear {
         Linear { weight: Some(weight), bias, quantized: None, packed: None, in_features, out_features }
     }
 
+    /// Output width.
     pub fn out_features(&self) -> usize {
         self.out_features
     }
 
+    /// Input width.
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -117,6 +123,7 @@ impl Linear {
         Ok(())
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
@@ -154,18 +161,24 @@ impl Linear {
     }
 }
 
+/// torch.nn.LayerNorm over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
+    /// The weight.
     pub weight: Tensor,
+    /// The bias, when the layer has one.
     pub bias: Tensor,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl LayerNorm {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm { weight: w.get(dim, "weight", Init::Const(1.0))?, bias: w.get(dim, "bias", Init::Zeros)?, eps })
     }
 
+    /// Builds the module from `w`, initializing it (as transformers' `_init_weights`) when the checkpoint lacks it.
     pub fn load_head(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm {
             weight: w.get_or_init(dim, "weight", Init::Const(1.0))?,
@@ -174,6 +187,7 @@ impl LayerNorm {
         })
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if mode.train {
             // Composite ops, which candle can differentiate. Same formula as torch: biased variance.
@@ -187,14 +201,19 @@ impl LayerNorm {
     }
 }
 
+/// torch.nn.Conv2d (square kernel), with a packed copy for the CPU kernel at inference.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     /// `(out, in, kh, kw)`, as PyTorch stores it. `None` once [`prepare_inference`](Self::prepare_inference)
     /// has replaced it by a packed copy, so that the weights are held once.
     weight: Option<Tensor>,
+    /// The bias, when the layer has one.
     pub bias: Option<Tensor>,
+    /// Stride.
     pub stride: usize,
+    /// Zero padding on each side.
     pub padding: usize,
+    /// Dilation.
     pub dilation: usize,
     /// Set by [`Conv2d::prepare_inference`]: the weight (and bias) in the f32 kernel's layout, packed once.
     pub(crate) packed: Option<Arc<PackedConv2d>>,
@@ -203,11 +222,17 @@ pub struct Conv2d {
 /// Shape and placement of a convolution, as torch.nn.Conv2d's arguments.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvSpec {
+    /// Input channels.
     pub in_channels: usize,
+    /// Output channels.
     pub out_channels: usize,
+    /// Kernel size (square).
     pub kernel: usize,
+    /// Zero padding on each side.
     pub padding: usize,
+    /// Dilation.
     pub dilation: usize,
+    /// Whether the layer has a bias.
     pub bias: bool,
 }
 
@@ -296,6 +321,7 @@ impl Conv2d {
         Ok(())
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, false)
     }
@@ -363,7 +389,9 @@ impl Conv2d {
 pub struct ConvTranspose2d {
     /// `None` once [`prepare_inference`](Self::prepare_inference) has packed it.
     weight: Option<Tensor>,
+    /// The bias, when the layer has one.
     pub bias: Tensor,
+    /// Stride.
     pub stride: usize,
     /// Set by [`ConvTranspose2d::prepare_inference`].
     pub(crate) packed: Option<Arc<PackedConvTranspose2d>>,
@@ -375,6 +403,7 @@ impl ConvTranspose2d {
         ConvTranspose2d { weight: Some(weight), bias, stride, packed: None }
     }
 
+    /// Builds the module from `w`, initializing it (as transformers' `_init_weights`) when the checkpoint lacks it.
     pub fn load_head(w: &Weights, channels: usize, k: usize, std: f64) -> Result<Self> {
         Ok(ConvTranspose2d::new(
             w.get_or_init((channels, channels, k, k), "weight", Init::Normal(std))?,
@@ -450,6 +479,7 @@ impl ConvTranspose2d {
         Ok(())
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, false)
     }
@@ -485,14 +515,20 @@ impl ConvTranspose2d {
 /// BatchNorm2d at inference: the running statistics, never the batch's.
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
+    /// The weight.
     pub weight: Tensor,
+    /// The bias, when the layer has one.
     pub bias: Tensor,
+    /// Running mean (inference statistics).
     pub running_mean: Tensor,
+    /// Running variance (inference statistics).
     pub running_var: Tensor,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl BatchNorm2d {
+    /// Builds the module from `w`, initializing it (as transformers' `_init_weights`) when the checkpoint lacks it.
     pub fn load_head(w: &Weights, channels: usize, eps: f64) -> Result<Self> {
         w.passthrough_counter("num_batches_tracked")?;
         Ok(BatchNorm2d {
@@ -504,6 +540,7 @@ impl BatchNorm2d {
         })
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.weight.elem_count();
         let shape = (1, c, 1, 1);
@@ -514,6 +551,7 @@ impl BatchNorm2d {
     }
 }
 
+/// Softmax over the last dimension: fused kernel at inference, composite ops when training.
 pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
     if mode.train {
         return Ok(candle_nn::ops::softmax(x, D::Minus1)?);
@@ -557,6 +595,7 @@ pub fn activation(act: HiddenAct, x: &Tensor) -> Result<Tensor> {
 /// masks here; the trainer reseeds it per epoch so that a resumed run repeats an uninterrupted one.
 static TRAIN_RNG: std::sync::Mutex<Rng> = std::sync::Mutex::new(Rng(0));
 
+/// Seeds the generator behind dropout and drop path on this thread (training reproducible bit for bit).
 pub fn seed_training_rng(seed: u64) {
     *TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner()) = Rng::new(seed);
 }

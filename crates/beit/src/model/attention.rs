@@ -11,20 +11,30 @@ use crate::weights::Weights;
 
 /// What one attention call needs besides the hidden states.
 pub struct AttentionInputs<'a> {
+    /// [heads] or [layers, heads]: 1 keeps a head, 0 masks it.
     pub head_mask: Option<&'a Tensor>,
+    /// Return every layer's attention probabilities.
     pub output_attentions: bool,
+    /// The encoder's shared relative position bias, when the config uses one.
     pub shared_relative_position_bias: Option<&'a Tensor>,
+    /// Interpolate the position embeddings and relative position tables to the input's patch grid.
     pub interpolate_pos_encoding: bool,
     /// Patch grid of the current input.
     pub window: (usize, usize),
+    /// Training or inference.
     pub mode: Mode,
 }
 
+/// BeitSelfAttention: multi-head attention with the optional relative position bias.
 #[derive(Debug, Clone)]
 pub struct BeitSelfAttention {
+    /// `query`
     pub query: Linear,
+    /// `key` (no bias, as in BEiT)
     pub key: Linear,
+    /// `value`
     pub value: Linear,
+    /// This layer's own relative position bias (`use_relative_position_bias`).
     pub relative_position_bias: Option<BeitRelativePositionBias>,
     num_attention_heads: usize,
     attention_head_size: usize,
@@ -32,6 +42,7 @@ pub struct BeitSelfAttention {
 }
 
 impl BeitSelfAttention {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, window_size: Option<(usize, usize)>) -> Result<Self> {
         let d = c.hidden_size;
         let std = c.initializer_range;
@@ -57,10 +68,12 @@ impl BeitSelfAttention {
         Ok(())
     }
 
+    /// Number of heads.
     pub fn num_attention_heads(&self) -> usize {
         self.num_attention_heads
     }
 
+    /// Width of one head.
     pub fn attention_head_size(&self) -> usize {
         self.attention_head_size
     }
@@ -90,13 +103,16 @@ impl BeitSelfAttention {
     }
 }
 
+/// BeitSelfOutput: the attention's output projection (dropout after it).
 #[derive(Debug, Clone)]
 pub struct BeitSelfOutput {
+    /// The Linear layer (`dense`).
     pub dense: Linear,
     hidden_dropout_prob: f64,
 }
 
 impl BeitSelfOutput {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         Ok(BeitSelfOutput {
             dense: Linear::load(&w.pp("dense"), c.hidden_size, c.hidden_size, true, c.initializer_range)?,
@@ -104,18 +120,23 @@ impl BeitSelfOutput {
         })
     }
 
+    /// The module's forward pass.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         dropout(&self.dense.forward(x)?, self.hidden_dropout_prob, mode)
     }
 }
 
+/// BeitAttention: self-attention and its output projection.
 #[derive(Debug, Clone)]
 pub struct BeitAttention {
+    /// `attention`
     pub attention: BeitSelfAttention,
+    /// `output`
     pub output: BeitSelfOutput,
 }
 
 impl BeitAttention {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, window_size: Option<(usize, usize)>) -> Result<Self> {
         Ok(BeitAttention {
             attention: BeitSelfAttention::load(&w.pp("attention"), c, window_size)?,
@@ -123,6 +144,7 @@ impl BeitAttention {
         })
     }
 
+    /// The module's forward pass.
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
         let (context, probs) = self.attention.forward(x, a)?;
         Ok((self.output.forward(&context, a.mode)?, probs))

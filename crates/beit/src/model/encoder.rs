@@ -29,19 +29,27 @@ pub struct BeitEncoder {
 /// What the encoder returns: the last hidden state and, when asked, every layer's input and attentions.
 #[derive(Debug, Clone)]
 pub struct BeitEncoderOutput {
+    /// (batch, tokens, hidden): the last layer's output (after the final LayerNorm unless mean pooling).
     pub last_hidden_state: Tensor,
+    /// The embeddings' output and every layer's output, when asked for.
     pub hidden_states: Option<Vec<Tensor>>,
+    /// Every layer's attention probabilities (batch, heads, tokens, tokens), when asked for.
     pub attentions: Option<Vec<Tensor>>,
 }
 
 /// What one encoder call needs besides the hidden states.
 pub struct EncoderInputs<'a> {
+    /// [heads] or [layers, heads]: 1 keeps a head, 0 masks it.
     pub head_mask: Option<&'a Tensor>,
+    /// Return every layer's attention probabilities.
     pub output_attentions: bool,
+    /// Return the embeddings' output and every layer's output.
     pub output_hidden_states: bool,
+    /// Interpolate the position embeddings and relative position tables to the input's patch grid.
     pub interpolate_pos_encoding: bool,
     /// Input resolution in pixels.
     pub resolution: (usize, usize),
+    /// Training or inference.
     pub mode: Mode,
 }
 
@@ -54,6 +62,7 @@ impl EncoderInputs<'_> {
 }
 
 impl BeitEncoder {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         let window = c.patch_grid();
         let relative_position_bias = if c.use_shared_relative_position_bias {
@@ -113,6 +122,7 @@ impl BeitEncoder {
         per_layer.into_iter().map(|t| Ok(Some(t.reshape((1, heads, 1, 1))?))).collect()
     }
 
+    /// Runs every layer on the embeddings `x`, fused or autograd as the call's options allow.
     pub fn forward(&self, x: &Tensor, e: &EncoderInputs, heads: usize, patch_size: usize) -> Result<BeitEncoderOutput> {
         let window = (e.resolution.0 / patch_size, e.resolution.1 / patch_size);
         let n = x.dim(1)?;

@@ -246,10 +246,13 @@ impl FusedLayer {
 pub(crate) struct FusedInputs<'a> {
     /// The encoder's shared relative position bias for this input, (1, heads, n, n).
     pub shared_relative_position_bias: Option<&'a Tensor>,
+    /// Interpolate the position embeddings and relative position tables to the input's patch grid.
     pub interpolate_pos_encoding: bool,
     /// Patch grid of the current input.
     pub window: (usize, usize),
+    /// Training or inference.
     pub mode: Mode,
+    /// Return the embeddings' output and every layer's output.
     pub output_hidden_states: bool,
 }
 

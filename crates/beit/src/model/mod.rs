@@ -50,21 +50,30 @@ pub struct ForwardOptions {
     pub bool_masked_pos: Option<Tensor>,
     /// [heads] or [layers, heads]: 1 keeps a head, 0 masks it.
     pub head_mask: Option<Tensor>,
+    /// Return the embeddings' output and every layer's output.
     pub output_hidden_states: bool,
+    /// Return every layer's attention probabilities.
     pub output_attentions: bool,
+    /// Interpolate the position embeddings and relative position tables to the input's patch grid.
     pub interpolate_pos_encoding: bool,
+    /// Training (dropout, drop path, gradients) or inference.
     pub mode: Mode,
 }
 
 /// BeitModelOutputWithPooling.
 #[derive(Debug, Clone)]
 pub struct BeitModelOutput {
+    /// (batch, tokens, hidden): the last layer's output (after the final LayerNorm unless mean pooling).
     pub last_hidden_state: Tensor,
+    /// (batch, hidden): the pooler's output, when the model has a pooler.
     pub pooler_output: Option<Tensor>,
+    /// The embeddings' output and every layer's output, when asked for.
     pub hidden_states: Option<Vec<Tensor>>,
+    /// Every layer's attention probabilities (batch, heads, tokens, tokens), when asked for.
     pub attentions: Option<Vec<Tensor>>,
 }
 
+/// BeitPooler: the mean of the patch tokens through a LayerNorm, or the CLS token.
 #[derive(Debug, Clone)]
 pub struct BeitPooler {
     /// Present with use_mean_pooling: LayerNorm of the mean patch token; otherwise the CLS token is the output.
@@ -72,6 +81,7 @@ pub struct BeitPooler {
 }
 
 impl BeitPooler {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         Ok(BeitPooler {
             layernorm: if c.use_mean_pooling {
@@ -82,6 +92,7 @@ impl BeitPooler {
         })
     }
 
+    /// The pooled output of the last hidden state.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match &self.layernorm {
             Some(ln) => {
@@ -93,13 +104,18 @@ impl BeitPooler {
     }
 }
 
+/// transformers' BeitModel: embeddings, encoder, final LayerNorm (unless mean pooling) and an optional pooler.
 #[derive(Debug, Clone)]
 pub struct BeitModel {
+    /// The configuration it was built from.
     pub config: BeitConfig,
+    /// `embeddings`
     pub embeddings: BeitEmbeddings,
+    /// `encoder`
     pub encoder: BeitEncoder,
     /// Identity with mean pooling.
     pub layernorm: Option<LayerNorm>,
+    /// `pooler`, when built with one.
     pub pooler: Option<BeitPooler>,
 }
 
@@ -111,6 +127,7 @@ impl BeitModel {
         self.encoder.prepare_inference(inference)
     }
 
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, add_pooling_layer: bool) -> Result<Self> {
         c.validate()?;
         Ok(BeitModel {
@@ -126,6 +143,7 @@ impl BeitModel {
         })
     }
 
+    /// The hidden states of `pixel_values` (batch, channels, height, width); `o` says what else to return.
     pub fn forward(&self, pixel_values: &Tensor, o: &ForwardOptions) -> Result<BeitModelOutput> {
         let pixel_values = check_pixel_values(pixel_values)?;
         let (_, _, h, w) = pixel_values.dims4()?;
