@@ -14,8 +14,11 @@ use crate::rng::Rng;
 /// How a parameter is initialized when the checkpoint lacks it (transformers' `_init_weights`).
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
+    /// Normal with this standard deviation (mean 0).
     Normal(f64),
+    /// All zeros.
     Zeros,
+    /// Every element this value.
     Const(f64),
 }
 

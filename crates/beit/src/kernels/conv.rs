@@ -87,12 +87,19 @@ fn input_error(what: &str, message: String) -> BeitError {
 /// padding and dilation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
+    /// Input channels.
     pub in_channels: usize,
+    /// Output channels.
     pub out_channels: usize,
+    /// Kernel height.
     pub kernel_h: usize,
+    /// Kernel width.
     pub kernel_w: usize,
+    /// Stride.
     pub stride: usize,
+    /// Zero padding on each side.
     pub padding: usize,
+    /// Dilation.
     pub dilation: usize,
 }
 
@@ -238,10 +245,12 @@ impl PackedConv2d {
         })
     }
 
+    /// The convolution's shape and placement.
     pub fn geometry(&self) -> ConvGeometry {
         self.geometry
     }
 
+    /// The bias, if any.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
@@ -729,14 +738,17 @@ impl PackedConvTranspose2d {
         out
     }
 
+    /// The bias, if any.
     pub fn bias(&self) -> &[f32] {
         &self.bias[..self.out_channels]
     }
 
+    /// Input channels.
     pub fn in_channels(&self) -> usize {
         self.in_channels
     }
 
+    /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.out_channels
     }

@@ -275,10 +275,12 @@ impl QuantizedLinear {
         })
     }
 
+    /// Output width.
     pub fn out_features(&self) -> usize {
         self.out_features
     }
 
+    /// Input width.
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -293,6 +295,7 @@ impl QuantizedLinear {
         &self.col_sums[..self.out_features]
     }
 
+    /// The bias, if any.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
