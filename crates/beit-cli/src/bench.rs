@@ -11,9 +11,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use beit::config::Size2;
 use beit::hub::resolve_model;
-use beit::rng::Rng;
+use beit::internals::Rng;
 use beit::weights::Weights;
-use beit::{load_pretrained, AnyBeitModel, Architecture, BeitConfig, ForwardOptions, InferenceDtype, LoadOptions, ModelInputs};
+use beit::{
+    load_pretrained, AnyBeitModel, Architecture, BeitConfig, ForwardOptions, Inference, InferenceDtype, InferencePath,
+    LoadOptions, ModelInputs,
+};
 use candle_core::{Device, Tensor};
 use clap::{ArgGroup, Args, ValueEnum};
 
@@ -70,6 +73,10 @@ pub struct BenchArgs {
     image_size: Option<usize>,
     #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
     dtype: BenchDtype,
+    /// Run the encoder op by op through candle instead of the fused CPU encoder: the baseline the fused
+    /// path is measured against.
+    #[arg(long)]
+    generic: bool,
     /// Untimed forward passes before the timed ones.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -189,6 +196,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let device = Device::Cpu;
     let architecture = a.architecture.as_deref().map(Architecture::from_name).transpose()?;
 
+    let path = if a.generic { InferencePath::Generic } else { InferencePath::Fused };
     let start = Instant::now();
     let (model, source, spec) = match (&a.model, &a.config) {
         (Some(spec), _) => {
@@ -200,7 +208,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 dtype: a.dtype.name().into(),
             };
             let loc = resolve_model(spec, &args.hub())?;
-            let opts = LoadOptions { architecture, weights_file: loc.weights_file.clone(), ..args.load_options()? };
+            let opts = LoadOptions {
+                architecture,
+                weights_file: loc.weights_file.clone(),
+                inference_path: path,
+                ..args.load_options()?
+            };
             let loaded = load_pretrained(&loc.dir, &opts, &device).with_context(|| spec.clone())?;
             (loaded.model, "checkpoint", spec.clone())
         }
@@ -218,7 +231,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut model = AnyBeitModel::load(&weights, &config, arch)?;
             // As load_pretrained does for inference: the weights held once, packed or quantized.
             weights.release();
-            model.prepare_inference(a.dtype.inference())?;
+            model.prepare_inference(Inference { dtype: a.dtype.inference(), path })?;
             (model, "fresh", spec.clone())
         }
         // clap's "source" group requires one of the two.
@@ -282,6 +295,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "batch_size": a.batch_size,
             "image_size": size,
             "dtype": a.dtype.name(),
+            "path": if a.generic { "generic" } else { "fused" },
             "threads": threads,
             "gflop_per_image": gflop,
             "ceiling_share": ceiling_share,
@@ -297,9 +311,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         let what = if source == "fresh" { format!("--config {spec}, fresh weights") } else { spec };
         println!(
-            "beit bench: {} ({what}), {}, batch {}, {height}x{width}, {threads} threads",
+            "beit bench: {} ({what}), {}{}, batch {}, {height}x{width}, {threads} threads",
             arch.name(),
             a.dtype.name(),
+            if a.generic { " generic" } else { "" },
             a.batch_size
         );
         println!(

@@ -11,6 +11,7 @@ mod preprocess;
 mod pretrain;
 mod segment;
 mod train;
+mod training;
 mod serve;
 mod tokenize;
 

@@ -7,14 +7,14 @@ use anyhow::{bail, Context, Result};
 use beit::heads::AnyBeitModel;
 use beit::pipeline::processor_for;
 use beit::train::data::ImageFolder;
-use beit::train::{evaluate, preset, EpochMetrics, ModelSource, TrainObserver, TrainOptions, Trainer};
+use beit::train::{evaluate, preset, EpochMetrics, ModelSource, TrainOptions, Trainer};
 use beit::BeitConfig;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 
 use crate::common::ModelArgs;
 use crate::segment::register_font;
+use crate::training::{parameter_count, plot_epochs, CommonTrainArgs, Observer, Panel, Series};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -24,181 +24,53 @@ pub struct TrainArgs {
     /// Image folder: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* with --val-split.
     #[arg(long)]
     data: PathBuf,
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = 30)]
-    epochs: usize,
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 4e-3)]
-    lr: f64,
-    #[arg(long, default_value_t = 1e-6)]
-    min_lr: f64,
-    #[arg(long, default_value_t = 0.05)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 5.0)]
-    warmup_epochs: f64,
+    #[command(flatten)]
+    common: CommonTrainArgs,
     /// Layer-wise learning-rate decay (0.65 for base, 0.75 for large; 1 turns it off).
-    #[arg(long, default_value_t = 0.65)]
+    #[arg(long, default_value_t = TrainOptions::default().layer_decay)]
     layer_decay: f64,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = TrainOptions::default().label_smoothing)]
     label_smoothing: f64,
     /// Gradient accumulation: optimizer steps every N batches.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = TrainOptions::default().accum_steps)]
     accum_steps: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stochastic depth rate (overrides the config's drop_path_rate).
-    #[arg(long)]
-    drop_path: Option<f64>,
-    /// RandomResizedCrop's smallest area share.
-    #[arg(long, default_value_t = 0.08)]
-    crop_scale_min: f64,
-    #[arg(long)]
-    no_hflip: bool,
-    /// Input resolution when training from scratch (a pretrained model keeps its own).
-    #[arg(long)]
-    image_size: Option<usize>,
-    /// Patch size when training from scratch.
-    #[arg(long)]
-    patch_size: Option<usize>,
-    /// Share of each class held out for validation when DIR has no train/val split.
-    #[arg(long)]
-    val_split: Option<f64>,
-    /// Continue the run in --out from its last checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// Stop after this many epochs of this invocation (the schedule still spans --epochs).
-    #[arg(long, hide = true)]
-    stop_after: Option<usize>,
 }
 
-/// The per-epoch progress bar on stderr (images done, images/s, the last batch's loss), shared by `beit train`
-/// and `beit pretrain`.
-#[derive(Default)]
-pub struct EpochBar {
-    bar: Option<ProgressBar>,
-}
-
-impl EpochBar {
-    pub fn update(&mut self, epoch: usize, done: usize, total: usize, loss: f64) {
-        let bar = self.bar.get_or_insert_with(|| {
-            let b = ProgressBar::new(total as u64);
-            b.set_style(
-                ProgressStyle::with_template("epoch {prefix} {bar:30} {pos}/{len} {per_sec} loss {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b
-        });
-        bar.set_prefix(epoch.to_string());
-        bar.set_position(done as u64);
-        bar.set_message(format!("{loss:.4}"));
-    }
-
-    /// Clears the bar before the epoch's summary line is printed.
-    pub fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish_and_clear();
-        }
-    }
-}
-
-struct Observer {
-    bar: EpochBar,
-    out: PathBuf,
-}
-
-impl TrainObserver for Observer {
-    fn batch(&mut self, epoch: usize, done: usize, total: usize, loss: f64) {
-        self.bar.update(epoch, done, total, loss);
-    }
-
-    fn epoch(&mut self, m: &EpochMetrics, history: &[EpochMetrics]) {
-        self.bar.finish();
-        let pct = |v: Option<f64>| v.map(|x| format!("{:.2}%", x * 100.0)).unwrap_or_else(|| "-".into());
-        eprintln!(
-            "epoch {:3}  train loss {:.4}  val loss {}  top-1 {}  top-5 {}  lr {:.2e}  {:.1} images/s  {:.1} s",
-            m.epoch,
-            m.train_loss,
-            m.val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
-            pct(m.top1),
-            pct(m.top5),
-            m.lr,
-            m.images_per_sec,
-            m.seconds
-        );
-        if let Err(e) = plot_curves(&self.out.join("metrics.png"), history) {
-            eprintln!("warning: could not draw the metrics plot: {e:#}");
-        }
-    }
-
-    fn note(&mut self, message: &str) {
-        eprintln!("warning: {message}");
-    }
-}
-
-/// One line of a chart: its legend label, colour and (epoch, value) points.
-pub struct Series {
-    pub label: &'static str,
-    pub color: RGBColor,
-    pub points: Vec<(f64, f64)>,
-}
-
-/// One chart of a per-epoch plot: title, y range top (from 0) and lines.
-pub struct Panel {
-    pub caption: &'static str,
-    pub y_max: f64,
-    pub series: Vec<Series>,
-}
-
-/// Side-by-side per-epoch charts (500 pixels wide each) over epochs 1..=`epochs`, as a PNG: the metrics plots
-/// of `beit train` and `beit pretrain`.
-pub fn plot_epochs(path: &Path, epochs: usize, panels: &[Panel]) -> Result<()> {
-    register_font();
-    let root = BitMapBackend::new(path, (500 * panels.len().max(1) as u32, 400)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let n = epochs.max(2) as f64;
-    for (area, panel) in root.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
-        let mut c = ChartBuilder::on(area)
-            .caption(panel.caption, ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(45)
-            .build_cartesian_2d(1f64..n, 0f64..panel.y_max)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        c.configure_mesh().x_desc("epoch").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
-        for s in &panel.series {
-            let color = s.color;
-            c.draw_series(LineSeries::new(s.points.iter().copied(), &color))
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .label(s.label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-        }
-        c.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+/// The epoch's summary line.
+fn summary(m: &EpochMetrics) -> String {
+    let t = &m.task;
+    let pct = |v: Option<f64>| v.map(|x| format!("{:.2}%", x * 100.0)).unwrap_or_else(|| "-".into());
+    format!(
+        "epoch {:3}  train loss {:.4}  val loss {}  top-1 {}  top-5 {}  lr {:.2e}  {:.1} images/s  {:.1} s",
+        m.epoch,
+        t.train_loss,
+        t.val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+        pct(t.top1),
+        pct(t.top5),
+        m.lr,
+        m.images_per_sec,
+        m.seconds
+    )
 }
 
 /// Loss (left) and accuracy (right) curves per epoch.
 fn plot_curves(path: &Path, history: &[EpochMetrics]) -> Result<()> {
-    let max_loss = history.iter().flat_map(|h| [Some(h.train_loss), h.val_loss]).flatten().fold(0.1f64, f64::max);
+    let max_loss = history.iter().flat_map(|h| [Some(h.task.train_loss), h.task.val_loss]).flatten().fold(0.1f64, f64::max);
     let e = |h: &EpochMetrics| h.epoch as f64;
+    let series = |label, color, value: fn(&EpochMetrics) -> Option<f64>| Series {
+        label,
+        color,
+        points: history.iter().filter_map(|h| value(h).map(|v| (e(h), v))).collect(),
+    };
     let loss = Panel {
         caption: "loss",
         y_max: max_loss * 1.05,
-        series: vec![
-            Series { label: "train", color: BLUE, points: history.iter().map(|h| (e(h), h.train_loss)).collect() },
-            Series { label: "val", color: RED, points: history.iter().filter_map(|h| h.val_loss.map(|v| (e(h), v))).collect() },
-        ],
+        series: vec![series("train", BLUE, |h| Some(h.task.train_loss)), series("val", RED, |h| h.task.val_loss)],
     };
     let accuracy = Panel {
         caption: "validation accuracy",
         y_max: 1.0,
-        series: vec![
-            Series { label: "top-1", color: BLUE, points: history.iter().filter_map(|h| h.top1.map(|v| (e(h), v))).collect() },
-            Series { label: "top-5", color: GREEN, points: history.iter().filter_map(|h| h.top5.map(|v| (e(h), v))).collect() },
-        ],
+        series: vec![series("top-1", BLUE, |h| h.task.top1), series("top-5", GREEN, |h| h.task.top5)],
     };
     plot_epochs(path, history.len(), &[loss, accuracy])
 }
@@ -220,41 +92,31 @@ fn source(spec: &str) -> Result<ModelSource> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    let c = &a.common;
+    let d = TrainOptions::default();
     let opts = TrainOptions {
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        lr: a.lr,
-        min_lr: a.min_lr,
-        weight_decay: a.weight_decay,
-        warmup_epochs: a.warmup_epochs,
+        run: c.run_options(d.run)?,
         layer_decay: a.layer_decay,
         label_smoothing: a.label_smoothing,
         accum_steps: a.accum_steps,
-        seed: a.seed,
-        drop_path: a.drop_path,
-        scale_min: a.crop_scale_min,
-        hflip: !a.no_hflip,
-        image_size: a.image_size,
-        patch_size: a.patch_size,
-        val_split: a.val_split,
     };
-    if opts.batch_size == 0 || opts.epochs == 0 || opts.accum_steps == 0 {
-        bail!("--batch-size, --epochs and --accum-steps must be positive");
+    if opts.accum_steps == 0 {
+        bail!("--accum-steps must be positive");
     }
-    let mut trainer = Trainer::new(source(&a.model)?, &a.data, &a.out, opts, a.resume)?;
-    let d = &trainer.data;
+    let mut trainer = Trainer::new(source(&a.model)?, &a.data, &c.out, opts, c.resume)?;
+    let d = &trainer.task.data;
     eprintln!(
         "{} classes, {} training and {} validation images; {} parameters; resuming after epoch {}",
         d.classes.len(),
         d.train.images.len(),
         d.val.images.len(),
-        trainer.weights.params().iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
+        parameter_count(&trainer.core.weights),
         trainer.completed_epochs()
     );
-    let mut obs = Observer { bar: EpochBar::default(), out: a.out.clone() };
-    let history = trainer.run(&a.out, a.stop_after, &mut obs)?;
-    if let Some(best) = history.iter().filter_map(|h| h.top1).reduce(f64::max) {
-        eprintln!("best top-1 {:.2}%; checkpoints in {}/best and {}/last", best * 100.0, a.out.display(), a.out.display());
+    let mut obs = Observer::new(c.out.join("metrics.png"), summary, plot_curves);
+    let history = trainer.run(&c.out, c.stop_after, &mut obs)?;
+    if let Some(best) = history.iter().filter_map(|h| h.task.top1).reduce(f64::max) {
+        eprintln!("best top-1 {:.2}%; checkpoints in {}/best and {}/last", best * 100.0, c.out.display(), c.out.display());
     }
     Ok(())
 }

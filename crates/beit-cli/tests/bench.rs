@@ -52,6 +52,7 @@ fn json_report_has_every_field() {
     assert_eq!(v["batch_size"], 2);
     assert_eq!(v["image_size"], 32);
     assert_eq!(v["dtype"], "f32");
+    assert_eq!(v["path"], "fused");
     assert_eq!(v["threads"], 1);
     // VmHWM exists on Linux; elsewhere the field is null.
     if cfg!(target_os = "linux") {
@@ -110,6 +111,17 @@ fn int8_runs_or_says_it_is_not_available() {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains("int8 is not available yet"), "{stderr}");
     }
+}
+
+/// `--generic`: the candle op-by-op path the fused encoder is compared with.
+#[test]
+fn generic_path_runs() {
+    let config = tiny_config("generic");
+    let out = beit(&["bench", "--config", config.to_str().unwrap(), "--generic", "--runs", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["path"], "generic");
+    assert!(v["images_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
 }
 
 #[test]

@@ -5,9 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use beit::{load_pretrained, AnyBeitModel, LoadOptions};
+use common::beit;
 
 fn tokenizer() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../beit/tests/fixtures/tokenizer/encoder.safetensors")
@@ -47,13 +47,6 @@ fn pretrain_args(data: &Path, cfg: &Path, out: &Path, epochs: &str) -> Vec<Strin
         cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--epochs", epochs, "--batch-size", "8", "--lr", "2e-3",
         "--warmup-epochs", "1", "--crop-scale-min", "0.6", "--no-hflip", "--seed", "3",
     ])
-}
-
-fn beit(args: &[String]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_beit")).args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    (out.status.code().unwrap_or(-1), err)
 }
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
@@ -118,12 +111,7 @@ fn pretrains_fine_tunes_and_resumes_after_sigkill() {
 
     // The same run, killed with SIGKILL during epoch 3 or 4 and resumed: the same final metrics, bit for bit.
     let killed = root.join("killed");
-    let done = common::run_and_kill_after_epochs(&pretrain_args(&data, &cfg, &killed, "5"), &killed, 2);
-    assert!(done < 5, "the run finished before it could be killed; make the test's epochs longer");
-    let mut resume = pretrain_args(&data, &cfg, &killed, "5");
-    resume.push("--resume".into());
-    let (code, err) = beit(&resume);
-    assert_eq!(code, 0, "{err}");
+    let (done, err) = common::kill_and_resume(&pretrain_args(&data, &cfg, &killed, "5"), &killed, 5);
     // A kill between writing last/ and metrics.jsonl leaves last/ one epoch ahead.
     let from = |k: usize| err.contains(&format!("resuming after epoch {k};")) || err.contains(&format!("resuming after epoch {k}\n"));
     assert!(from(done) || from(done + 1), "{err}");

@@ -4,7 +4,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use common::beit;
 
 fn temp(tag: &str) -> PathBuf {
     common::temp_dir("train", tag)
@@ -38,13 +39,6 @@ fn train_args(data: &Path, cfg: &Path, out: &Path, epochs: &str) -> Vec<String> 
     .collect()
 }
 
-fn beit(args: &[String]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_beit")).args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    (out.status.code().unwrap_or(-1), err)
-}
-
 fn last_metrics(out: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     serde_json::from_str(text.lines().last().unwrap()).unwrap()
@@ -67,12 +61,7 @@ fn trains_writes_checkpoints_and_resumes_after_sigkill() {
 
     // The same run, killed with SIGKILL during epoch 3 and resumed.
     let killed = data.parent().unwrap().join("killed");
-    let done = common::run_and_kill_after_epochs(&train_args(&data, &cfg, &killed, "4"), &killed, 2);
-    assert!(done < 4, "the run finished before it could be killed; make the test's epochs longer");
-    let mut args = train_args(&data, &cfg, &killed, "4");
-    args.push("--resume".into());
-    let (code, err) = beit(&args);
-    assert_eq!(code, 0, "{err}");
+    common::kill_and_resume(&train_args(&data, &cfg, &killed, "4"), &killed, 4);
     let resumed = last_metrics(&killed);
     assert_eq!(resumed["epoch"], 4);
     for k in ["train_loss", "val_loss", "top1", "top5"] {

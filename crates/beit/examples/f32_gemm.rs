@@ -1,4 +1,4 @@
-//! `beit::kernels::f32::linear` (weights packed per call) and `linear_packed` (weights packed once, as
+//! `beit::internals::f32::linear` (weights packed per call) and `linear_packed` (weights packed once, as
 //! the model does at load) against candle's f32 matmul (`x.matmul(&w.t())`, i.e. the gemm crate with its
 //! AVX-512 kernels) on BEiT-base's Linear shapes, at 197 rows (one 224×224 image) and 1576 rows (a
 //! batch of 8), on 1 and 2 threads.
@@ -9,7 +9,8 @@
 //! same process, in alternating short batches, and each number is the best batch, so that a
 //! neighbour's load on the machine (other builds on a shared 2-core box) affects them alike. GFLOP/s is
 //! `2·M·N·K / time`; speedup is candle's time over `linear_packed`'s.
-use beit::kernels::f32::{linear_packed_using, linear_using, F32Kernel, PackedF32};
+use beit::internals::f32::{linear_packed_using, linear_using, PackedF32};
+use beit::internals::{cpu, Rng};
 use candle_core::{Device, Tensor};
 use common::{batch, SHAPES};
 
@@ -17,9 +18,9 @@ mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let kernel = F32Kernel::detect();
-    println!("ours: {kernel:?} kernel; reference: candle matmul (gemm crate)");
-    let mut rng = beit::rng::Rng::new(0x5eed);
+    let kernel = cpu::features();
+    println!("ours: kernels for {kernel:?}; reference: candle matmul (gemm crate)");
+    let mut rng = Rng::new(0x5eed);
     println!(
         "{:<22} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>7} | {:>9}",
         "layer",
@@ -78,42 +79,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         // Alternate short batches of each and keep each one's best: a neighbour's burst of
                         // load then costs all sides alike instead of whichever happened to run under it.
                         let mut failed = None;
+                        let mut run = |f: &mut dyn FnMut() -> beit::Result<()>| {
+                            batch(0.03, || {
+                                if let Err(e) = f() {
+                                    failed = Some(e.to_string());
+                                }
+                            })
+                        };
                         for _ in 0..rounds {
-                            ours = ours.min(batch(0.03, || {
-                                if let Err(e) = linear_using(
-                                    kernel,
-                                    &x,
-                                    k,
-                                    rows,
-                                    &w,
-                                    n,
-                                    k,
-                                    Some(&b),
-                                    &mut out,
-                                    n,
-                                ) {
-                                    failed = Some(e.to_string());
-                                }
-                            }));
-                            ours_packed = ours_packed.min(batch(0.03, || {
-                                if let Err(e) = linear_packed_using(
-                                    kernel,
-                                    &x,
-                                    k,
-                                    rows,
-                                    &packed,
-                                    Some(&b),
-                                    &mut out,
-                                    n,
-                                ) {
-                                    failed = Some(e.to_string());
-                                }
-                            }));
-                            theirs = theirs.min(batch(0.03, || {
-                                if let Err(e) = xt.matmul(&wtt) {
-                                    failed = Some(e.to_string());
-                                }
-                            }));
+                            ours = ours.min(run(&mut || linear_using(kernel, &x, k, rows, &w, n, k, Some(&b), &mut out, n)));
+                            ours_packed = ours_packed
+                                .min(run(&mut || linear_packed_using(kernel, &x, k, rows, &packed, Some(&b), &mut out, n)));
+                            theirs = theirs.min(run(&mut || xt.matmul(&wtt).map(|_| ()).map_err(Into::into)));
                         }
                         match failed {
                             Some(e) => Err(e.into()),

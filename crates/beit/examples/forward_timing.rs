@@ -1,10 +1,11 @@
 //! Times the forward pass of a checkpoint on random pixels: the quick loop behind PERFORMANCE.md's per-change
 //! measurements (`beit bench` is the user-facing benchmark).
-//! `cargo run --release -p beit --example forward_timing -- DIR [BATCH] [RUNS] [f32|int8|dense]`
-//! (f32 and int8: prepared for inference as the CLI loads models; dense: as loaded, W packed per call).
+//! `cargo run --release -p beit --example forward_timing -- DIR [BATCH] [RUNS] [f32|int8|dense] [generic]`
+//! (f32 and int8: prepared for inference as the CLI loads models, on the fused encoder unless `generic` asks
+//! for candle op by op; dense: as loaded, which runs the generic path).
 use std::time::Instant;
 
-use beit::{load_pretrained, InferenceDtype, LoadOptions, ModelInputs};
+use beit::{load_pretrained, InferenceDtype, InferencePath, LoadOptions, ModelInputs};
 use candle_core::{Device, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,8 +19,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("dense") => None,
         Some(other) => return Err(format!("expected f32, int8 or dense, found {other:?}").into()),
     };
+    let inference_path = match args.get(5).map(String::as_str) {
+        None | Some("fused") => InferencePath::Fused,
+        Some("generic") => InferencePath::Generic,
+        Some(other) => return Err(format!("expected fused or generic, found {other:?}").into()),
+    };
     let t0 = Instant::now();
-    let loaded = load_pretrained(std::path::Path::new(dir), &LoadOptions { inference, ..Default::default() }, &Device::Cpu)?;
+    let opts = LoadOptions { inference, inference_path, ..Default::default() };
+    let loaded = load_pretrained(std::path::Path::new(dir), &opts, &Device::Cpu)?;
     println!("load {:.3} s", t0.elapsed().as_secs_f64());
     let s = loaded.config.image_size;
     let x = Tensor::randn(0f32, 1.0, (batch, loaded.config.num_channels, s.height, s.width), &Device::Cpu)?;

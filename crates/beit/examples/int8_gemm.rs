@@ -8,7 +8,8 @@
 //! batches, and each number is the best batch, so that a neighbour's load on the machine (other builds
 //! on a shared 2-core box) affects both alike.
 //! G-ops/s is `2·M·N·K / time` for both.
-use beit::kernels::{Int8Kernel, QuantizedLinear};
+use beit::internals::int8::QuantizedLinear;
+use beit::internals::{cpu, Rng};
 use candle_core::{Device, Tensor};
 use common::{batch, SHAPES};
 
@@ -16,9 +17,9 @@ mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let kernel = Int8Kernel::detect();
-    println!("int8 kernel: {kernel:?}; f32: candle {} matmul", env!("CARGO_PKG_NAME"));
-    let mut rng = beit::rng::Rng::new(0x5eed);
+    let kernel = cpu::features();
+    println!("int8 kernel for {kernel:?}; f32: candle {} matmul", env!("CARGO_PKG_NAME"));
+    let mut rng = Rng::new(0x5eed);
     println!(
         "{:<22} {:>5} {:>3} | {:>9} {:>9} | {:>9} {:>9} | {:>6} | {:>9}",
         "layer", "M", "thr", "int8 ms", "int8 G/s", "f32 ms", "f32 G/s", "x f32", "rel err"

@@ -127,7 +127,7 @@ pub enum BeitError {
     /// Training produced a loss that is not a finite number.
     #[error("training diverged: the loss became {value} at epoch {epoch}, batch {batch}; a lower learning rate may help")]
     Diverged {
-        /// The epoch (0-based).
+        /// The epoch (1-based, as the progress lines and metrics.jsonl count).
         epoch: usize,
         /// The batch within the epoch (0-based).
         batch: usize,

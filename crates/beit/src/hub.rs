@@ -17,13 +17,18 @@ pub const WEIGHT_FILES: [&str; 5] = [
     "flax_model.msgpack",
 ];
 
+/// How a Hub repo id is fetched: revision, cache, offline mode, token (as huggingface_hub).
 #[derive(Debug, Clone)]
 pub struct HubOptions {
+    /// Branch, tag or commit ("main").
     pub revision: String,
     /// The hub cache (the directory holding models--org--name).
     pub cache_dir: PathBuf,
+    /// Use only what is cached (HF_HUB_OFFLINE).
     pub offline: bool,
+    /// Access token for gated or private repos (HF_TOKEN or the cached login).
     pub token: Option<String>,
+    /// Show download progress bars.
     pub progress: bool,
 }
 
@@ -50,7 +55,9 @@ impl HubOptions {
 /// Where a model's files are: a directory, plus the weights file when the user named one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelLocation {
+    /// The directory holding config.json and the weights.
     pub dir: PathBuf,
+    /// The weights file the spec named, if it named one.
     pub weights_file: Option<PathBuf>,
 }
 
@@ -60,6 +67,7 @@ fn is_repo_id(s: &str) -> bool {
     matches!(parts.len(), 1 | 2) && parts.iter().all(|p| ok(p))
 }
 
+/// Where `spec` (a directory, a weights file, or a Hub repo id, fetched into the cache) puts a model's files.
 pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ModelLocation> {
     let path = Path::new(spec);
     if path.is_dir() {

@@ -6,12 +6,18 @@
 use crate::error::{BeitError, Result};
 use crate::rng::Rng;
 
+/// unilm's MaskingGenerator over a `height` x `width` patch grid.
 #[derive(Debug, Clone)]
 pub struct MaskingGenerator {
+    /// Patch rows.
     pub height: usize,
+    /// Patch columns.
     pub width: usize,
+    /// How many patches to mask (at most).
     pub num_masking_patches: usize,
+    /// Smallest block, in patches.
     pub min_num_patches: usize,
+    /// Largest block, in patches.
     pub max_num_patches: usize,
     /// (ln min_aspect, ln max_aspect)
     pub log_aspect_ratio: (f64, f64),

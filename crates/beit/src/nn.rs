@@ -9,6 +9,8 @@ use crate::error::{BeitError, Result};
 use crate::kernels::conv::{ConvGeometry, PackedConv2d, PackedConvTranspose2d};
 use crate::kernels::f32::PackedF32;
 use crate::kernels::int8::QuantizedLinear;
+use crate::kernels::math::gelu_erf_par;
+use crate::kernels::view::{view, with_f32};
 use crate::rng::Rng;
 use crate::weights::{Init, Weights};
 
@@ -16,6 +18,7 @@ use crate::weights::{Init, Weights};
 /// so training takes the composite path.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Mode {
+    /// Training: dropout and drop path active, gradients recorded.
     pub train: bool,
     /// The weights may change between calls (evaluation during training): derive nothing to keep.
     pub uncached: bool,
@@ -32,21 +35,24 @@ pub enum InferenceDtype {
     Int8,
 }
 
+/// torch.nn.Linear, with optional packed (f32) or quantized (int8) copies for CPU inference.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `(out, in)`, as PyTorch stores it. `None` once [`prepare_inference`](Self::prepare_inference) has replaced
     /// it by a packed or quantized copy, so that the weights are held once.
     weight: Option<Tensor>,
+    /// The bias, when the layer has one.
     pub bias: Option<Tensor>,
     /// Set by [`Linear::prepare_inference`] with int8.
-    pub quantized: Option<Arc<QuantizedLinear>>,
+    pub(crate) quantized: Option<Arc<QuantizedLinear>>,
     /// Set by [`Linear::prepare_inference`] with f32: the weight in the f32 kernel's layout, packed once.
-    pub packed: Option<Arc<PackedF32>>,
+    pub(crate) packed: Option<Arc<PackedF32>>,
     in_features: usize,
     out_features: usize,
 }
 
 impl Linear {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = w.get((out_dim, in_dim), "weight", Init::Normal(std))?;
         let bias = if bias { Some(w.get(out_dim, "bias", Init::Zeros)?) } else { None };
@@ -64,10 +70,12 @@ impl Linear {
         Linear { weight: Some(weight), bias, quantized: None, packed: None, in_features, out_features }
     }
 
+    /// Output width.
     pub fn out_features(&self) -> usize {
         self.out_features
     }
 
+    /// Input width.
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -99,32 +107,23 @@ impl Linear {
         if !w.device().is_cpu() {
             return Ok(());
         }
-        let w = w.to_dtype(candle_core::DType::F32)?;
-        // Borrowed in place when contiguous: no third copy of the weight while the packed one is built.
-        let borrowed = crate::model::fast_path::view(&w);
-        let owned;
-        let weight: &[f32] = match &borrowed {
-            Some(v) => v.slice(),
-            None => {
-                owned = w.flatten_all()?.to_vec1::<f32>()?;
-                &owned
-            }
-        };
         let (n, k) = (self.out_features, self.in_features);
+        // Borrowed in place when contiguous f32: no third copy of the weight while the packed one is built.
         match dtype {
-            InferenceDtype::F32 => self.packed = Some(Arc::new(PackedF32::pack(weight, n, k)?)),
+            InferenceDtype::F32 => self.packed = Some(Arc::new(with_f32(w, |w| PackedF32::pack(w, n, k))?)),
             InferenceDtype::Int8 => {
                 let bias = match &self.bias {
-                    Some(b) => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                    Some(b) => Some(with_f32(b, |b| Ok(b.to_vec()))?),
                     None => None,
                 };
-                self.quantized = Some(Arc::new(QuantizedLinear::quantize(weight, n, k, bias.as_deref())?));
+                self.quantized = Some(Arc::new(with_f32(w, |w| QuantizedLinear::quantize(w, n, k, bias.as_deref()))?));
             }
         }
         self.weight = None;
         Ok(())
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
@@ -162,18 +161,24 @@ impl Linear {
     }
 }
 
+/// torch.nn.LayerNorm over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
+    /// The weight.
     pub weight: Tensor,
+    /// The bias, when the layer has one.
     pub bias: Tensor,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl LayerNorm {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm { weight: w.get(dim, "weight", Init::Const(1.0))?, bias: w.get(dim, "bias", Init::Zeros)?, eps })
     }
 
+    /// Builds the module from `w`, initializing it (as transformers' `_init_weights`) when the checkpoint lacks it.
     pub fn load_head(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm {
             weight: w.get_or_init(dim, "weight", Init::Const(1.0))?,
@@ -182,6 +187,7 @@ impl LayerNorm {
         })
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if mode.train {
             // Composite ops, which candle can differentiate. Same formula as torch: biased variance.
@@ -195,37 +201,39 @@ impl LayerNorm {
     }
 }
 
+/// torch.nn.Conv2d (square kernel), with a packed copy for the CPU kernel at inference.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     /// `(out, in, kh, kw)`, as PyTorch stores it. `None` once [`prepare_inference`](Self::prepare_inference)
     /// has replaced it by a packed copy, so that the weights are held once.
     weight: Option<Tensor>,
+    /// The bias, when the layer has one.
     pub bias: Option<Tensor>,
+    /// Stride.
     pub stride: usize,
+    /// Zero padding on each side.
     pub padding: usize,
+    /// Dilation.
     pub dilation: usize,
     /// Set by [`Conv2d::prepare_inference`]: the weight (and bias) in the f32 kernel's layout, packed once.
-    pub packed: Option<Arc<PackedConv2d>>,
+    pub(crate) packed: Option<Arc<PackedConv2d>>,
 }
 
 /// Shape and placement of a convolution, as torch.nn.Conv2d's arguments.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvSpec {
+    /// Input channels.
     pub in_channels: usize,
+    /// Output channels.
     pub out_channels: usize,
+    /// Kernel size (square).
     pub kernel: usize,
+    /// Zero padding on each side.
     pub padding: usize,
+    /// Dilation.
     pub dilation: usize,
+    /// Whether the layer has a bias.
     pub bias: bool,
-}
-
-/// A tensor's values as f32, borrowed when it is a contiguous f32 CPU tensor.
-fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let t = t.to_dtype(candle_core::DType::F32)?;
-    if let Some(v) = crate::model::fast_path::view(&t) {
-        return f(v.slice());
-    }
-    f(&t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Conv2d {
@@ -313,6 +321,7 @@ impl Conv2d {
         Ok(())
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, false)
     }
@@ -348,7 +357,7 @@ impl Conv2d {
                 channels.push(xc);
             }
             // Borrowed in place (to_dtype and contiguous above make them contiguous f32 CPU tensors).
-            let views: Vec<_> = conts.iter().filter_map(crate::model::fast_path::view).collect();
+            let views: Vec<_> = conts.iter().filter_map(view).collect();
             if views.len() != conts.len() {
                 return Err(BeitError::invalid_input("conv input", "expected contiguous f32 CPU tensors"));
             }
@@ -380,10 +389,12 @@ impl Conv2d {
 pub struct ConvTranspose2d {
     /// `None` once [`prepare_inference`](Self::prepare_inference) has packed it.
     weight: Option<Tensor>,
+    /// The bias, when the layer has one.
     pub bias: Tensor,
+    /// Stride.
     pub stride: usize,
     /// Set by [`ConvTranspose2d::prepare_inference`].
-    pub packed: Option<Arc<PackedConvTranspose2d>>,
+    pub(crate) packed: Option<Arc<PackedConvTranspose2d>>,
 }
 
 impl ConvTranspose2d {
@@ -392,6 +403,7 @@ impl ConvTranspose2d {
         ConvTranspose2d { weight: Some(weight), bias, stride, packed: None }
     }
 
+    /// Builds the module from `w`, initializing it (as transformers' `_init_weights`) when the checkpoint lacks it.
     pub fn load_head(w: &Weights, channels: usize, k: usize, std: f64) -> Result<Self> {
         Ok(ConvTranspose2d::new(
             w.get_or_init((channels, channels, k, k), "weight", Init::Normal(std))?,
@@ -467,6 +479,7 @@ impl ConvTranspose2d {
         Ok(())
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, false)
     }
@@ -488,7 +501,7 @@ impl ConvTranspose2d {
             let mut y = with_f32(&xc, |xs| p.forward(xs, b, h, w))?;
             let s = self.stride;
             if gelu {
-                crate::model::fast_path::gelu_erf_par(&mut y, w * s);
+                gelu_erf_par(&mut y, w * s);
             }
             let y = Tensor::from_vec(y, (b, p.out_channels(), h * s, w * s), x.device())?;
             return Ok(if x.dtype() == candle_core::DType::F32 { y } else { y.to_dtype(x.dtype())? });
@@ -502,14 +515,20 @@ impl ConvTranspose2d {
 /// BatchNorm2d at inference: the running statistics, never the batch's.
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
+    /// The weight.
     pub weight: Tensor,
+    /// The bias, when the layer has one.
     pub bias: Tensor,
+    /// Running mean (inference statistics).
     pub running_mean: Tensor,
+    /// Running variance (inference statistics).
     pub running_var: Tensor,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl BatchNorm2d {
+    /// Builds the module from `w`, initializing it (as transformers' `_init_weights`) when the checkpoint lacks it.
     pub fn load_head(w: &Weights, channels: usize, eps: f64) -> Result<Self> {
         w.passthrough_counter("num_batches_tracked")?;
         Ok(BatchNorm2d {
@@ -521,6 +540,7 @@ impl BatchNorm2d {
         })
     }
 
+    /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.weight.elem_count();
         let shape = (1, c, 1, 1);
@@ -531,6 +551,7 @@ impl BatchNorm2d {
     }
 }
 
+/// Softmax over the last dimension: fused kernel at inference, composite ops when training.
 pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
     if mode.train {
         return Ok(candle_nn::ops::softmax(x, D::Minus1)?);
@@ -574,6 +595,7 @@ pub fn activation(act: HiddenAct, x: &Tensor) -> Result<Tensor> {
 /// masks here; the trainer reseeds it per epoch so that a resumed run repeats an uninterrupted one.
 static TRAIN_RNG: std::sync::Mutex<Rng> = std::sync::Mutex::new(Rng(0));
 
+/// Seeds the generator behind dropout and drop path on this thread (training reproducible bit for bit).
 pub fn seed_training_rng(seed: u64) {
     *TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner()) = Rng::new(seed);
 }

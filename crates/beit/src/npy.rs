@@ -12,19 +12,29 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 /// Largest array we read: the same bound as a checkpoint's (4 GiB).
 pub const MAX_NPY_BYTES: usize = 1 << 32;
 
+/// The elements of a .npy array.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NpyData {
+    /// float32
     F32(Vec<f32>),
+    /// float64
     F64(Vec<f64>),
+    /// int64
     I64(Vec<i64>),
+    /// int32
     I32(Vec<i32>),
+    /// uint8
     U8(Vec<u8>),
+    /// bool, one byte each
     Bool(Vec<u8>),
 }
 
+/// A .npy array: shape and elements.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NpyArray {
+    /// Dimensions.
     pub shape: Vec<usize>,
+    /// Elements, row-major.
     pub data: NpyData,
 }
 
@@ -40,11 +50,13 @@ fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest[..end].trim())
 }
 
+/// Reads a .npy file (little-endian f32, f64, i64, i32, u8 or bool; C order).
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
     let bytes = std::fs::read(path).map_err(|e| BeitError::io(path, e))?;
     parse_npy(&bytes).map_err(|m| err(path, m))
 }
 
+/// Parses .npy bytes; the error says what was wrong.
 pub fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not a .npy file (bad magic)".into());
@@ -133,6 +145,7 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     write_npy(path, "<f4", shape, &data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
 }
 
+/// Writes an int64 .npy file.
 pub fn write_npy_i64(path: &Path, shape: &[usize], data: &[i64]) -> Result<()> {
     write_npy(path, "<i8", shape, &data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
 }

@@ -12,25 +12,37 @@ use crate::model::{BeitModelOutput, ForwardOptions};
 use crate::pretrained::{LoadOptions, Pretrained};
 use crate::processor::{BeitImageProcessor, SegmentationMap};
 
+/// One class and its score.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Prediction {
+    /// The class name (`id2label`, else LABEL_i).
     pub label: String,
+    /// Softmax (or sigmoid) probability.
     pub score: f32,
 }
 
+/// A model with its image processor: transformers' `pipeline(...)` for BEiT's tasks.
 pub struct Pipeline {
+    /// The model and its configuration.
     pub pretrained: Pretrained,
+    /// The model's image processor (preprocessor_config.json).
     pub processor: BeitImageProcessor,
+    /// Where the model's files are.
     pub model_dir: PathBuf,
+    /// Where the model runs.
     pub device: Device,
 }
 
 /// A masked-image-modeling prediction: which patches were masked and the visual token predicted for each.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MimPrediction {
+    /// Patch grid (rows, columns).
     pub grid: (usize, usize),
+    /// Masked patch indices, row-major.
     pub masked: Vec<usize>,
+    /// Predicted visual token of each masked patch.
     pub tokens: Vec<u32>,
+    /// Softmax probability of each prediction.
     pub scores: Vec<f32>,
 }
 
@@ -43,6 +55,7 @@ impl Pipeline {
         Ok(Pipeline { model_dir: pretrained.model_dir.clone(), pretrained, processor, device: Device::Cpu })
     }
 
+    /// `images` through the processor, as the model's input tensor.
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
         let pv = self.processor.preprocess_rgb(images)?;
         Ok(Tensor::from_vec(pv.data, pv.shape.to_vec(), &self.device)?)

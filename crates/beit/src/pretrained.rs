@@ -16,13 +16,16 @@ use crate::heads::{
 use crate::hub::{resolve_model, HubOptions};
 use crate::model::BeitModel;
 use crate::processor::BeitImageProcessor;
+use crate::model::{Inference, InferencePath};
 use crate::nn::InferenceDtype;
 use crate::weights::{LoadReport, Weights};
 
+/// How [`from_pretrained`](Pretrained::from_pretrained) loads: weights file or format, timm name, Hub settings, inference dtype.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Build this class instead of the one config.json's `architectures` names.
     pub architecture: Option<Architecture>,
+    /// Read this format even when others are present.
     pub weights_format: Option<WeightsFormat>,
     /// One weights file to load instead of searching the directory.
     pub weights_file: Option<PathBuf>,
@@ -33,6 +36,9 @@ pub struct LoadOptions {
     /// kernel (`F32`) or quantized (`Int8`, dynamic quantization), and the dense copies released so that the
     /// weights are held once. Such a model cannot be saved or trained. `None`: as loaded.
     pub inference: Option<InferenceDtype>,
+    /// With `inference`: the fused CPU encoder (the default), or candle op by op (`Generic`: the baseline of
+    /// performance comparisons).
+    pub inference_path: InferencePath,
     /// Where a Hub repo id is looked up (cache, token, offline): `None` reads the environment as
     /// huggingface_hub does ([`HubOptions::from_env`]).
     pub hub: Option<HubOptions>,
@@ -262,7 +268,7 @@ pub fn load_pretrained(dir: &Path, opts: &LoadOptions, device: &Device) -> Resul
     if let Some(dtype) = opts.inference {
         // Released first, so that each dense weight is freed as soon as its packed or quantized copy exists.
         weights.release();
-        model.prepare_inference(dtype)?;
+        model.prepare_inference(Inference { dtype, path: opts.inference_path })?;
     }
     for name in &report.newly_initialized {
         tracing::warn!("{name} was not in the checkpoint and is newly initialized");

@@ -1,10 +1,12 @@
 //! A small seeded generator (SplitMix64): reproducible weights, masks, shuffles and augmentation without a
 //! dependency, and with state that a training checkpoint can store.
 
+/// SplitMix64; the field is the state, stored by training checkpoints.
 #[derive(Debug, Clone)]
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Rng(seed)
     }
@@ -16,6 +18,7 @@ impl Rng {
         r
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -48,6 +51,7 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
+    /// Fisher-Yates shuffle of `v`.
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             v.swap(i, self.below(i + 1));

@@ -35,12 +35,16 @@ pub fn map_pixels(x: &Tensor) -> Result<Tensor> {
 /// `dall_e.utils.Conv2d`: weight `w` (n_out, n_in, kw, kw), bias `b`, stride 1, padding (kw - 1) / 2.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
+    /// (n_out, n_in, kw, kw)
     pub w: Tensor,
+    /// (n_out,)
     pub b: Tensor,
+    /// Kernel width.
     pub kw: usize,
 }
 
 impl Conv2d {
+    /// The convolution with `dall_e`'s padding.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.conv2d(&self.w, (self.kw - 1) / 2, 1, 1, 1)?;
         Ok(y.broadcast_add(&self.b.reshape((1, self.b.dim(0)?, 1, 1))?)?)
@@ -59,6 +63,7 @@ pub struct EncoderBlock {
 }
 
 impl EncoderBlock {
+    /// `id_path(x) + post_gain * res_path(x)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let id = match &self.id_path {
             Some(c) => c.forward(x)?,
@@ -75,9 +80,13 @@ impl EncoderBlock {
 /// `dall_e.encoder.Encoder`, inference only.
 #[derive(Debug, Clone)]
 pub struct DalleEncoder {
+    /// Width of the first group (`n_hid`; 256 in OpenAI's encoder).
     pub n_hid: usize,
+    /// Blocks per group (2 in OpenAI's encoder).
     pub n_blk_per_group: usize,
+    /// 3.
     pub input_channels: usize,
+    /// Number of visual tokens (8192).
     pub vocab_size: usize,
     /// blocks.input: 7x7 conv, input_channels -> n_hid.
     pub input: Conv2d,
@@ -169,6 +178,7 @@ impl DalleEncoder {
         Self::load_on(path, &Device::Cpu)
     }
 
+    /// As [`load`](Self::load), onto `device`.
     pub fn load_on(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let tensors = read_encoder_tensors(path, device)?;

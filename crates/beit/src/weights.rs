@@ -14,8 +14,11 @@ use crate::rng::Rng;
 /// How a parameter is initialized when the checkpoint lacks it (transformers' `_init_weights`).
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
+    /// Normal with this standard deviation (mean 0).
     Normal(f64),
+    /// All zeros.
     Zeros,
+    /// Every element this value.
     Const(f64),
 }
 
@@ -46,6 +49,7 @@ struct Inner {
     rng: Mutex<Rng>,
 }
 
+/// A checkpoint's tensors by name while a model is built (as candle's VarBuilder), recording what was used and what was initialized.
 #[derive(Clone)]
 pub struct Weights {
     inner: Arc<Inner>,
@@ -55,11 +59,14 @@ pub struct Weights {
 /// What loading did beyond the expected: transformers prints the same two lists.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
+    /// Tensors the checkpoint lacked, initialized as transformers does.
     pub newly_initialized: Vec<String>,
+    /// Checkpoint tensors no module asked for.
     pub unused: Vec<String>,
 }
 
 impl Weights {
+    /// Named tensors read from `path` (named in errors), onto `device`.
     pub fn new(tensors: HashMap<String, Tensor>, path: impl Into<PathBuf>, device: &Device) -> Self {
         Self::build(tensors, path.into(), Source::Checkpoint, device, false, 0)
     }
@@ -69,6 +76,7 @@ impl Weights {
         Self::build(HashMap::new(), PathBuf::from("<fresh>"), Source::Fresh, device, false, seed)
     }
 
+    /// Builds a model with `build`, then reports what was missing (initialized) and unused.
     pub fn build(
         tensors: HashMap<String, Tensor>,
         path: PathBuf,
@@ -100,10 +108,12 @@ impl Weights {
         Weights { inner: self.inner.clone(), prefix }
     }
 
+    /// The checkpoint file, for error messages.
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
 
+    /// Where the tensors go.
     pub fn device(&self) -> &Device {
         &self.inner.device
     }
@@ -116,6 +126,7 @@ impl Weights {
         }
     }
 
+    /// Whether the checkpoint has `name` under the current prefix.
     pub fn contains(&self, name: &str) -> bool {
         lock(&self.inner.tensors).contains_key(&self.full_name(name))
     }

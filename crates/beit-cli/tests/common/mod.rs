@@ -32,6 +32,27 @@ pub fn digits_slice(root: &Path, classes: &[&str], per_class: usize) -> PathBuf 
     root
 }
 
+/// Runs `beit ARGS` to the end: its exit code and stderr (which must not show a panic).
+pub fn beit(args: &[String]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_beit")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (out.status.code().unwrap_or(-1), err)
+}
+
+/// A training command (`args`, writing into `out`, `epochs` in all) killed with SIGKILL after 2 epochs and
+/// resumed with --resume, which must succeed: how many epochs the killed run had written, and the resumed
+/// run's stderr.
+pub fn kill_and_resume(args: &[String], out: &Path, epochs: usize) -> (usize, String) {
+    let done = run_and_kill_after_epochs(args, out, 2);
+    assert!(done < epochs, "the run finished before it could be killed; make the test's epochs longer");
+    let mut resume = args.to_vec();
+    resume.push("--resume".into());
+    let (code, err) = beit(&resume);
+    assert_eq!(code, 0, "{err}");
+    (done, err)
+}
+
 /// Starts `beit ARGS`, waits until `out`/metrics.jsonl has `epochs` lines (or two minutes), waits 20 ms more to
 /// land inside the next epoch, and kills it with SIGKILL. Returns how many epochs it had written.
 pub fn run_and_kill_after_epochs(args: &[String], out: &Path, epochs: usize) -> usize {

@@ -13,14 +13,19 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{BeitError, Result};
 
+/// A checkpoint's file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightsFormat {
+    /// model.safetensors (or sharded).
     Safetensors,
+    /// pytorch_model.bin (or sharded).
     PytorchBin,
+    /// flax_model.msgpack.
     FlaxMsgpack,
 }
 
 impl WeightsFormat {
+    /// "safetensors", "bin"/"pytorch" or "msgpack"/"flax".
     pub fn from_name(s: &str) -> Result<Self> {
         match s {
             "safetensors" => Ok(WeightsFormat::Safetensors),
@@ -134,6 +139,7 @@ pub fn load_tensors(format: WeightsFormat, files: &[PathBuf], device: &Device) -
     Ok(all)
 }
 
+/// Every tensor of one safetensors file, memory-mapped while read.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let file = std::fs::File::open(path).map_err(|e| BeitError::io(path, e))?;
     // SAFETY: the map is read-only and dropped before returning; a file changed underneath us while loading

@@ -24,21 +24,32 @@ use super::pickle::{PtDtype, RawTensor};
 /// Every error names the file and says what was expected and what was found.
 #[derive(Debug, thiserror::Error)]
 pub enum MsgpackError {
+    /// The file could not be read.
     #[error("{}: cannot read file: {source}", .path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// The bytes are not well-formed msgpack (truncated, corrupted, or over a limit).
     #[error("{}: msgpack at byte {offset}: {msg}", .path.display())]
     Decode {
+        /// The file.
         path: PathBuf,
+        /// Byte offset of the failure.
         offset: usize,
+        /// What was wrong.
         msg: String,
     },
     /// Well-formed msgpack that is not a Flax parameter tree.
     #[error("{}: {msg}", .path.display())]
-    Format { path: PathBuf, msg: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        msg: String,
+    },
 }
 
 type Tensors = Vec<(String, RawTensor)>;

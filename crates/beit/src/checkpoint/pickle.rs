@@ -18,15 +18,25 @@ use zip::{CompressionMethod, ZipArchive};
 /// Element type of a tensor, as named by its torch storage class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PtDtype {
+    /// float64
     F64,
+    /// float32
     F32,
+    /// float16
     F16,
+    /// bfloat16
     BF16,
+    /// int64
     I64,
+    /// int32
     I32,
+    /// int16
     I16,
+    /// int8
     I8,
+    /// uint8
     U8,
+    /// bool
     Bool,
 }
 
@@ -46,38 +56,71 @@ impl PtDtype {
 /// storage using the storage offset and strides.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawTensor {
+    /// Element type.
     pub dtype: PtDtype,
+    /// Dimensions.
     pub shape: Vec<usize>,
+    /// Little-endian, contiguous bytes.
     pub data: Vec<u8>,
 }
 
 /// Every error names the file and says what was expected and what was found.
 #[derive(Debug, thiserror::Error)]
 pub enum PickleError {
+    /// The file could not be read.
     #[error("{}: cannot read file: {source}", .path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// Not a zip archive as torch.save writes.
     #[error("{}: not a readable torch.save zip archive (truncated or corrupted?): {source}", .path.display())]
     Zip {
+        /// The file.
         path: PathBuf,
+        /// The zip reader's error.
         source: zip::result::ZipError,
     },
+    /// The pre-1.6 torch.save format.
     #[error("{}: legacy (pre-1.6) torch.save format is not supported; re-save with torch>=1.6", .path.display())]
-    Legacy { path: PathBuf },
+    Legacy {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The pickle names a global we do not execute.
     #[error("{}: refused pickle global `{global}` (only torch tensor rebuild functions, storages and OrderedDict are allowed, plus torch.nn module classes and module classes named by the caller)", .path.display())]
-    RefusedGlobal { path: PathBuf, global: String },
+    RefusedGlobal {
+        /// The file.
+        path: PathBuf,
+        /// The refused `module.name`.
+        global: String,
+    },
+    /// The pickle program is malformed.
     #[error("{}: data.pkl at byte {offset}: {msg}", .path.display())]
     Pickle {
+        /// The file.
         path: PathBuf,
+        /// Byte offset of the failure.
         offset: usize,
+        /// What was wrong.
         msg: String,
     },
+    /// The data is not a checkpoint of the expected shape.
     #[error("{}: {msg}", .path.display())]
-    Format { path: PathBuf, msg: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        msg: String,
+    },
+    /// The file holds no tensor.
     #[error("{}: no tensors found (expected a state dict or an nn.Module holding at least one tensor)", .path.display())]
-    NoTensors { path: PathBuf },
+    NoTensors {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 type R<T> = Result<T, PickleError>;

@@ -62,23 +62,39 @@ pub fn architecture_name(name: &str) -> &str {
 /// config.json's `model_args`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TimmArgs {
+    /// timm's architecture name (e.g. beitv2_base_patch16_224).
     pub architecture: String,
+    /// Input size.
     pub img_size: (usize, usize),
+    /// Patch size.
     pub patch_size: (usize, usize),
+    /// Input channels.
     pub in_chans: usize,
+    /// Hidden size.
     pub embed_dim: usize,
+    /// Number of layers.
     pub depth: usize,
+    /// Attention heads.
     pub num_heads: usize,
+    /// MLP width over hidden size.
     pub mlp_ratio: f64,
+    /// Layer scale init; None when not used.
     pub init_values: Option<f64>,
+    /// Absolute position embeddings.
     pub use_abs_pos_emb: bool,
+    /// A relative position bias in every layer.
     pub use_rel_pos_bias: bool,
+    /// One relative position bias shared by all layers.
     pub use_shared_rel_pos_bias: bool,
     /// "avg", "token" or "" (none); None when nothing said, and the state dict decides.
     pub global_pool: Option<String>,
+    /// LayerNorm after pooling (None: the state dict decides).
     pub use_fc_norm: Option<bool>,
+    /// Stochastic depth rate.
     pub drop_path_rate: f64,
+    /// Attention dropout.
     pub attn_drop_rate: f64,
+    /// Projection dropout.
     pub proj_drop_rate: f64,
 }
 

@@ -11,11 +11,16 @@ use crate::model::encoder::{BeitEncoder, EncoderInputs};
 use crate::model::ForwardOptions;
 use crate::weights::Weights;
 
+/// transformers' BeitBackbone: the hidden states of `out_indices` reshaped to feature maps (batch, hidden, h, w).
 #[derive(Debug, Clone)]
 pub struct BeitBackbone {
+    /// The configuration it was built from (`out_indices`, `add_fpn`, `reshape_hidden_states`).
     pub config: BeitConfig,
+    /// Patch embeddings, CLS token and position embeddings.
     pub embeddings: BeitEmbeddings,
+    /// The transformer layers.
     pub encoder: BeitEncoder,
+    /// The feature pyramid (fpn1..fpn4) when `add_fpn` is set.
     pub pyramid: Option<BeitFeaturePyramid>,
     /// Stage indices (0 = embeddings) in stage order.
     stages: Vec<usize>,
@@ -24,12 +29,16 @@ pub struct BeitBackbone {
 /// BackboneOutput.
 #[derive(Debug, Clone)]
 pub struct BackboneOutput {
+    /// One map per requested stage, (batch, hidden, h, w).
     pub feature_maps: Vec<Tensor>,
+    /// Every layer's output when asked for.
     pub hidden_states: Option<Vec<Tensor>>,
+    /// Every layer's attention probabilities when asked for.
     pub attentions: Option<Vec<Tensor>>,
 }
 
 impl BeitBackbone {
+    /// Builds the backbone from `w`; checks `out_indices` against the depth and `add_fpn`.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         c.validate()?;
         let mut stages = c.out_stage_indices();
@@ -55,6 +64,7 @@ impl BeitBackbone {
         })
     }
 
+    /// The feature maps of `pixel_values` (batch, channels, height, width).
     pub fn forward(&self, pixel_values: &Tensor, o: &ForwardOptions) -> Result<BackboneOutput> {
         let pixel_values = check_pixel_values(pixel_values)?;
         let (b, _, h, w) = pixel_values.dims4()?;

@@ -9,8 +9,10 @@ use crate::model::{BeitModel, BeitModelOutput, ForwardOptions};
 use crate::nn::Linear;
 use crate::weights::Weights;
 
+/// transformers' BeitForImageClassification.
 #[derive(Debug, Clone)]
 pub struct BeitForImageClassification {
+    /// The encoder, with its pooler.
     pub beit: BeitModel,
     /// Identity when num_labels is 0.
     pub classifier: Option<Linear>,
@@ -21,12 +23,16 @@ pub struct BeitForImageClassification {
 /// ImageClassifierOutput.
 #[derive(Debug, Clone)]
 pub struct ImageClassificationOutput {
+    /// The loss when labels were given (cross entropy, BCE or MSE by `problem_type`).
     pub loss: Option<Tensor>,
+    /// (batch, num_labels)
     pub logits: Tensor,
+    /// The encoder's output (hidden states, attentions when asked for).
     pub base: BeitModelOutput,
 }
 
 impl BeitForImageClassification {
+    /// Builds the model from `w`; a missing classifier is initialized as transformers does (and reported).
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         let n = c.num_labels();
         Ok(BeitForImageClassification {
@@ -41,6 +47,7 @@ impl BeitForImageClassification {
         })
     }
 
+    /// Logits of `pixel_values`, and the loss against `labels` when given.
     pub fn forward(&self, pixel_values: &Tensor, o: &ForwardOptions, labels: Option<&Tensor>) -> Result<ImageClassificationOutput> {
         let base = self.beit.forward(pixel_values, o)?;
         let pooled = base

@@ -9,23 +9,30 @@ use crate::model::{BeitModel, BeitModelOutput, ForwardOptions};
 use crate::nn::{LayerNorm, Linear};
 use crate::weights::Weights;
 
+/// transformers' BeitForMaskedImageModeling.
 #[derive(Debug, Clone)]
 pub struct BeitForMaskedImageModeling {
+    /// The encoder (with a mask token, without a pooler).
     pub beit: BeitModel,
+    /// The final LayerNorm before the token classifier.
     pub layernorm: LayerNorm,
+    /// Hidden state to visual-token logits.
     pub lm_head: Linear,
 }
 
 /// MaskedLMOutput.
 #[derive(Debug, Clone)]
 pub struct MaskedImageModelingOutput {
+    /// Cross entropy over the masked patches when labels were given.
     pub loss: Option<Tensor>,
     /// (batch, patches, vocab_size)
     pub logits: Tensor,
+    /// The encoder's output.
     pub base: BeitModelOutput,
 }
 
 impl BeitForMaskedImageModeling {
+    /// Builds the model from `w`.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         Ok(BeitForMaskedImageModeling {
             beit: BeitModel::load(&w.pp("beit"), c, false)?,

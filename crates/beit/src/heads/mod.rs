@@ -10,8 +10,7 @@ use candle_core::Tensor;
 
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
-use crate::model::{BeitModel, ForwardOptions};
-use crate::nn::InferenceDtype;
+use crate::model::{BeitModel, ForwardOptions, Inference};
 use crate::weights::Weights;
 pub use backbone::BeitBackbone;
 pub use image_classification::BeitForImageClassification;
@@ -22,17 +21,26 @@ pub use semantic_segmentation::BeitForSemanticSegmentation;
 /// weight prefix (`data2vec_vision.`), and Data2VecVisionModel has no pooler unless a head asks for one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
+    /// transformers' `BeitModel`.
     BeitModel,
+    /// transformers' `BeitForMaskedImageModeling`.
     BeitForMaskedImageModeling,
+    /// transformers' `BeitForImageClassification`.
     BeitForImageClassification,
+    /// transformers' `BeitForSemanticSegmentation`.
     BeitForSemanticSegmentation,
+    /// transformers' `BeitBackbone`.
     BeitBackbone,
+    /// transformers' `Data2VecVisionModel`.
     Data2VecVisionModel,
+    /// transformers' `Data2VecVisionForImageClassification`.
     Data2VecVisionForImageClassification,
+    /// transformers' `Data2VecVisionForSemanticSegmentation`.
     Data2VecVisionForSemanticSegmentation,
 }
 
 impl Architecture {
+    /// Every class, in a fixed order.
     pub const ALL: [Architecture; 8] = [
         Architecture::BeitModel,
         Architecture::BeitForMaskedImageModeling,
@@ -44,6 +52,7 @@ impl Architecture {
         Architecture::Data2VecVisionForSemanticSegmentation,
     ];
 
+    /// transformers' class name.
     pub fn name(&self) -> &'static str {
         match self {
             Architecture::BeitModel => "BeitModel",
@@ -57,6 +66,7 @@ impl Architecture {
         }
     }
 
+    /// The class transformers calls `name` (Flax names map to the PyTorch class with the same weights).
     pub fn from_name(name: &str) -> Result<Self> {
         // Flax classes share the PyTorch ones' weights and outputs.
         let name = name.strip_prefix("Flax").unwrap_or(name);
@@ -111,23 +121,32 @@ impl Architecture {
     }
 }
 
+/// A loaded model of any class: what `Pretrained` holds when the class is only known from the checkpoint.
 #[derive(Debug, Clone)]
 pub enum AnyBeitModel {
+    /// The bare encoder.
     Model(BeitModel),
+    /// Masked image modeling head.
     MaskedImageModeling(BeitForMaskedImageModeling),
+    /// Image classification head.
     ImageClassification(BeitForImageClassification),
+    /// Semantic segmentation heads.
     SemanticSegmentation(BeitForSemanticSegmentation),
+    /// Backbone (feature maps).
     Backbone(BeitBackbone),
 }
 
 /// Inputs for any class: pixel values, options, and optional labels.
 #[derive(Debug, Clone, Default)]
 pub struct ModelInputs {
+    /// What the forward computes and returns.
     pub options: ForwardOptions,
+    /// Labels for the loss, in the shape the head expects.
     pub labels: Option<Tensor>,
 }
 
 impl AnyBeitModel {
+    /// Builds the class `arch` from `w` (the Data2VecVision classes from BEiT's with their prefix).
     pub fn load(w: &Weights, c: &BeitConfig, arch: Architecture) -> Result<Self> {
         Ok(match arch.for_model_type(&c.model_type)? {
             Architecture::BeitModel => AnyBeitModel::Model(BeitModel::load(w, c, true)?),
@@ -167,16 +186,17 @@ impl AnyBeitModel {
 
     /// CPU inference for the encoder (see [`BeitModel::prepare_inference`]). The model can then no longer be
     /// trained or saved: its dense Linear weights are released.
-    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
+    pub fn prepare_inference(&mut self, inference: impl Into<Inference>) -> Result<()> {
         match self {
-            AnyBeitModel::Model(m) => m.prepare_inference(dtype),
-            AnyBeitModel::MaskedImageModeling(m) => m.beit.prepare_inference(dtype),
-            AnyBeitModel::ImageClassification(m) => m.beit.prepare_inference(dtype),
-            AnyBeitModel::SemanticSegmentation(m) => m.prepare_inference(dtype),
-            AnyBeitModel::Backbone(m) => m.encoder.prepare_inference(dtype),
+            AnyBeitModel::Model(m) => m.prepare_inference(inference),
+            AnyBeitModel::MaskedImageModeling(m) => m.beit.prepare_inference(inference),
+            AnyBeitModel::ImageClassification(m) => m.beit.prepare_inference(inference),
+            AnyBeitModel::SemanticSegmentation(m) => m.prepare_inference(inference),
+            AnyBeitModel::Backbone(m) => m.encoder.prepare_inference(inference),
         }
     }
 
+    /// The model's configuration.
     pub fn config(&self) -> &BeitConfig {
         match self {
             AnyBeitModel::Model(m) => &m.config,

@@ -15,15 +15,20 @@ use crate::weights::Weights;
 /// fpn4 (2x down: MaxPool2d), applied to the four feature maps in order.
 #[derive(Debug, Clone)]
 pub struct BeitFeaturePyramid {
+    /// fpn1.0: first 2x up-convolution of the 4x branch.
     pub fpn1_0: ConvTranspose2d,
+    /// fpn1.1: its BatchNorm.
     pub fpn1_1: BatchNorm2d,
+    /// fpn1.3: second 2x up-convolution of the 4x branch.
     pub fpn1_3: ConvTranspose2d,
+    /// fpn2.0: the 2x up-convolution.
     pub fpn2_0: ConvTranspose2d,
     /// Set by [`prepare_inference`](Self::prepare_inference): `fpn1_1` is folded into `fpn1_0`.
     fused: bool,
 }
 
 impl BeitFeaturePyramid {
+    /// Builds fpn1 and fpn2 from `w`.
     pub fn load(w: &Weights, c: &BeitConfig, batch_norm_eps: f64) -> Result<Self> {
         let (d, std) = (c.hidden_size, c.initializer_range);
         Ok(BeitFeaturePyramid {
@@ -35,6 +40,7 @@ impl BeitFeaturePyramid {
         })
     }
 
+    /// The four maps at 4x, 2x, 1x and 1/2x the patch grid.
     pub fn forward(&self, features: &[Tensor]) -> Result<Vec<Tensor>> {
         let [f1, f2, f3, f4] = features else {
             return Err(BeitError::invalid_input("features", format!("{} feature maps, expected 4", features.len())));
@@ -80,7 +86,9 @@ fn batch_norm_affine(bn: &BatchNorm2d) -> Result<(Vec<f32>, Vec<f32>)> {
 /// BeitConvModule: Conv2d (no bias), BatchNorm2d, ReLU.
 #[derive(Debug, Clone)]
 pub struct BeitConvModule {
+    /// The convolution (no bias).
     pub conv: Conv2d,
+    /// Its BatchNorm.
     pub bn: BatchNorm2d,
     /// Set by [`prepare_inference`](Self::prepare_inference): `bn` is folded into `conv`, and the ReLU is
     /// applied in the convolution's output pass.
@@ -88,6 +96,7 @@ pub struct BeitConvModule {
 }
 
 impl BeitConvModule {
+    /// Builds the module from `w` (`conv.weight`, `bn.*`).
     pub fn load(w: &Weights, in_channels: usize, out_channels: usize, kernel: usize, padding: usize, std: f64) -> Result<Self> {
         let spec = ConvSpec { in_channels, out_channels, kernel, padding, dilation: 1, bias: false };
         Ok(BeitConvModule {
@@ -97,6 +106,7 @@ impl BeitConvModule {
         })
     }
 
+    /// Conv, BatchNorm, ReLU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_cat(std::slice::from_ref(x))
     }
@@ -127,17 +137,24 @@ impl BeitConvModule {
 /// BeitUperHead: pyramid pooling on the last map, lateral 1x1 convs, top-down fusion, FPN convs, classifier.
 #[derive(Debug, Clone)]
 pub struct BeitUperHead {
+    /// Output sizes of the pyramid pooling (1, 2, 3, 6 in transformers).
     pub pool_scales: Vec<usize>,
     /// psp_modules.{i}.1 (index 0 is the parameterless adaptive pooling).
     pub psp_modules: Vec<BeitConvModule>,
+    /// Fuses the pooled maps with the last feature map.
     pub bottleneck: BeitConvModule,
+    /// 1x1 convs on the first three feature maps.
     pub lateral_convs: Vec<BeitConvModule>,
+    /// 3x3 convs after the top-down fusion.
     pub fpn_convs: Vec<BeitConvModule>,
+    /// Fuses the four upsampled levels.
     pub fpn_bottleneck: BeitConvModule,
+    /// 1x1 conv to num_labels.
     pub classifier: Conv2d,
 }
 
 impl BeitUperHead {
+    /// Builds the module from `w`; heads missing from the checkpoint are initialized (and reported).
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         let (d, std) = (c.hidden_size, c.initializer_range);
         let psp = w.pp("psp_modules");
@@ -165,6 +182,7 @@ impl BeitUperHead {
         self.bottleneck.forward_cat(&outs)
     }
 
+    /// Logits from the feature maps, at the resolution of the first.
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
         let mut laterals: Vec<Tensor> =
             self.lateral_convs.iter().zip(features).map(|(conv, f)| conv.forward(f)).collect::<Result<_>>()?;
@@ -200,14 +218,18 @@ impl BeitUperHead {
 /// BeitFCNHead: convs on the third feature map (in_index 2), optionally concatenated with its input.
 #[derive(Debug, Clone)]
 pub struct BeitFCNHead {
+    /// `auxiliary_num_convs` 3x3 convs.
     pub convs: Vec<BeitConvModule>,
+    /// When `auxiliary_concat_input`: fuses the convs' output with their input.
     pub conv_cat: Option<BeitConvModule>,
+    /// 1x1 conv to num_labels.
     pub classifier: Conv2d,
 }
 
 impl BeitFCNHead {
     const IN_INDEX: usize = 2;
 
+    /// Builds the module from `w`; heads missing from the checkpoint are initialized (and reported).
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         let (d, ch, std) = (c.hidden_size, c.auxiliary_channels, c.initializer_range);
         let convs = (0..c.auxiliary_num_convs)
@@ -225,6 +247,7 @@ impl BeitFCNHead {
         })
     }
 
+    /// Logits from the feature maps, at the resolution of the first.
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
         let x = features.get(Self::IN_INDEX).ok_or_else(|| BeitError::invalid_input("features", "fewer than 3 feature maps"))?;
         let mut y = x.clone();
@@ -246,11 +269,16 @@ impl BeitFCNHead {
     }
 }
 
+/// transformers' BeitForSemanticSegmentation.
 #[derive(Debug, Clone)]
 pub struct BeitForSemanticSegmentation {
+    /// The encoder (no pooler).
     pub beit: BeitModel,
+    /// fpn1..fpn4 over four intermediate layers.
     pub pyramid: BeitFeaturePyramid,
+    /// UperNet.
     pub decode_head: BeitUperHead,
+    /// The FCN auxiliary head when `use_auxiliary_head`.
     pub auxiliary_head: Option<BeitFCNHead>,
     /// Hidden-state indices whose maps feed the FPN: transformers takes hidden_states[i] where i + 1 is in
     /// out_indices.
@@ -262,13 +290,18 @@ pub struct BeitForSemanticSegmentation {
 /// SemanticSegmenterOutput: logits at a quarter of the input resolution.
 #[derive(Debug, Clone)]
 pub struct SemanticSegmentationOutput {
+    /// Cross entropy (ignoring `semantic_loss_ignore_index`) plus the weighted auxiliary loss, when labels were given.
     pub loss: Option<Tensor>,
+    /// (batch, num_labels, height / 4, width / 4)
     pub logits: Tensor,
+    /// The auxiliary head's logits, at the same size.
     pub auxiliary_logits: Option<Tensor>,
+    /// The encoder's output.
     pub base: BeitModelOutput,
 }
 
 impl BeitForSemanticSegmentation {
+    /// Builds the module from `w`; heads missing from the checkpoint are initialized (and reported).
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         if c.out_indices.len() != 4 {
             return Err(BeitError::config(
@@ -304,11 +337,11 @@ impl BeitForSemanticSegmentation {
         })
     }
 
-    /// CPU inference: the encoder's Linear layers as `dtype` (see [`BeitModel::prepare_inference`]), and
+    /// CPU inference: the encoder as `inference` asks (see [`BeitModel::prepare_inference`]), and
     /// the pyramid's and heads' convolutions packed once for the f32 kernel (f32 for either dtype), with
     /// their BatchNorms folded in. The model can then no longer be trained or saved.
-    pub fn prepare_inference(&mut self, dtype: crate::nn::InferenceDtype) -> Result<()> {
-        self.beit.prepare_inference(dtype)?;
+    pub fn prepare_inference(&mut self, inference: impl Into<crate::model::Inference>) -> Result<()> {
+        self.beit.prepare_inference(inference)?;
         self.pyramid.prepare_inference()?;
         self.decode_head.prepare_inference()?;
         if let Some(aux) = &mut self.auxiliary_head {

@@ -32,6 +32,7 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use crate::error::{BeitError, Result};
+use crate::kernels::cpu;
 use crate::kernels::f32::{linear_packed, PackedF32, MR};
 
 /// Bytes per stripe of the GEMM's A (or of its output, when larger), by path.
@@ -86,12 +87,19 @@ fn input_error(what: &str, message: String) -> BeitError {
 /// padding and dilation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
+    /// Input channels.
     pub in_channels: usize,
+    /// Output channels.
     pub out_channels: usize,
+    /// Kernel height.
     pub kernel_h: usize,
+    /// Kernel width.
     pub kernel_w: usize,
+    /// Stride.
     pub stride: usize,
+    /// Zero padding on each side.
     pub padding: usize,
+    /// Dilation.
     pub dilation: usize,
 }
 
@@ -237,10 +245,12 @@ impl PackedConv2d {
         })
     }
 
+    /// The convolution's shape and placement.
     pub fn geometry(&self) -> ConvGeometry {
         self.geometry
     }
 
+    /// The bias, if any.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
@@ -728,14 +738,17 @@ impl PackedConvTranspose2d {
         out
     }
 
+    /// The bias, if any.
     pub fn bias(&self) -> &[f32] {
         &self.bias[..self.out_channels]
     }
 
+    /// Input channels.
     pub fn in_channels(&self) -> usize {
         self.in_channels
     }
 
+    /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.out_channels
     }
@@ -867,15 +880,9 @@ fn to_nhwc(parts: &[(&[f32], usize)], img: usize, hw: usize, pixels: std::ops::R
     });
 }
 
+/// Whether the AVX-512 code may run ([`cpu::features`]).
 fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cpu::features().avx512
 }
 
 /// `dst[j · ldd + i] = src[i · lds + j]` for `i, j < 16`. Only called where [`avx512`] holds; elsewhere

@@ -6,6 +6,8 @@
 
 use std::sync::OnceLock;
 
+use crate::error::{BeitError, Result};
+
 /// What the kernels may use on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuFeatures {
@@ -46,6 +48,26 @@ impl CpuFeatures {
         }
     }
 
+    /// Whether every feature in `self` is also in `other`.
+    pub fn within(self, other: CpuFeatures) -> bool {
+        (!self.avx2_fma || other.avx2_fma)
+            && (!self.avx512 || other.avx512)
+            && (!self.avx512_vnni || other.avx512_vnni)
+            && (!self.avx512_bf16 || other.avx512_bf16)
+    }
+
+    /// An error naming `kernel` unless this CPU has every feature in `self`: what a kernel called with
+    /// chosen features checks before running their code.
+    pub(crate) fn check(self, kernel: &str) -> Result<()> {
+        if self.within(hardware()) {
+            return Ok(());
+        }
+        Err(BeitError::unsupported(
+            kernel,
+            format!("asked to run with {self:?}, but this CPU has {:?}", hardware()),
+        ))
+    }
+
     /// These features less what `level` (`portable`, `avx2`, `avx512`, `avx512_vnni`; anything else: no cap)
     /// excludes.
     pub fn capped(self, level: &str) -> CpuFeatures {
@@ -59,16 +81,29 @@ impl CpuFeatures {
     }
 }
 
+/// What this CPU has, detected on first call: the most a kernel may be asked to use.
+pub fn hardware() -> CpuFeatures {
+    static HARDWARE: OnceLock<CpuFeatures> = OnceLock::new();
+    *HARDWARE.get_or_init(CpuFeatures::detect_hardware)
+}
+
 /// The features every kernel uses: the hardware's, capped by `BEIT_CPU`; detected on first call.
 pub fn features() -> CpuFeatures {
     static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
-    *FEATURES.get_or_init(|| {
-        let hw = CpuFeatures::detect_hardware();
-        match std::env::var("BEIT_CPU") {
-            Ok(level) => hw.capped(&level),
-            Err(_) => hw,
-        }
+    *FEATURES.get_or_init(|| match std::env::var("BEIT_CPU") {
+        Ok(level) => hardware().capped(&level),
+        Err(_) => hardware(),
     })
+}
+
+/// The versions of a kernel worth comparing in tests and benchmarks: the portable code, then what this
+/// process uses when that is wider.
+pub fn variants() -> Vec<CpuFeatures> {
+    let mut v = vec![CpuFeatures::PORTABLE];
+    if features() != CpuFeatures::PORTABLE {
+        v.push(features());
+    }
+    v
 }
 
 #[cfg(test)]
@@ -83,5 +118,7 @@ mod tests {
         assert!(!all.capped("avx512").avx512_vnni && all.capped("avx512").avx512);
         assert_eq!(CpuFeatures::PORTABLE.capped("avx512"), CpuFeatures::PORTABLE);
         assert_eq!(all.capped("anything else"), all);
+        assert!(CpuFeatures::PORTABLE.within(all) && all.capped("avx2").within(all) && !all.within(all.capped("avx512")));
+        assert!(CpuFeatures::PORTABLE.check("test").is_ok());
     }
 }

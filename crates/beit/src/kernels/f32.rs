@@ -30,10 +30,12 @@
 //! rows `< m` and columns `< n` of each `ldo`-strided row, so neighbouring columns (e.g. q, k, v side by
 //! side) are untouched.
 //!
-//! [`F32Kernel::Portable`] runs the same packing and tiles in plain Rust: the same sums in the same
-//! order, but with separate multiply and add (no FMA contraction), so it agrees up to float rounding.
+//! The kernel runs its AVX-512 code where [`cpu::features`] has `avx512`. The portable code runs the same
+//! packing and tiles in plain Rust: the same sums in the same order, but with separate multiply and add
+//! (no FMA contraction), so it agrees up to float rounding.
 
 use crate::error::{BeitError, Result};
+use crate::kernels::cpu::{self, CpuFeatures};
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -53,39 +55,6 @@ pub const NR: usize = 16 * NV;
 pub const KC: usize = 3072;
 /// Below this many multiply-adds a call runs on the calling thread: rayon's overhead would dominate.
 const PARALLEL_MIN_MACS: usize = 1 << 20;
-
-/// Which f32 GEMM runs. They agree up to float rounding (the AVX-512 one uses FMA).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum F32Kernel {
-    /// AVX-512 F: Intel Skylake-SP and later, AMD Zen 4 and later.
-    Avx512,
-    /// Plain Rust, any CPU.
-    Portable,
-}
-
-impl F32Kernel {
-    /// The fastest kernel this CPU supports (checked at run time).
-    pub fn detect() -> Self {
-        if F32Kernel::Avx512.is_available() {
-            F32Kernel::Avx512
-        } else {
-            F32Kernel::Portable
-        }
-    }
-
-    /// Whether this CPU can run the kernel.
-    pub fn is_available(self) -> bool {
-        match self {
-            F32Kernel::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            F32Kernel::Avx512 => {
-                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            F32Kernel::Avx512 => false,
-        }
-    }
-}
 
 /// 16 f32 on one cache line: the unit of the aligned buffers (a zmm load never straddles two lines).
 #[derive(Clone, Copy)]
@@ -134,7 +103,7 @@ fn shape_error(what: &str, message: String) -> BeitError {
 }
 
 /// A caller's function on each finished run of outputs: `(row, first_column, values)`.
-type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
+pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
 
 /// Weights packed once, for [`linear_packed`]: `[n.div_ceil(NR)][k][NR]`, i.e. for each panel of [`NR`]
 /// output channels the transpose of its rows (channels past `n` are zeros), 64-byte aligned. A tile's
@@ -221,7 +190,7 @@ impl PackedF32 {
                 Some(s)
             })
             .collect();
-        let kernel = F32Kernel::detect();
+        let kernel = cpu::features();
         let one = |(panel, dst): (usize, &mut [f32])| {
             let (c0, c1) = (panel * NR, ((panel + 1) * NR).min(n));
             for (p, &s) in parts.iter().zip(&starts) {
@@ -300,13 +269,14 @@ pub fn linear(
     out: &mut [f32],
     ldo: usize,
 ) -> Result<()> {
-    linear_using(F32Kernel::detect(), a, lda, m, w, n, k, bias, out, ldo)
+    linear_using(cpu::features(), a, lda, m, w, n, k, bias, out, ldo)
 }
 
-/// [`linear`] with a chosen kernel (for benchmarks and tests); fails if this CPU cannot run it.
+/// [`linear`] with the code `kernel` selects (AVX-512 where it has `avx512`; for benchmarks and tests);
+/// fails if this CPU lacks one of its features.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_using(
-    kernel: F32Kernel,
+    kernel: CpuFeatures,
     a: &[f32],
     lda: usize,
     m: usize,
@@ -317,7 +287,7 @@ pub fn linear_using(
     out: &mut [f32],
     ldo: usize,
 ) -> Result<()> {
-    check_kernel(kernel)?;
+    kernel.check("f32 linear")?;
     check_shapes(
         a.len(),
         lda,
@@ -356,7 +326,7 @@ pub fn linear_packed(
     out: &mut [f32],
     ldo: usize,
 ) -> Result<()> {
-    linear_packed_impl(F32Kernel::detect(), a, lda, m, w, bias, out, ldo, None)
+    linear_packed_impl(cpu::features(), a, lda, m, w, bias, out, ldo, None)
 }
 
 /// [`linear_packed`], then `epilogue(row, first_column, values)` on each finished run of at most [`NR`]
@@ -375,7 +345,7 @@ pub fn linear_packed_with<F: Fn(usize, usize, &mut [f32]) + Sync>(
     epilogue: F,
 ) -> Result<()> {
     linear_packed_impl(
-        F32Kernel::detect(),
+        cpu::features(),
         a,
         lda,
         m,
@@ -387,10 +357,10 @@ pub fn linear_packed_with<F: Fn(usize, usize, &mut [f32]) + Sync>(
     )
 }
 
-/// [`linear_packed`] with a chosen kernel (for benchmarks and tests); fails if this CPU cannot run it.
+/// [`linear_packed`] with the code `kernel` selects, as [`linear_using`].
 #[allow(clippy::too_many_arguments)]
 pub fn linear_packed_using(
-    kernel: F32Kernel,
+    kernel: CpuFeatures,
     a: &[f32],
     lda: usize,
     m: usize,
@@ -404,7 +374,7 @@ pub fn linear_packed_using(
 
 #[allow(clippy::too_many_arguments)]
 fn linear_packed_impl(
-    kernel: F32Kernel,
+    kernel: CpuFeatures,
     a: &[f32],
     lda: usize,
     m: usize,
@@ -414,7 +384,7 @@ fn linear_packed_impl(
     ldo: usize,
     epilogue: Option<Epilogue<'_>>,
 ) -> Result<()> {
-    check_kernel(kernel)?;
+    kernel.check("f32 linear")?;
     let (n, k) = (w.n, w.k);
     // n · k cannot overflow: the packed buffer holds at least that many values.
     check_shapes(
@@ -433,21 +403,11 @@ fn linear_packed_impl(
     Ok(())
 }
 
-fn check_kernel(kernel: F32Kernel) -> Result<()> {
-    if kernel.is_available() {
-        Ok(())
-    } else {
-        Err(shape_error(
-            "kernel",
-            format!("the {kernel:?} kernel is not supported by this CPU"),
-        ))
-    }
-}
 
 /// The GEMM on checked shapes.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
-    kernel: F32Kernel,
+    kernel: CpuFeatures,
     a: &[f32],
     lda: usize,
     m: usize,
@@ -628,7 +588,7 @@ pub(crate) fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
 /// Packs `w[c0 + j, k0 + kk]` for `j < cols`, `kk < kc` into `dst[kk · NR + j]`, zeros for `j ≥ cols`.
 #[allow(clippy::too_many_arguments)]
 fn pack_b(
-    kernel: F32Kernel,
+    kernel: CpuFeatures,
     w: &[f32],
     k: usize,
     c0: usize,
@@ -647,7 +607,7 @@ fn pack_b(
 /// become columns `j0..j0 + rows` of a `[kc][NR]` panel (the other columns are left as they are).
 #[allow(clippy::too_many_arguments)]
 fn pack_b_cols(
-    kernel: F32Kernel,
+    kernel: CpuFeatures,
     w: &[f32],
     k: usize,
     rows: usize,
@@ -656,10 +616,10 @@ fn pack_b_cols(
     dst: &mut [f32],
     j0: usize,
 ) {
-    match kernel {
+    match kernel.avx512 {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked (F32Kernel::is_available) that the CPU has AVX-512 F.
-        F32Kernel::Avx512 => unsafe { pack_b_cols_avx512(w, k, rows, k0, kc, dst, j0) },
+        // SAFETY: the caller checked (CpuFeatures::check) that the CPU has AVX-512.
+        true => unsafe { pack_b_cols_avx512(w, k, rows, k0, kc, dst, j0) },
         _ => pack_b_cols_portable(w, k, 0..rows, k0, kc, dst, j0),
     }
 }
@@ -733,7 +693,7 @@ unsafe fn pack_b_cols_avx512(
 }
 
 /// Runs every (M block, weight panel) task, in parallel on rayon's current pool when worthwhile.
-fn run(kernel: F32Kernel, job: &Job<'_>) {
+fn run(kernel: CpuFeatures, job: &Job<'_>) {
     let m_panels = job.m.div_ceil(MR);
     let n_panels = job.n.div_ceil(NR);
     let threads = rayon::current_num_threads();
@@ -759,7 +719,7 @@ fn run(kernel: F32Kernel, job: &Job<'_>) {
 }
 
 /// Row panels (of [`MR`] rows) `mps` times weight panel `panel`, over all of K.
-fn task(kernel: F32Kernel, job: &Job<'_>, mps: std::ops::Range<usize>, panel: usize) {
+fn task(kernel: CpuFeatures, job: &Job<'_>, mps: std::ops::Range<usize>, panel: usize) {
     let k = job.k;
     // Blocks of (nearly) equal size, so that none is a sliver.
     let blocks = k.div_ceil(KC);
@@ -803,11 +763,11 @@ fn task(kernel: F32Kernel, job: &Job<'_>, mps: std::ops::Range<usize>, panel: us
                 first: kb == 0,
                 bias,
             };
-            match kernel {
+            match kernel.avx512 {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: the caller checked that the CPU has AVX-512 F; `t` describes rows < m and
+                // SAFETY: the caller checked that the CPU has AVX-512; `t` describes rows < m and
                 // columns < n of the output, which belong to this task alone.
-                F32Kernel::Avx512 => unsafe { tile_avx512(&t) },
+                true => unsafe { tile_avx512(&t) },
                 _ => tile_portable(&t),
             }
             if let (true, Some(e)) = (last, job.epilogue) {
@@ -979,17 +939,8 @@ unsafe fn tile_avx512_rows<const R: usize>(t: &Tile<'_>) {
 mod tests {
     use super::*;
 
-    fn kernels() -> Vec<F32Kernel> {
-        let mut k = vec![F32Kernel::Portable];
-        if F32Kernel::Avx512.is_available() {
-            k.push(F32Kernel::Avx512);
-        } else {
-            static NOTE: std::sync::Once = std::sync::Once::new();
-            NOTE.call_once(|| {
-                eprintln!("note: this CPU has no AVX-512; only the portable kernel is tested")
-            });
-        }
-        k
+    fn kernels() -> Vec<CpuFeatures> {
+        cpu::variants()
     }
 
     fn same_bits(a: &[f32], b: &[f32]) -> bool {
@@ -999,7 +950,7 @@ mod tests {
     /// `m × n` outputs at stride `ldo` (the rest a sentinel), for `m × k` inputs at stride `lda`.
     #[allow(clippy::too_many_arguments)]
     fn run(
-        kernel: F32Kernel,
+        kernel: CpuFeatures,
         a: &[f32],
         lda: usize,
         m: usize,
@@ -1091,11 +1042,7 @@ mod tests {
             let bias = rng.symmetric_f32(n, 1.0);
             for kernel in kernels() {
                 let at = |threads: usize| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| run(kernel, &a, k, m, &w, n, k, Some(&bias), n))
+                    crate::kernels::on_threads(threads, || run(kernel, &a, k, m, &w, n, k, Some(&bias), n))
                 };
                 assert!(same_bits(&at(1), &at(3)), "{kernel:?} ({m}, {k}, {n})");
             }
@@ -1108,7 +1055,7 @@ mod tests {
         let (m, k, n) = (64, 300, 300);
         let w = rng.symmetric_f32(n * k, 1.0);
         let inputs: Vec<Vec<f32>> = (0..6).map(|_| rng.symmetric_f32(m * k, 1.0)).collect();
-        let kernel = F32Kernel::detect();
+        let kernel = cpu::features();
         let serial: Vec<Vec<f32>> = inputs
             .iter()
             .map(|a| run(kernel, a, k, m, &w, n, k, None, n))
@@ -1185,7 +1132,7 @@ mod tests {
     /// `linear_packed_using` into a sentinel-filled buffer, as `run` does for `linear_using`.
     #[allow(clippy::too_many_arguments)]
     fn run_packed(
-        kernel: F32Kernel,
+        kernel: CpuFeatures,
         a: &[f32],
         lda: usize,
         m: usize,
@@ -1223,11 +1170,7 @@ mod tests {
                     let a = rng.symmetric_f32(m * lda, 1.0);
                     for kernel in kernels() {
                         for threads in [1, 2] {
-                            let (want, got) = rayon::ThreadPoolBuilder::new()
-                                .num_threads(threads)
-                                .build()
-                                .unwrap()
-                                .install(|| {
+                            let (want, got) = crate::kernels::on_threads(threads, || {
                                     (
                                         run(kernel, &a, lda, m, &w, n, k, b, ldo),
                                         run_packed(kernel, &a, lda, m, &packed, b, ldo),
@@ -1258,11 +1201,7 @@ mod tests {
             let packed = PackedF32::pack(&w, n, k).unwrap();
             for kernel in kernels() {
                 let at = |threads: usize| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| {
+                    crate::kernels::on_threads(threads, || {
                             (
                                 run(kernel, &a, lda, m, &w, n, k, Some(&bias), ldo),
                                 run_packed(kernel, &a, lda, m, &packed, Some(&bias), ldo),
@@ -1309,11 +1248,7 @@ mod tests {
             let bias = rng.symmetric_f32(n, 1.0);
             for kernel in kernels() {
                 let at = |threads: usize| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| run_packed(kernel, &a, k, m, &w, Some(&bias), n))
+                    crate::kernels::on_threads(threads, || run_packed(kernel, &a, k, m, &w, Some(&bias), n))
                 };
                 let one = at(1);
                 assert!(same_bits(&one, &at(2)), "{kernel:?} ({m}, {k}, {n})");
@@ -1366,11 +1301,7 @@ mod tests {
                 *v = o;
             }
             for threads in [1, 2] {
-                let p = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| PackedF32::pack(&w, n, k).unwrap());
+                let p = crate::kernels::on_threads(threads, || PackedF32::pack(&w, n, k).unwrap());
                 assert!(same_bits(&p.unpack(), &w), "({n}, {k})");
                 assert_eq!(p.bytes(), n.div_ceil(NR) * NR * k * 4, "({n}, {k})");
             }
@@ -1401,7 +1332,7 @@ mod tests {
                     }
                 };
                 let mut fused = vec![f32::from_bits(0x7fc0_1234); m * ldo];
-                if kernel == F32Kernel::detect() {
+                if kernel == cpu::features() {
                     // The public entry point.
                     linear_packed_with(&a, k, m, &w, Some(&bias), &mut fused, ldo, epilogue)
                         .unwrap();

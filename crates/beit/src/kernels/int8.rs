@@ -37,11 +37,12 @@
 //! times a run of weight panels) run on rayon's current pool; every output element is computed by one
 //! task in a fixed order, so results do not depend on the thread count.
 //!
-//! [`Int8Kernel::Portable`] runs the same tiles in plain Rust (no intrinsics) and gives bit-identical
-//! results: identical integers, and the same f32 operations in the same order (no FMA contraction).
+//! The kernel runs its AVX-512 VNNI code where [`cpu::features`] has `avx512_vnni`. The portable code
+//! runs the same tiles in plain Rust (no intrinsics) and gives bit-identical results: identical integers, and the same f32 operations in the same order (no FMA contraction).
 //! Both quantize the activations identically too (IEEE division and round-half-to-even in both).
 
 use crate::error::{BeitError, Result};
+use crate::kernels::cpu::{self, CpuFeatures};
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -65,41 +66,6 @@ const A_BLOCK_BYTES: usize = 384 * 1024;
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 /// Per-thread activation scratch larger than this is freed after the call instead of kept.
 const SCRATCH_KEEP_BYTES: usize = 32 << 20;
-
-/// Which integer GEMM runs. Both give bit-identical outputs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Int8Kernel {
-    /// AVX-512 F/BW + VNNI (`vpdpbusd`): Intel Ice Lake / Sapphire Rapids and later, AMD Zen 4 and later.
-    Avx512Vnni,
-    /// Plain Rust, any CPU.
-    Portable,
-}
-
-impl Int8Kernel {
-    /// The fastest kernel this CPU supports (checked at run time).
-    pub fn detect() -> Self {
-        if Int8Kernel::Avx512Vnni.is_available() {
-            Int8Kernel::Avx512Vnni
-        } else {
-            Int8Kernel::Portable
-        }
-    }
-
-    /// Whether this CPU can run the kernel.
-    pub fn is_available(self) -> bool {
-        match self {
-            Int8Kernel::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Int8Kernel::Avx512Vnni => {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vnni")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            Int8Kernel::Avx512Vnni => false,
-        }
-    }
-}
 
 /// 64-byte aligned, zero-initialised bytes (one zmm load never straddles two cache lines).
 #[derive(Clone, Default)]
@@ -309,10 +275,12 @@ impl QuantizedLinear {
         })
     }
 
+    /// Output width.
     pub fn out_features(&self) -> usize {
         self.out_features
     }
 
+    /// Input width.
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -327,6 +295,7 @@ impl QuantizedLinear {
         &self.col_sums[..self.out_features]
     }
 
+    /// The bias, if any.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
@@ -354,7 +323,7 @@ impl QuantizedLinear {
     /// `out = x Wᵀ + b` for `x` of `rows × in_features` (row-major) into `out` of `rows × out_features`,
     /// with the fastest kernel this CPU has, on rayon's current thread pool.
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
-        self.forward_impl(Int8Kernel::detect(), x, rows, out, &|_, _, _| {})
+        self.forward_impl(cpu::features(), x, rows, out, &|_, _, _| {})
     }
 
     /// Like [`forward`](Self::forward), then `epilogue(row, first_column, values)` on each freshly
@@ -364,18 +333,13 @@ impl QuantizedLinear {
     where
         F: Fn(usize, usize, &mut [f32]) + Sync,
     {
-        self.forward_impl(Int8Kernel::detect(), x, rows, out, &epilogue)
+        self.forward_impl(cpu::features(), x, rows, out, &epilogue)
     }
 
-    /// [`forward`](Self::forward) with a chosen kernel (for benchmarks and tests); fails if this CPU
-    /// cannot run it.
-    pub fn forward_using(&self, kernel: Int8Kernel, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
-        if !kernel.is_available() {
-            return Err(BeitError::unsupported(
-                "QuantizedLinear",
-                format!("the {kernel:?} kernel is not supported by this CPU"),
-            ));
-        }
+    /// [`forward`](Self::forward) with the code `kernel` selects (AVX-512 VNNI where it has `avx512_vnni`;
+    /// for benchmarks and tests); fails if this CPU lacks one of its features.
+    pub fn forward_using(&self, kernel: CpuFeatures, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
+        kernel.check("QuantizedLinear")?;
         self.forward_impl(kernel, x, rows, out, &|_, _, _| {})
     }
 
@@ -400,7 +364,7 @@ impl QuantizedLinear {
         Ok(())
     }
 
-    fn forward_impl<F>(&self, kernel: Int8Kernel, x: &[f32], rows: usize, out: &mut [f32], epilogue: &F) -> Result<()>
+    fn forward_impl<F>(&self, kernel: CpuFeatures, x: &[f32], rows: usize, out: &mut [f32], epilogue: &F) -> Result<()>
     where
         F: Fn(usize, usize, &mut [f32]) + Sync,
     {
@@ -423,7 +387,7 @@ impl QuantizedLinear {
         self.in_features.next_multiple_of(64)
     }
 
-    fn quantize_activations(&self, kernel: Int8Kernel, x: &[f32], rows: usize, s: &mut Scratch) {
+    fn quantize_activations(&self, kernel: CpuFeatures, x: &[f32], rows: usize, s: &mut Scratch) {
         let (k, lda) = (self.in_features, self.lda());
         let rows_padded = rows.next_multiple_of(MR);
         s.codes.ensure(rows_padded * lda);
@@ -468,7 +432,7 @@ impl QuantizedLinear {
     }
 
     /// Runs every (row panel, weight panel) tile, in parallel on rayon's current pool when worthwhile.
-    fn run<const RAW: bool, F>(&self, kernel: Int8Kernel, g: &Gemm<'_>, epilogue: &F)
+    fn run<const RAW: bool, F>(&self, kernel: CpuFeatures, g: &Gemm<'_>, epilogue: &F)
     where
         F: Fn(usize, usize, &mut [f32]) + Sync,
     {
@@ -515,7 +479,7 @@ impl QuantizedLinear {
     /// The quantized activations and the raw i32 accumulators `Σ_k xq[r, k] · wq[c, k]` (rows × out,
     /// row-major) with the given kernel, plus the per-row scales and zero points: for tests.
     #[cfg(test)]
-    fn accumulators(&self, kernel: Int8Kernel, x: &[f32], rows: usize) -> (Vec<u8>, Vec<i32>, Vec<f32>, Vec<i32>) {
+    fn accumulators(&self, kernel: CpuFeatures, x: &[f32], rows: usize) -> (Vec<u8>, Vec<i32>, Vec<f32>, Vec<i32>) {
         let mut s = Scratch::default();
         self.quantize_activations(kernel, x, rows, &mut s);
         let mut acc = vec![0i32; rows * self.out_features];
@@ -541,11 +505,11 @@ fn row_params(min: f32, max: f32) -> Option<(f32, i32)> {
 
 /// Quantizes one row of `x` into `dst` (`dst.len() >= x.len()`, the rest is zeroed); returns its scale
 /// (0 for an all-zero row, NaN for a row with a non-finite value) and zero point.
-fn quantize_row(kernel: Int8Kernel, x: &[f32], dst: &mut [u8]) -> (f32, i32) {
-    match kernel {
+fn quantize_row(kernel: CpuFeatures, x: &[f32], dst: &mut [u8]) -> (f32, i32) {
+    match kernel.avx512_vnni {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked (Int8Kernel::is_available) that the CPU has AVX-512 F and BW.
-        Int8Kernel::Avx512Vnni => unsafe { quantize_row_avx512(x, dst) },
+        // SAFETY: the caller checked (CpuFeatures::check) that the CPU has AVX-512 with VNNI.
+        true => unsafe { quantize_row_avx512(x, dst) },
         _ => quantize_row_portable(x, dst),
     }
 }
@@ -621,11 +585,11 @@ unsafe fn quantize_row_avx512(x: &[f32], dst: &mut [u8]) -> (f32, i32) {
 }
 
 #[inline]
-fn tile<const RAW: bool>(kernel: Int8Kernel, g: &Gemm<'_>, row0: usize, panel: usize) {
-    match kernel {
+fn tile<const RAW: bool>(kernel: CpuFeatures, g: &Gemm<'_>, row0: usize, panel: usize) {
+    match kernel.avx512_vnni {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked that the CPU has AVX-512 F, BW and VNNI; row0 and panel are in range.
-        Int8Kernel::Avx512Vnni => unsafe { tile_vnni::<RAW>(g, row0, panel) },
+        true => unsafe { tile_vnni::<RAW>(g, row0, panel) },
         _ => tile_portable::<RAW>(g, row0, panel),
     }
 }
@@ -763,15 +727,8 @@ mod tests {
     use super::*;
 
 
-    fn kernels() -> Vec<Int8Kernel> {
-        let mut k = vec![Int8Kernel::Portable];
-        if Int8Kernel::Avx512Vnni.is_available() {
-            k.push(Int8Kernel::Avx512Vnni);
-        } else {
-            static NOTE: std::sync::Once = std::sync::Once::new();
-            NOTE.call_once(|| eprintln!("note: this CPU has no AVX-512 VNNI; only the portable kernel is tested"));
-        }
-        k
+    fn kernels() -> Vec<CpuFeatures> {
+        cpu::variants()
     }
 
     /// Σ_k codes[r, k] · wq[c, k], straight from the definition (no packing, no tiles).
@@ -787,7 +744,7 @@ mod tests {
         acc
     }
 
-    fn run(q: &QuantizedLinear, kernel: Int8Kernel, x: &[f32], rows: usize) -> Vec<f32> {
+    fn run(q: &QuantizedLinear, kernel: CpuFeatures, x: &[f32], rows: usize) -> Vec<f32> {
         let mut out = vec![0f32; rows * q.out_features()];
         q.forward_using(kernel, x, rows, &mut out).unwrap();
         out
@@ -983,9 +940,9 @@ mod tests {
         let x = rng.symmetric_f32(rows * k, 1.0);
         for kernel in kernels() {
             let one =
-                rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| run(&q, kernel, &x, rows));
+                crate::kernels::on_threads(1, || run(&q, kernel, &x, rows));
             let three =
-                rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| run(&q, kernel, &x, rows));
+                crate::kernels::on_threads(3, || run(&q, kernel, &x, rows));
             assert!(same_bits(&one, &three));
         }
     }
@@ -996,9 +953,9 @@ mod tests {
         let (rows, n, k) = (64, 300, 256);
         let q = QuantizedLinear::quantize(&rng.symmetric_f32(n * k, 1.0), n, k, None).unwrap();
         let inputs: Vec<Vec<f32>> = (0..6).map(|_| rng.symmetric_f32(rows * k, 1.0)).collect();
-        let serial: Vec<Vec<f32>> = inputs.iter().map(|x| run(&q, Int8Kernel::detect(), x, rows)).collect();
+        let serial: Vec<Vec<f32>> = inputs.iter().map(|x| run(&q, cpu::features(), x, rows)).collect();
         // Each call runs inside a rayon task and itself fans out on the same pool.
-        let parallel: Vec<Vec<f32>> = inputs.par_iter().map(|x| run(&q, Int8Kernel::detect(), x, rows)).collect();
+        let parallel: Vec<Vec<f32>> = inputs.par_iter().map(|x| run(&q, cpu::features(), x, rows)).collect();
         for (a, b) in serial.iter().zip(&parallel) {
             assert!(same_bits(a, b));
         }
@@ -1091,7 +1048,7 @@ mod perf_probe {
             let q = QuantizedLinear::quantize(&w, n, k, None).unwrap();
             let mut s = Scratch::default();
             let mut out = vec![0f32; rows * n];
-            q.quantize_activations(Int8Kernel::Avx512Vnni, &x, rows, &mut s);
+            q.quantize_activations(cpu::hardware(), &x, rows, &mut s);
             let g = q.gemm_args(&s, rows, out.as_mut_ptr(), std::ptr::null_mut());
             let t = min_time(300, || unsafe { tile_vnni::<false>(&g, 0, 0) });
             println!("tile K={k:5}: {:6.1} G/s", 2.0 * (rows * n * k) as f64 / t / 1e9);
@@ -1113,7 +1070,7 @@ mod perf_probe {
     #[test]
     #[ignore]
     fn perf_probe() {
-        let kernel = Int8Kernel::detect();
+        let kernel = cpu::features();
         let threads: usize = std::env::var("PROBE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {

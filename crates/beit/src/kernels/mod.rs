@@ -1,17 +1,33 @@
-//! Hand-written CPU kernels for what candle does not offer.
+//! Hand-written CPU kernels for what candle does not offer, and the element-wise maths the fused encoder
+//! (model/fused.rs) and the layers in nn.rs run on slices.
 //!
+//! - [`cpu`]: the CPU's features, detected once (`BEIT_CPU` caps them); every kernel picks its code from
+//!   [`cpu::features`], and the `*_using` functions take chosen features for tests and benchmarks.
+//! - [`math`]: exp, erf and torch's exact GELU, softmax, LayerNorm over f32 slices, one of each.
+//! - [`view`]: a candle tensor borrowed as an f32 slice.
+//! - [`f32`]: an f32 Linear on PyTorch-layout weights, packed once ([`f32::PackedF32`]) or per call;
+//!   AVX-512 or portable.
 //! - [`int8`]: dynamically quantized Linear layers (int8 per-output-channel weights, uint8 per-row
 //!   activations quantized on the fly), the scheme of onnxruntime's `quantize_dynamic`, with an AVX-512
-//!   VNNI GEMM selected at run time and a portable fallback that gives the same integers.
-//! - [`f32`]: an f32 Linear on PyTorch-layout weights (no packed copy kept), AVX-512 or portable.
+//!   VNNI GEMM and a portable one that gives the same integers.
+//! - [`attention`]: multi-head attention from a fused qkv buffer with relative position biases; AVX-512
+//!   tiles, or the `gemm` crate's matmuls on CPUs without AVX-512.
+//! - [`conv`]: the segmentation head's convolutions at inference (packed weights, Winograd 3×3, 1×1 as
+//!   GEMM, ConvTranspose2d with kernel = stride).
 //!
-//! Every kernel here is selected at run time (`is_x86_feature_detected!`), never through global
-//! `target-cpu` flags, so one binary runs on any x86-64 (and non-x86) CPU.
+//! Every kernel is selected at run time, never through global `target-cpu` flags, so one binary runs on
+//! any x86-64 (and non-x86) CPU.
 
 pub mod attention;
-pub mod cpu;
 pub mod conv;
+pub mod cpu;
 pub mod f32;
 pub mod int8;
+pub mod math;
+pub mod view;
 
-pub use int8::{Int8Kernel, QuantizedLinear};
+/// `f` on a rayon pool of `threads` threads: the kernels' results must not depend on the count.
+#[cfg(test)]
+pub(crate) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+}

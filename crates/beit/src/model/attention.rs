@@ -1,43 +1,48 @@
 //! BeitSelfAttention, BeitSelfOutput and BeitAttention: multi-head attention with query and value biases and
 //! no key bias (as in the checkpoints), plus the relative position bias.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 
 use crate::config::BeitConfig;
 use crate::error::Result;
 use crate::model::relative_position::BeitRelativePositionBias;
-use crate::kernels::int8::QuantizedLinear;
 use crate::nn::{dropout, softmax_last_dim, InferenceDtype, Linear, Mode};
 use crate::weights::Weights;
 
 /// What one attention call needs besides the hidden states.
 pub struct AttentionInputs<'a> {
+    /// [heads] or [layers, heads]: 1 keeps a head, 0 masks it.
     pub head_mask: Option<&'a Tensor>,
+    /// Return every layer's attention probabilities.
     pub output_attentions: bool,
+    /// The encoder's shared relative position bias, when the config uses one.
     pub shared_relative_position_bias: Option<&'a Tensor>,
+    /// Interpolate the position embeddings and relative position tables to the input's patch grid.
     pub interpolate_pos_encoding: bool,
     /// Patch grid of the current input.
     pub window: (usize, usize),
+    /// Training or inference.
     pub mode: Mode,
 }
 
+/// BeitSelfAttention: multi-head attention with the optional relative position bias.
 #[derive(Debug, Clone)]
 pub struct BeitSelfAttention {
+    /// `query`
     pub query: Linear,
+    /// `key` (no bias, as in BEiT)
     pub key: Linear,
+    /// `value`
     pub value: Linear,
+    /// This layer's own relative position bias (`use_relative_position_bias`).
     pub relative_position_bias: Option<BeitRelativePositionBias>,
-    /// int8 inference only: query, key and value quantized as one (3 hidden, hidden) matrix, so the fast path
-    /// makes one call with three times the columns.
-    pub fused_qkv_int8: Option<Arc<QuantizedLinear>>,
     num_attention_heads: usize,
     attention_head_size: usize,
     attention_probs_dropout_prob: f64,
 }
 
 impl BeitSelfAttention {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, window_size: Option<(usize, usize)>) -> Result<Self> {
         let d = c.hidden_size;
         let std = c.initializer_range;
@@ -49,40 +54,26 @@ impl BeitSelfAttention {
                 Some(ws) => Some(BeitRelativePositionBias::load(&w.pp("relative_position_bias"), c, ws)?),
                 None => None,
             },
-            fused_qkv_int8: None,
             num_attention_heads: c.num_attention_heads,
             attention_head_size: c.head_dim(),
             attention_probs_dropout_prob: c.attention_probs_dropout_prob,
         })
     }
 
-    /// CPU inference (see [`Linear::prepare_inference`]); with int8, q, k and v are also quantized as one
-    /// fused matrix.
+    /// CPU inference for query, key and value (see [`Linear::prepare_inference`]).
     pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
-        if dtype == InferenceDtype::Int8 && self.fused_qkv_int8.is_none() {
-            let (q, k, v) = (self.query.weight()?, self.key.weight()?, self.value.weight()?);
-            if q.device().is_cpu() {
-                let d = self.query.in_features();
-                let weight = Tensor::cat(&[&q, &k, &v], 0)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let zeros = Tensor::zeros(d, candle_core::DType::F32, q.device())?;
-                let bias = |l: &Linear| l.bias.clone().unwrap_or_else(|| zeros.clone());
-                let bias = Tensor::cat(&[bias(&self.query), bias(&self.key), bias(&self.value)], 0)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?;
-                let n = weight.len() / d.max(1);
-                self.fused_qkv_int8 = Some(Arc::new(QuantizedLinear::quantize(&weight, n, d, Some(&bias))?));
-            }
-        }
         for l in [&mut self.query, &mut self.key, &mut self.value] {
             l.prepare_inference(dtype)?;
         }
         Ok(())
     }
 
+    /// Number of heads.
     pub fn num_attention_heads(&self) -> usize {
         self.num_attention_heads
     }
 
+    /// Width of one head.
     pub fn attention_head_size(&self) -> usize {
         self.attention_head_size
     }
@@ -112,13 +103,16 @@ impl BeitSelfAttention {
     }
 }
 
+/// BeitSelfOutput: the attention's output projection (dropout after it).
 #[derive(Debug, Clone)]
 pub struct BeitSelfOutput {
+    /// The Linear layer (`dense`).
     pub dense: Linear,
     hidden_dropout_prob: f64,
 }
 
 impl BeitSelfOutput {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         Ok(BeitSelfOutput {
             dense: Linear::load(&w.pp("dense"), c.hidden_size, c.hidden_size, true, c.initializer_range)?,
@@ -126,18 +120,23 @@ impl BeitSelfOutput {
         })
     }
 
+    /// The module's forward pass.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         dropout(&self.dense.forward(x)?, self.hidden_dropout_prob, mode)
     }
 }
 
+/// BeitAttention: self-attention and its output projection.
 #[derive(Debug, Clone)]
 pub struct BeitAttention {
+    /// `attention`
     pub attention: BeitSelfAttention,
+    /// `output`
     pub output: BeitSelfOutput,
 }
 
 impl BeitAttention {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, window_size: Option<(usize, usize)>) -> Result<Self> {
         Ok(BeitAttention {
             attention: BeitSelfAttention::load(&w.pp("attention"), c, window_size)?,
@@ -145,6 +144,7 @@ impl BeitAttention {
         })
     }
 
+    /// The module's forward pass.
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
         let (context, probs) = self.attention.forward(x, a)?;
         Ok((self.output.forward(&context, a.mode)?, probs))

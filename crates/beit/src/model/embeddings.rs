@@ -8,14 +8,19 @@ use crate::nn::{dropout, Conv2d, Mode};
 use crate::ops::interpolate_bicubic;
 use crate::weights::{Init, Weights};
 
+/// BeitPatchEmbeddings: a strided convolution from pixels to one vector per patch.
 #[derive(Debug, Clone)]
 pub struct BeitPatchEmbeddings {
+    /// `projection`
     pub projection: Conv2d,
+    /// Input channels.
     pub num_channels: usize,
+    /// Patch size in pixels.
     pub patch_size: (usize, usize),
 }
 
 impl BeitPatchEmbeddings {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         let (ph, pw) = (c.patch_size.height, c.patch_size.width);
         let p = w.pp("projection");
@@ -53,17 +58,24 @@ impl BeitPatchEmbeddings {
     }
 }
 
+/// BeitEmbeddings: CLS token, patch embeddings, mask token and position embeddings.
 #[derive(Debug, Clone)]
 pub struct BeitEmbeddings {
+    /// (1, 1, hidden)
     pub cls_token: Tensor,
+    /// (1, 1, hidden), when the model is built for masked image modeling.
     pub mask_token: Option<Tensor>,
+    /// `patch_embeddings`
     pub patch_embeddings: BeitPatchEmbeddings,
+    /// (1, patches + 1, hidden), when `use_absolute_position_embeddings`.
     pub position_embeddings: Option<Tensor>,
+    /// Patch size in pixels.
     pub patch_size: usize,
     hidden_dropout_prob: f64,
 }
 
 impl BeitEmbeddings {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         let d = c.hidden_size;
         let (gh, gw) = c.patch_grid();
@@ -103,6 +115,7 @@ impl BeitEmbeddings {
         Ok(Tensor::cat(&[&class_pos, &patch_pos], 1)?)
     }
 
+    /// Embeds `pixel_values`, replacing masked patches by the mask token.
     pub fn forward(
         &self,
         pixel_values: &Tensor,

@@ -4,37 +4,65 @@ use candle_core::Tensor;
 
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
+use std::sync::Arc;
+
 use crate::model::attention::AttentionInputs;
+use crate::model::fused::{FusedEncoder, FusedInputs};
 use crate::model::layer::BeitLayer;
 use crate::model::relative_position::BeitRelativePositionBias;
-use crate::nn::{InferenceDtype, Mode};
+use crate::model::{Inference, InferencePath};
+use crate::nn::Mode;
 use crate::weights::Weights;
 
+/// The stack of BeitLayers (transformers' BeitEncoder).
 #[derive(Debug, Clone)]
 pub struct BeitEncoder {
+    /// The bias every layer shares, with use_shared_relative_position_bias.
     pub relative_position_bias: Option<BeitRelativePositionBias>,
+    /// The layers, in order.
     pub layer: Vec<BeitLayer>,
+    /// Built by [`prepare_inference`](Self::prepare_inference) on the fused path: the layers over f32 slices,
+    /// with their packed weights.
+    fused: Option<Arc<FusedEncoder>>,
 }
 
 /// What the encoder returns: the last hidden state and, when asked, every layer's input and attentions.
 #[derive(Debug, Clone)]
 pub struct BeitEncoderOutput {
+    /// (batch, tokens, hidden): the last layer's output (after the final LayerNorm unless mean pooling).
     pub last_hidden_state: Tensor,
+    /// The embeddings' output and every layer's output, when asked for.
     pub hidden_states: Option<Vec<Tensor>>,
+    /// Every layer's attention probabilities (batch, heads, tokens, tokens), when asked for.
     pub attentions: Option<Vec<Tensor>>,
 }
 
+/// What one encoder call needs besides the hidden states.
 pub struct EncoderInputs<'a> {
+    /// [heads] or [layers, heads]: 1 keeps a head, 0 masks it.
     pub head_mask: Option<&'a Tensor>,
+    /// Return every layer's attention probabilities.
     pub output_attentions: bool,
+    /// Return the embeddings' output and every layer's output.
     pub output_hidden_states: bool,
+    /// Interpolate the position embeddings and relative position tables to the input's patch grid.
     pub interpolate_pos_encoding: bool,
     /// Input resolution in pixels.
     pub resolution: (usize, usize),
+    /// Training or inference.
     pub mode: Mode,
 }
 
+impl EncoderInputs<'_> {
+    /// Whether the fused encoder, when built, computes what this call asks for: it has no backward pass, no
+    /// head mask, and never forms the attention probabilities as tensors. The one place that decides.
+    pub fn fused_applies(&self) -> bool {
+        !self.mode.train && self.head_mask.is_none() && !self.output_attentions
+    }
+}
+
 impl BeitEncoder {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         let window = c.patch_grid();
         let relative_position_bias = if c.use_shared_relative_position_bias {
@@ -50,13 +78,29 @@ impl BeitEncoder {
                 BeitLayer::load(&w.pp(format!("layer.{i}")), c, c.use_relative_position_bias.then_some(window), dpr)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(BeitEncoder { relative_position_bias, layer })
+        Ok(BeitEncoder { relative_position_bias, layer, fused: None })
     }
 
-    /// CPU inference for every layer's Linear layers (see [`Linear::prepare_inference`]).
-    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
+    /// CPU inference: every layer's Linear weights packed or quantized (see
+    /// [`Linear::prepare_inference`](crate::nn::Linear::prepare_inference)) and, on the fused path, the fused
+    /// encoder built from them, which then runs every call it applies to
+    /// ([`EncoderInputs::fused_applies`]). Weights off the CPU stay as they are, and run the generic path.
+    pub fn prepare_inference(&mut self, inference: impl Into<Inference>) -> Result<()> {
         use rayon::prelude::*;
-        self.layer.par_iter_mut().try_for_each(|l| l.prepare_inference(dtype))
+        let Inference { dtype, path } = inference.into();
+        self.fused = match path {
+            InferencePath::Fused => FusedEncoder::prepare(&mut self.layer, dtype)?.map(Arc::new),
+            InferencePath::Generic => {
+                self.layer.par_iter_mut().try_for_each(|l| l.prepare_inference(dtype))?;
+                None
+            }
+        };
+        Ok(())
+    }
+
+    /// Whether [`prepare_inference`](Self::prepare_inference) built the fused encoder.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
     }
 
     /// head_mask as transformers takes it ([heads] for every layer, or [layers, heads]) -> one (1, heads, 1, 1)
@@ -78,6 +122,7 @@ impl BeitEncoder {
         per_layer.into_iter().map(|t| Ok(Some(t.reshape((1, heads, 1, 1))?))).collect()
     }
 
+    /// Runs every layer on the embeddings `x`, fused or autograd as the call's options allow.
     pub fn forward(&self, x: &Tensor, e: &EncoderInputs, heads: usize, patch_size: usize) -> Result<BeitEncoderOutput> {
         let window = (e.resolution.0 / patch_size, e.resolution.1 / patch_size);
         let n = x.dim(1)?;
@@ -85,6 +130,17 @@ impl BeitEncoder {
             Some(rpb) => Some(rpb.forward(window, e.interpolate_pos_encoding, n, e.mode)?),
             None => None,
         };
+        if let (Some(fused), true) = (&self.fused, e.fused_applies()) {
+            let a = FusedInputs {
+                shared_relative_position_bias: shared.as_ref(),
+                interpolate_pos_encoding: e.interpolate_pos_encoding,
+                window,
+                mode: e.mode,
+                output_hidden_states: e.output_hidden_states,
+            };
+            let (last_hidden_state, hidden_states) = fused.forward(x, &a)?;
+            return Ok(BeitEncoderOutput { last_hidden_state, hidden_states, attentions: None });
+        }
         let head_masks = self.layer_head_masks(e.head_mask, heads)?;
         let mut hidden_states = e.output_hidden_states.then(Vec::new);
         let mut attentions = e.output_attentions.then(Vec::new);

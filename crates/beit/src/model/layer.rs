@@ -8,13 +8,16 @@ use crate::model::attention::{AttentionInputs, BeitAttention};
 use crate::nn::{activation, drop_path, dropout, InferenceDtype, LayerNorm, Linear, Mode};
 use crate::weights::{Init, Weights};
 
+/// BeitIntermediate: Linear to `intermediate_size`, then the activation.
 #[derive(Debug, Clone)]
 pub struct BeitIntermediate {
+    /// The Linear layer (`dense`).
     pub dense: Linear,
     act: HiddenAct,
 }
 
 impl BeitIntermediate {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         Ok(BeitIntermediate {
             dense: Linear::load(&w.pp("dense"), c.hidden_size, c.intermediate_size, true, c.initializer_range)?,
@@ -22,22 +25,27 @@ impl BeitIntermediate {
         })
     }
 
+    /// The activation function.
     pub fn act(&self) -> HiddenAct {
         self.act
     }
 
+    /// The module's forward pass.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         activation(self.act, &self.dense.forward(x)?)
     }
 }
 
+/// BeitOutput: Linear back to `hidden_size` (dropout after it).
 #[derive(Debug, Clone)]
 pub struct BeitOutput {
+    /// The Linear layer (`dense`).
     pub dense: Linear,
     hidden_dropout_prob: f64,
 }
 
 impl BeitOutput {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         Ok(BeitOutput {
             dense: Linear::load(&w.pp("dense"), c.intermediate_size, c.hidden_size, true, c.initializer_range)?,
@@ -45,25 +53,35 @@ impl BeitOutput {
         })
     }
 
+    /// The module's forward pass.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         dropout(&self.dense.forward(x)?, self.hidden_dropout_prob, mode)
     }
 }
 
+/// BeitLayer: pre-norm attention and MLP blocks with layer scale and drop path.
 #[derive(Debug, Clone)]
 pub struct BeitLayer {
+    /// `attention`
     pub attention: BeitAttention,
+    /// `intermediate`
     pub intermediate: BeitIntermediate,
+    /// `output`
     pub output: BeitOutput,
+    /// LayerNorm before attention.
     pub layernorm_before: LayerNorm,
+    /// LayerNorm before the MLP.
     pub layernorm_after: LayerNorm,
     /// Layer scale; absent when layer_scale_init_value is 0.
     pub lambda_1: Option<Tensor>,
+    /// Layer scale of the MLP block (`layer_scale_init_value` > 0).
     pub lambda_2: Option<Tensor>,
+    /// Stochastic depth rate of this layer.
     pub drop_path_rate: f64,
 }
 
 impl BeitLayer {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, window_size: Option<(usize, usize)>, drop_path_rate: f64) -> Result<Self> {
         let d = c.hidden_size;
         let (lambda_1, lambda_2) = if c.layer_scale_init_value > 0.0 {
@@ -92,10 +110,8 @@ impl BeitLayer {
         self.output.dense.prepare_inference(dtype)
     }
 
+    /// The module's forward pass.
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
-        if let Some(y) = crate::model::fast_path::layer_forward(self, x, a)? {
-            return Ok((y, None));
-        }
         let (mut attn, probs) = self.attention.forward(&self.layernorm_before.forward(x, a.mode)?, a)?;
         if let Some(l1) = &self.lambda_1 {
             attn = attn.broadcast_mul(l1)?;

@@ -3,7 +3,7 @@
 pub mod attention;
 pub mod embeddings;
 pub mod encoder;
-pub(crate) mod fast_path;
+pub(crate) mod fused;
 pub mod layer;
 pub mod relative_position;
 
@@ -16,6 +16,33 @@ use crate::weights::Weights;
 use embeddings::BeitEmbeddings;
 use encoder::{BeitEncoder, EncoderInputs};
 
+/// How a model prepared for CPU inference runs its encoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InferencePath {
+    /// The fused CPU encoder (model/fused.rs), built once when the model is prepared: every call without a
+    /// head mask or attention outputs runs it.
+    #[default]
+    Fused,
+    /// candle op by op, as training runs it: the baseline of performance comparisons.
+    Generic,
+}
+
+/// What preparing a model for CPU inference does: the number format of the encoder's Linear layers, and the
+/// path its forward takes. An [`InferenceDtype`] alone means the fused path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Inference {
+    /// The Linear layers' number format.
+    pub dtype: InferenceDtype,
+    /// Fused or generic.
+    pub path: InferencePath,
+}
+
+impl From<InferenceDtype> for Inference {
+    fn from(dtype: InferenceDtype) -> Self {
+        Inference { dtype, path: InferencePath::Fused }
+    }
+}
+
 /// The inputs of a forward pass besides pixel values, with transformers' argument names.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardOptions {
@@ -23,21 +50,30 @@ pub struct ForwardOptions {
     pub bool_masked_pos: Option<Tensor>,
     /// [heads] or [layers, heads]: 1 keeps a head, 0 masks it.
     pub head_mask: Option<Tensor>,
+    /// Return the embeddings' output and every layer's output.
     pub output_hidden_states: bool,
+    /// Return every layer's attention probabilities.
     pub output_attentions: bool,
+    /// Interpolate the position embeddings and relative position tables to the input's patch grid.
     pub interpolate_pos_encoding: bool,
+    /// Training (dropout, drop path, gradients) or inference.
     pub mode: Mode,
 }
 
 /// BeitModelOutputWithPooling.
 #[derive(Debug, Clone)]
 pub struct BeitModelOutput {
+    /// (batch, tokens, hidden): the last layer's output (after the final LayerNorm unless mean pooling).
     pub last_hidden_state: Tensor,
+    /// (batch, hidden): the pooler's output, when the model has a pooler.
     pub pooler_output: Option<Tensor>,
+    /// The embeddings' output and every layer's output, when asked for.
     pub hidden_states: Option<Vec<Tensor>>,
+    /// Every layer's attention probabilities (batch, heads, tokens, tokens), when asked for.
     pub attentions: Option<Vec<Tensor>>,
 }
 
+/// BeitPooler: the mean of the patch tokens through a LayerNorm, or the CLS token.
 #[derive(Debug, Clone)]
 pub struct BeitPooler {
     /// Present with use_mean_pooling: LayerNorm of the mean patch token; otherwise the CLS token is the output.
@@ -45,6 +81,7 @@ pub struct BeitPooler {
 }
 
 impl BeitPooler {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         Ok(BeitPooler {
             layernorm: if c.use_mean_pooling {
@@ -55,6 +92,7 @@ impl BeitPooler {
         })
     }
 
+    /// The pooled output of the last hidden state.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match &self.layernorm {
             Some(ln) => {
@@ -66,23 +104,30 @@ impl BeitPooler {
     }
 }
 
+/// transformers' BeitModel: embeddings, encoder, final LayerNorm (unless mean pooling) and an optional pooler.
 #[derive(Debug, Clone)]
 pub struct BeitModel {
+    /// The configuration it was built from.
     pub config: BeitConfig,
+    /// `embeddings`
     pub embeddings: BeitEmbeddings,
+    /// `encoder`
     pub encoder: BeitEncoder,
     /// Identity with mean pooling.
     pub layernorm: Option<LayerNorm>,
+    /// `pooler`, when built with one.
     pub pooler: Option<BeitPooler>,
 }
 
 impl BeitModel {
     /// CPU inference for the encoder's Linear layers: packed f32 or int8 (what onnxruntime's quantize_dynamic
-    /// quantizes, less the small head); the patch embedding and the heads stay as loaded.
-    pub fn prepare_inference(&mut self, dtype: InferenceDtype) -> Result<()> {
-        self.encoder.prepare_inference(dtype)
+    /// quantizes, less the small head), and the fused encoder unless `inference` asks for the generic path
+    /// (see [`BeitEncoder::prepare_inference`]); the patch embedding and the heads stay as loaded.
+    pub fn prepare_inference(&mut self, inference: impl Into<Inference>) -> Result<()> {
+        self.encoder.prepare_inference(inference)
     }
 
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, add_pooling_layer: bool) -> Result<Self> {
         c.validate()?;
         Ok(BeitModel {
@@ -98,6 +143,7 @@ impl BeitModel {
         })
     }
 
+    /// The hidden states of `pixel_values` (batch, channels, height, width); `o` says what else to return.
     pub fn forward(&self, pixel_values: &Tensor, o: &ForwardOptions) -> Result<BeitModelOutput> {
         let pixel_values = check_pixel_values(pixel_values)?;
         let (_, _, h, w) = pixel_values.dims4()?;

@@ -13,9 +13,12 @@ use crate::nn::Mode;
 use crate::ops::interpolate_bilinear;
 use crate::weights::{Init, Weights};
 
+/// BeitRelativePositionBias: a learned bias per head for every relative offset of two patches (and the CLS token).
 #[derive(Debug, Clone)]
 pub struct BeitRelativePositionBias {
+    /// ((2h - 1)(2w - 1) + 3, heads)
     pub relative_position_bias_table: Tensor,
+    /// The patch grid the table was trained for.
     pub window_size: (usize, usize),
     num_heads: usize,
     /// (window, interpolated dim) -> (1, heads, N+1, N+1), inference only.
@@ -49,6 +52,7 @@ pub fn relative_position_index(window: (usize, usize)) -> Vec<u32> {
 }
 
 impl BeitRelativePositionBias {
+    /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, window_size: (usize, usize)) -> Result<Self> {
         let num_relative_distance = (2 * window_size.0 - 1) * (2 * window_size.1 - 1) + 3;
         Ok(BeitRelativePositionBias {

@@ -7,15 +7,22 @@
 
 /// Decoded pixels: `channels` is 1 (gray, PIL mode "L") or 3 (RGB).
 pub struct Decoded {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
+    /// 1 or 3.
     pub channels: usize,
+    /// Row-major, `channels` bytes a pixel.
     pub pixels: Vec<u8>,
 }
 
+/// Why a JPEG could not be decoded.
 #[derive(Debug)]
 pub enum JpegError {
+    /// Larger than the decompression-bomb limit.
     TooManyPixels { width: u32, height: u32 },
+    /// Malformed data, with what was wrong.
     Corrupt(String),
 }
 

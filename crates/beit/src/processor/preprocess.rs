@@ -16,6 +16,13 @@ pub struct PixelValues {
     pub shape: [usize; 4],
 }
 
+impl PixelValues {
+    /// The batch as a CPU tensor `[batch, 3, height, width]`: the models' `pixel_values` input.
+    pub fn to_tensor(&self) -> crate::Result<candle_core::Tensor> {
+        Ok(candle_core::Tensor::from_slice(&self.data, self.shape.as_slice(), &candle_core::Device::Cpu)?)
+    }
+}
+
 /// Segmentation labels of a batch, `[batch, height, width]` int64 (transformers' `labels`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Labels {

@@ -16,15 +16,22 @@ pub const IMAGE_EXTENSIONS: [&str; 9] = ["png", "jpg", "jpeg", "webp", "bmp", "t
 /// Decoded images with their class index.
 #[derive(Debug, Clone, Default)]
 pub struct Split {
+    /// Decoded images.
     pub images: Vec<RgbImage>,
+    /// Class index of each image.
     pub labels: Vec<usize>,
+    /// File of each image.
     pub paths: Vec<PathBuf>,
 }
 
+/// An image folder (one subfolder per class) split into training and validation sets.
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
+    /// Class names, sorted (the subfolders).
     pub classes: Vec<String>,
+    /// Training images.
     pub train: Split,
+    /// Validation images.
     pub val: Split,
     /// Files that could not be read, with the reason: skipped and reported.
     pub skipped: Vec<(PathBuf, String)>,

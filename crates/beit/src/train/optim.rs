@@ -1,10 +1,10 @@
-//! BEiT's fine-tuning optimizer (unilm's run_class_finetuning.py): AdamW with layer-wise learning-rate decay,
-//! no weight decay on biases, norms, position tables, layer scale and the CLS token, and a cosine schedule with
-//! linear warmup.
+//! BEiT's optimizer (unilm's run_class_finetuning.py and run_beit_pretraining.py): AdamW with layer-wise
+//! learning-rate decay, no weight decay on biases, norms, position tables, layer scale and the CLS token, a
+//! cosine schedule with linear warmup, and global gradient-norm clipping.
 
 use std::collections::HashMap;
 
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 use crate::error::{BeitError, Result};
 
@@ -42,6 +42,23 @@ pub fn cosine_lr(step: usize, total: usize, warmup: usize, base: f64, min_lr: f6
     min_lr + 0.5 * (base - min_lr) * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
 }
 
+/// torch's clip_grad_norm_ (L2 over all gradients together): scales them down to `max_norm` when above it.
+/// Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
+
 struct Param {
     name: String,
     var: Var,
@@ -51,8 +68,10 @@ struct Param {
     v: Tensor,
 }
 
+/// AdamW (torch's, β 0.9 and 0.999, ε 1e-8) with a learning-rate scale and a weight decay per parameter.
 pub struct AdamW {
     params: Vec<Param>,
+    /// Optimizer steps taken (the schedule's position).
     pub step: usize,
     beta1: f64,
     beta2: f64,
@@ -60,6 +79,8 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// Over `vars` (by transformers' names): layer i's learning rate scaled by `layer_decay` to the power of its
+    /// depth from the top, `weight_decay` on all but [`no_weight_decay`]'s parameters.
     pub fn new(vars: Vec<(String, Var)>, num_layers: usize, layer_decay: f64, weight_decay: f64) -> Result<Self> {
         let params = vars
             .into_iter()
@@ -74,7 +95,7 @@ impl AdamW {
         Ok(AdamW { params, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8 })
     }
 
-    /// One update with the summed gradients (`scale` divides them, for gradient accumulation). Parameters
+    /// One update with `grads` (in parameter order) at learning rate `lr`, scaled per parameter. Parameters
     /// without a gradient (unused heads) are left alone, as torch leaves them.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         self.step += 1;
@@ -101,6 +122,7 @@ impl AdamW {
         self.params.iter().map(|p| store.get(p.var.as_tensor()).cloned()).collect()
     }
 
+    /// The parameters' names, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.params.iter().map(|p| p.name.as_str())
     }
@@ -115,6 +137,8 @@ impl AdamW {
         s
     }
 
+    /// Restores [`AdamW::state`]'s moments and the step count; every parameter's moments must be there, in
+    /// its shape.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: usize) -> Result<()> {
         for p in &mut self.params {
             for (key, slot) in [(format!("exp_avg.{}", p.name), &mut p.m), (format!("exp_avg_sq.{}", p.name), &mut p.v)] {
@@ -166,5 +190,20 @@ mod tests {
         opt.step(&[Some(g)], 0.1).unwrap();
         let w = var.as_tensor().to_vec1::<f32>().unwrap();
         assert!((w[0] - 0.85).abs() < 1e-5 && (w[1] + 2.0).abs() < 1e-5, "{w:?}");
+    }
+
+    #[test]
+    fn clipping_scales_the_global_norm() {
+        let d = candle_core::Device::Cpu;
+        let mut g = vec![Some(Tensor::new(&[3f32, 0.0], &d).unwrap()), None, Some(Tensor::new(&[4f32], &d).unwrap())];
+        let norm = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-9);
+        let a = g[0].as_ref().unwrap().to_vec1::<f32>().unwrap();
+        let b = g[2].as_ref().unwrap().to_vec1::<f32>().unwrap();
+        assert!((a[0] - 0.6).abs() < 1e-6 && (b[0] - 0.8).abs() < 1e-6, "{a:?} {b:?}");
+        // Below the limit: untouched.
+        let mut g = vec![Some(Tensor::new(&[0.3f32], &d).unwrap())];
+        clip_grad_norm(&mut g, 1.0).unwrap();
+        assert_eq!(g[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![0.3]);
     }
 }

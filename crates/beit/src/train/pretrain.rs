@@ -7,35 +7,31 @@
 //! targets; the loss is cross-entropy on the masked patches only. The recipe is the paper's: AdamW
 //! (β 0.9, 0.999, weight decay 0.05), lr 1.5e-3 at batch 2048 scaled linearly ([`paper_lr`]), 10 warmup epochs,
 //! cosine decay, no layer decay, drop path 0.1, gradient clipping 3.0, and a shared relative position bias, a
-//! mask token and layer scale in the model. Checkpoints, metrics and --resume work as the fine-tuning
-//! [`Trainer`](super::Trainer)'s do, through the same functions.
+//! mask token and layer scale in the model. The loop, checkpoints, metrics and --resume are [`run`](super::run)'s,
+//! as fine-tuning's are.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Tensor, D};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::data::{ImageFolder, IMAGE_EXTENSIONS};
-use super::optim::AdamW;
 use super::pretrain_data::{pretrain_sample, TwoViewOptions};
-use super::{
-    check_loss, end_epoch, eval_processor, read_checkpoint, read_resume_state, scheduled_lr, CheckpointWriter,
-    TrainObserver,
+use super::run::{
+    eval_processor, read_checkpoint, resume_dir, Best, EpochRecord, EpochStats, Observer, Run, RunCore, RunOptions,
+    Task,
 };
-use crate::config::{BeitConfig, Size2};
+use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
 use crate::heads::{Architecture, BeitForMaskedImageModeling};
 use crate::masking::MaskingGenerator;
 use crate::model::ForwardOptions;
-use crate::nn::{seed_training_rng, Mode};
+use crate::nn::Mode;
 use crate::processor::load_image;
 use crate::processor::resample::Filter;
-use crate::rng::Rng;
 use crate::tokenizer::DalleEncoder;
-use crate::weights::{Source, Weights};
 
 /// The paper's pre-training learning rate, 1.5e-3 at batch 2048, scaled linearly to `batch_size`.
 pub fn paper_lr(batch_size: usize) -> f64 {
@@ -100,7 +96,9 @@ pub fn masked_accuracy(predictions: &[u32], tokens: &[u32], mask: &[bool]) -> (u
 pub struct MimBatch {
     /// Mean cross-entropy over the masked patches (transformers' BeitForMaskedImageModeling loss).
     pub loss: Tensor,
+    /// Masked patches whose predicted token is the target.
     pub correct: usize,
+    /// Masked patches.
     pub count: usize,
 }
 
@@ -135,101 +133,64 @@ pub fn mim_batch(model: &BeitForMaskedImageModeling, pixels: &Tensor, mask: &[bo
     Ok(MimBatch { loss, correct, count })
 }
 
-/// torch's clip_grad_norm_ (L2 over all gradients together): scales them down to `max_norm` when above it.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter().flatten() {
-        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    }
-    let norm = sq.sqrt();
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut().flatten() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(norm)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Pre-training's options: the shared ones (drop path, the deepest layer's stochastic depth, is set as the
+/// config's drop_path_rate when given) and masked image modeling's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PretrainOptions {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub weight_decay: f64,
-    pub warmup_epochs: f64,
-    pub seed: u64,
-    /// Stochastic depth rate of the deepest layer (the config's drop_path_rate is set to it).
-    pub drop_path: f64,
+    /// Schedule, seed, crops and split.
+    #[serde(flatten)]
+    pub run: RunOptions,
     /// Global gradient-norm clipping (None: off).
     pub clip_grad: Option<f64>,
-    /// RandomResizedCrop's smallest area share (unilm: 0.08).
-    pub scale_min: f64,
-    pub hflip: bool,
-    pub image_size: Option<usize>,
-    pub patch_size: Option<usize>,
     /// Masked patches per image (default: unilm's 75 of 196 scaled to the patch grid).
     pub num_masking_patches: Option<usize>,
-    /// Leave out the share of each class that `beit train --val-split` holds out with the same seed, so that
-    /// pre-training never sees the validation images (needs DIR/<class>/*).
-    pub val_split: Option<f64>,
-    /// The seed of that split (default: `seed`, as `beit train --seed` splits).
+    /// The seed of `val_split`'s split (default: `seed`, as fine-tuning splits), so that pre-training leaves
+    /// out exactly the images fine-tuning validates on (needs DIR/<class>/*).
     pub split_seed: Option<u64>,
 }
 
-impl Default for PretrainOptions {
-    fn default() -> Self {
-        let lr = paper_lr(64);
-        PretrainOptions {
-            epochs: 800,
-            batch_size: 64,
-            lr,
-            min_lr: paper_min_lr(lr),
-            weight_decay: 0.05,
-            warmup_epochs: 10.0,
-            seed: 0,
-            drop_path: 0.1,
-            clip_grad: Some(3.0),
-            scale_min: 0.08,
-            hflip: true,
-            image_size: None,
-            patch_size: None,
-            num_masking_patches: None,
-            val_split: None,
-            split_seed: None,
-        }
+impl AsMut<RunOptions> for PretrainOptions {
+    fn as_mut(&mut self) -> &mut RunOptions {
+        &mut self.run
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PretrainEpochMetrics {
-    pub epoch: usize,
+impl Default for PretrainOptions {
+    /// The paper's recipe at batch 64.
+    fn default() -> Self {
+        let lr = paper_lr(64);
+        let run = RunOptions {
+            epochs: 800,
+            lr,
+            min_lr: paper_min_lr(lr),
+            warmup_epochs: 10.0,
+            drop_path: Some(0.1),
+            ..RunOptions::default()
+        };
+        PretrainOptions { run, clip_grad: Some(3.0), num_masking_patches: None, split_seed: None }
+    }
+}
+
+/// Pre-training's fields of an epoch's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MimMetrics {
     /// Mean cross-entropy over the epoch's masked patches.
     pub loss: f64,
     /// Share of masked patches whose token the model predicted (argmax of the logits).
     pub masked_accuracy: f64,
     /// Share of the most common token among the epoch's targets: the accuracy of always guessing it.
     pub majority_token_share: f64,
+    /// Masked patches of the epoch.
     pub masked_tokens: usize,
-    pub lr: f64,
-    pub images_per_sec: f64,
-    pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PretrainerState {
-    /// Last completed epoch (1-based).
-    epoch: usize,
-    step: usize,
-    best_loss: Option<f64>,
-    options: PretrainOptions,
-    history: Vec<PretrainEpochMetrics>,
-}
+/// One epoch of pre-training, as `out/metrics.jsonl` has it.
+pub type PretrainEpochMetrics = EpochRecord<MimMetrics>;
 
 /// The model to pre-train: a config (a preset or config.json), with fresh weights.
 #[derive(Debug, Clone)]
 pub struct PretrainConfig {
+    /// The architecture (pre-training sets its mask token, shared bias and vocabulary).
     pub config: BeitConfig,
     /// Whether the config named its vocab_size (then it must equal the tokenizer's); otherwise the tokenizer's
     /// vocabulary is used.
@@ -242,6 +203,7 @@ impl PretrainConfig {
         Ok(PretrainConfig { config: super::preset(name)?, vocab_size_given: false })
     }
 
+    /// A config.json; its vocab_size, when it names one, must be the tokenizer's.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| BeitError::io(path, e))?;
         let value: serde_json::Value =
@@ -265,12 +227,7 @@ fn vocab_mismatch(config_vocab: usize, tokenizer_vocab: usize, source: &str) -> 
 /// drop path from the options, the tokenizer's vocabulary.
 fn pretraining_config(p: PretrainConfig, opts: &PretrainOptions, tokenizer: &DalleEncoder) -> Result<BeitConfig> {
     let mut c = p.config;
-    if let Some(s) = opts.image_size {
-        c.image_size = Size2::square(s);
-    }
-    if let Some(s) = opts.patch_size {
-        c.patch_size = Size2::square(s);
-    }
+    opts.run.resize(&mut c);
     if p.vocab_size_given && c.vocab_size != tokenizer.vocab_size {
         return Err(vocab_mismatch(c.vocab_size, tokenizer.vocab_size, "the config"));
     }
@@ -278,7 +235,9 @@ fn pretraining_config(p: PretrainConfig, opts: &PretrainOptions, tokenizer: &Dal
     c.use_mask_token = true;
     c.use_shared_relative_position_bias = true;
     c.use_relative_position_bias = false;
-    c.drop_path_rate = opts.drop_path;
+    if let Some(dp) = opts.run.drop_path {
+        c.drop_path_rate = dp;
+    }
     Ok(c)
 }
 
@@ -309,7 +268,9 @@ fn check_geometry(c: &BeitConfig, tokenizer: &DalleEncoder) -> Result<(usize, us
 /// The images to pre-train on (labels are not used).
 #[derive(Debug, Clone, Default)]
 pub struct PretrainData {
+    /// The decoded images.
     pub images: Vec<RgbImage>,
+    /// Their files, in the same order.
     pub paths: Vec<PathBuf>,
     /// Files that could not be read, with the reason: skipped and reported.
     pub skipped: Vec<(PathBuf, String)>,
@@ -378,21 +339,82 @@ impl PretrainData {
     }
 }
 
-pub struct Pretrainer {
-    pub config: BeitConfig,
+/// The pre-training task: a masked-image-modeling model, the frozen tokenizer giving its targets, the images,
+/// the mask generator and the two views.
+pub struct Pretraining {
+    /// The model being trained.
     pub model: BeitForMaskedImageModeling,
-    pub weights: Weights,
-    pub optimizer: AdamW,
+    /// The frozen DALL-E encoder.
     pub tokenizer: DalleEncoder,
+    /// The images.
     pub data: PretrainData,
-    pub opts: PretrainOptions,
+    /// Blockwise masking on the patch grid.
     pub masking: MaskingGenerator,
+    /// The crop seen by the model and, downsampled by 8 per patch, by the tokenizer.
     pub views: TwoViewOptions,
-    pub image_size: usize,
-    device: Device,
-    history: Vec<PretrainEpochMetrics>,
-    start_epoch: usize,
-    best_loss: Option<f64>,
+}
+
+/// A pre-training run.
+pub type Pretrainer = Run<Pretraining>;
+
+impl Task for Pretraining {
+    type Options = PretrainOptions;
+    type Metrics = MimMetrics;
+    const BEST: Best = Best { name: "loss", higher_is_better: false };
+
+    fn best_value(m: &MimMetrics) -> Option<f64> {
+        Some(m.loss)
+    }
+
+    fn skipped(&self) -> &[(PathBuf, String)] {
+        &self.data.skipped
+    }
+
+    fn epoch(&mut self, core: &mut RunCore<Self>, obs: &mut Observer<'_, Self>) -> Result<(Self::Metrics, EpochStats)> {
+        let processor = eval_processor(core.image_size);
+        let (s, t, device) = (self.views.size, self.views.second_size, core.device.clone());
+        let mode = Mode { train: true, uncached: true };
+        let mut token_counts = vec![0usize; self.tokenizer.vocab_size];
+        let (mut correct, mut count) = (0usize, 0usize);
+        let clip = core.opts.clip_grad;
+        let stats = core.train_epoch(self.data.images.len(), 1, clip, obs, |batch, rng| {
+            let mut patches = Vec::with_capacity(batch.len() * 3 * s * s);
+            let mut pixels01 = Vec::with_capacity(batch.len() * 3 * t * t);
+            let mut mask = Vec::with_capacity(batch.len() * self.masking.height * self.masking.width);
+            for &i in batch {
+                let sample = pretrain_sample(&self.data.images[i], &self.views, &processor, &self.masking, rng)?;
+                patches.extend(sample.patches);
+                pixels01.extend(sample.tokenizer_pixels);
+                mask.extend(sample.mask);
+            }
+            let x = Tensor::from_vec(patches, (batch.len(), 3, s, s), &device)?;
+            // The frozen tokenizer: plain tensors, not Vars, so no gradient reaches it.
+            let tokenizer_in = Tensor::from_vec(pixels01, (batch.len(), 3, t, t), &device)?;
+            let tokens = self.tokenizer.tokens(&tokenizer_in)?.flatten_all()?.to_vec1::<u32>()?;
+            let step = mim_batch(&self.model, &x, &mask, &tokens, mode)?;
+            for token in masked_labels(&tokens, &mask) {
+                if let Some(c) = token_counts.get_mut(token as usize) {
+                    *c += 1;
+                }
+            }
+            correct += step.correct;
+            count += step.count;
+            Ok((step.loss, step.count))
+        })?;
+        let denom = count.max(1) as f64;
+        let m = MimMetrics {
+            loss: stats.loss,
+            masked_accuracy: correct as f64 / denom,
+            majority_token_share: token_counts.iter().copied().max().unwrap_or(0) as f64 / denom,
+            masked_tokens: count,
+        };
+        Ok((m, stats))
+    }
+
+    /// The final model beside last/ and best/, so that OUT itself loads with from_pretrained.
+    fn completed(&self, core: &RunCore<Self>, out: &Path) -> Result<()> {
+        core.save_model(out)
+    }
 }
 
 impl Pretrainer {
@@ -405,196 +427,57 @@ impl Pretrainer {
         opts: PretrainOptions,
         resume: bool,
     ) -> Result<Self> {
-        let device = Device::Cpu;
-        let last = out.join("last");
-        let resuming = resume && last.join("trainer_state.json").is_file();
-        let (mut config, tensors) = if resuming {
-            let (c, t) = read_checkpoint(&last, &device)?;
-            if c.vocab_size != tokenizer.vocab_size {
-                let source = format!("{}", last.join("config.json").display());
-                return Err(vocab_mismatch(c.vocab_size, tokenizer.vocab_size, &source));
+        let resume_from = resume_dir(out, resume);
+        let (mut config, tensors) = match &resume_from {
+            Some(last) => {
+                let (c, t) = read_checkpoint(last)?;
+                if c.vocab_size != tokenizer.vocab_size {
+                    let source = format!("{}", last.join("config.json").display());
+                    return Err(vocab_mismatch(c.vocab_size, tokenizer.vocab_size, &source));
+                }
+                (c, t)
             }
-            (c, t)
-        } else {
-            (pretraining_config(model, &opts, &tokenizer)?, Default::default())
+            None => (pretraining_config(model, &opts, &tokenizer)?, HashMap::new()),
         };
         config.architectures = Some(vec![Architecture::BeitForMaskedImageModeling.name().to_string()]);
         config.validate()?;
-        let (image_size, grid) = check_geometry(&config, &tokenizer)?;
-        let mut opts = opts;
-        let (mut history, mut start_epoch, mut best_loss) = (Vec::new(), 0, None);
-        let source_kind = if tensors.is_empty() { Source::Fresh } else { Source::Checkpoint };
-        let weights = Weights::build(tensors, out.join("<init>"), source_kind, &device, true, opts.seed);
-        let model = BeitForMaskedImageModeling::load(&weights, &config)?;
+        let (_, grid) = check_geometry(&config, &tokenizer)?;
         // No layer decay in pre-training (unilm's run_beit_pretraining has none).
-        let mut optimizer = AdamW::new(weights.vars(), config.num_hidden_layers, 1.0, opts.weight_decay)?;
-        if resuming {
-            let state: PretrainerState = read_resume_state(&last, &mut optimizer, |s: &PretrainerState| s.step, &device)?;
-            // The run's own options win over the command line's, so the resumed run is the same run.
-            let epochs = opts.epochs.max(state.options.epochs);
-            opts = PretrainOptions { epochs, ..state.options };
-            history = state.history;
-            start_epoch = state.epoch;
-            best_loss = state.best_loss;
-        }
-        let masking = scaled_masking(grid, grid, opts.num_masking_patches)?;
+        let (core, model) = RunCore::<Pretraining>::build(
+            config,
+            tensors,
+            out,
+            opts,
+            1.0,
+            resume_from.as_deref(),
+            BeitForMaskedImageModeling::load,
+        )?;
+        let o = &core.opts;
+        let masking = scaled_masking(grid, grid, o.num_masking_patches)?;
         let views = TwoViewOptions {
-            size: image_size,
+            size: core.image_size,
             second_size: grid * 8,
             interpolation: Filter::Bicubic,
             second_interpolation: Filter::Lanczos,
-            scale: (opts.scale_min, 1.0),
+            scale: (o.run.scale_min, 1.0),
             ratio: (3.0 / 4.0, 4.0 / 3.0),
-            hflip: opts.hflip,
+            hflip: o.run.hflip,
         };
-        if !(opts.scale_min > 0.0 && opts.scale_min <= 1.0) {
-            return Err(BeitError::invalid_input("crop scale minimum", format!("{} is not in (0, 1]", opts.scale_min)));
+        if !(o.run.scale_min > 0.0 && o.run.scale_min <= 1.0) {
+            return Err(BeitError::invalid_input("crop scale minimum", format!("{} is not in (0, 1]", o.run.scale_min)));
         }
-        let data = PretrainData::load(data_dir, opts.val_split, opts.split_seed.unwrap_or(opts.seed))?;
-        Ok(Pretrainer {
-            config,
-            model,
-            weights,
-            optimizer,
-            tokenizer,
-            data,
-            opts,
-            masking,
-            views,
-            image_size,
-            device,
-            history,
-            start_epoch,
-            best_loss,
-        })
-    }
-
-    pub fn completed_epochs(&self) -> usize {
-        self.start_epoch
-    }
-
-    fn steps_per_epoch(&self) -> usize {
-        self.data.images.len().div_ceil(self.opts.batch_size.max(1))
-    }
-
-    /// One epoch (1-based): its metrics but the timings' wall clock.
-    fn train_epoch(&mut self, epoch: usize, obs: &mut dyn TrainObserver<PretrainEpochMetrics>) -> Result<PretrainEpochMetrics> {
-        let o = self.opts.clone();
-        let n = self.data.images.len();
-        let mut order: Vec<usize> = (0..n).collect();
-        let mut rng = Rng::derive(o.seed, 2, epoch as u64);
-        rng.shuffle(&mut order);
-        seed_training_rng(Rng::derive(o.seed, 3, epoch as u64).next_u64());
-        let processor = eval_processor(self.image_size);
-        let steps_per_epoch = self.steps_per_epoch();
-        let mode = Mode { train: true, uncached: true };
-        let (s, t) = (self.views.size, self.views.second_size);
-        let mut token_counts = vec![0usize; self.tokenizer.vocab_size];
-        let (mut loss_sum, mut correct, mut count, mut seen, mut lr) = (0f64, 0usize, 0usize, 0usize, 0f64);
-        let start = Instant::now();
-        for (bi, batch) in order.chunks(o.batch_size.max(1)).enumerate() {
-            let mut patches = Vec::with_capacity(batch.len() * 3 * s * s);
-            let mut pixels01 = Vec::with_capacity(batch.len() * 3 * t * t);
-            let mut mask = Vec::with_capacity(batch.len() * self.masking.height * self.masking.width);
-            for &i in batch {
-                let sample = pretrain_sample(&self.data.images[i], &self.views, &processor, &self.masking, &mut rng)?;
-                patches.extend(sample.patches);
-                pixels01.extend(sample.tokenizer_pixels);
-                mask.extend(sample.mask);
-            }
-            let x = Tensor::from_vec(patches, (batch.len(), 3, s, s), &self.device)?;
-            // The frozen tokenizer: plain tensors, not Vars, so no gradient reaches it.
-            let tokenizer_in = Tensor::from_vec(pixels01, (batch.len(), 3, t, t), &self.device)?;
-            let tokens = self.tokenizer.tokens(&tokenizer_in)?.flatten_all()?.to_vec1::<u32>()?;
-            let step = mim_batch(&self.model, &x, &mask, &tokens, mode)?;
-            let value = step.loss.to_scalar::<f32>()? as f64;
-            check_loss(value, epoch, bi)?;
-            let mut grads = self.optimizer.grads(&step.loss.backward()?);
-            if let Some(max) = o.clip_grad {
-                clip_grad_norm(&mut grads, max)?;
-            }
-            lr = scheduled_lr(self.optimizer.step, steps_per_epoch, o.epochs, o.warmup_epochs, o.lr, o.min_lr);
-            self.optimizer.step(&grads, lr)?;
-            for token in masked_labels(&tokens, &mask) {
-                if let Some(c) = token_counts.get_mut(token as usize) {
-                    *c += 1;
-                }
-            }
-            loss_sum += value * step.count as f64;
-            correct += step.correct;
-            count += step.count;
-            seen += batch.len();
-            obs.batch(epoch, seen, n, value);
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let denom = count.max(1) as f64;
-        Ok(PretrainEpochMetrics {
-            epoch,
-            loss: loss_sum / denom,
-            masked_accuracy: correct as f64 / denom,
-            majority_token_share: token_counts.iter().copied().max().unwrap_or(0) as f64 / denom,
-            masked_tokens: count,
-            lr,
-            images_per_sec: seen as f64 / secs.max(1e-9),
-            seconds: secs,
-        })
-    }
-
-    fn writer(&self) -> CheckpointWriter<'_> {
-        CheckpointWriter {
-            config: &self.config,
-            arch: Architecture::BeitForMaskedImageModeling,
-            weights: &self.weights,
-            image_size: self.image_size,
-        }
-    }
-
-    /// Pre-trains up to `opts.epochs`, or `stop_after` more epochs when given, writing `out/last`, `out/best`
-    /// (lowest loss) and `out/metrics.jsonl` after every epoch, and the final model into `out` itself at the end.
-    pub fn run(
-        &mut self,
-        out: &Path,
-        stop_after: Option<usize>,
-        obs: &mut dyn TrainObserver<PretrainEpochMetrics>,
-    ) -> Result<Vec<PretrainEpochMetrics>> {
-        std::fs::create_dir_all(out).map_err(|e| BeitError::io(out, e))?;
-        for (p, why) in &self.data.skipped {
-            obs.note(&format!("skipped {}: {why}", p.display()));
-        }
-        let end = end_epoch(self.start_epoch, self.opts.epochs, stop_after);
-        for epoch in self.start_epoch + 1..=end {
-            let t = Instant::now();
-            let mut m = self.train_epoch(epoch, obs)?;
-            m.seconds = t.elapsed().as_secs_f64();
-            self.history.push(m.clone());
-            let improved = self.best_loss.is_none_or(|b| m.loss < b);
-            if improved {
-                self.best_loss = Some(m.loss);
-            }
-            let state = PretrainerState {
-                epoch,
-                step: self.optimizer.step,
-                best_loss: self.best_loss,
-                options: self.opts.clone(),
-                history: self.history.clone(),
-            };
-            self.writer().end_of_epoch(out, improved, &self.optimizer, &state, &self.history)?;
-            self.start_epoch = epoch;
-            obs.epoch(&m, &self.history);
-        }
-        if self.start_epoch == self.opts.epochs {
-            // The final model beside last/ and best/, so that OUT itself loads with from_pretrained.
-            let w = self.writer();
-            crate::pretrained::save_pretrained(out, w.config, w.arch, &w.weights.params())?;
-            super::write_file(&out.join("preprocessor_config.json"), &super::processor_json(self.image_size))?;
-        }
-        Ok(self.history.clone())
+        let data = PretrainData::load(data_dir, o.run.val_split, o.split_seed.unwrap_or(o.run.seed))?;
+        Ok(Run { core, task: Pretraining { model, tokenizer, data, masking, views } })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Size2;
+    use crate::rng::Rng;
+    use crate::weights::{Source, Weights};
+    use candle_core::Device;
 
     fn tokenizer() -> DalleEncoder {
         DalleEncoder::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizer/encoder.safetensors")).unwrap()
@@ -706,21 +589,6 @@ mod tests {
         // An all-unmasked batch is an error, not a NaN loss.
         let e = mim_batch(&model, &x, &[false; 32], &tokens, mode).err().unwrap().to_string();
         assert!(e.contains("no patch"), "{e}");
-    }
-
-    #[test]
-    fn clipping_scales_the_global_norm() {
-        let d = Device::Cpu;
-        let mut g = vec![Some(Tensor::new(&[3f32, 0.0], &d).unwrap()), None, Some(Tensor::new(&[4f32], &d).unwrap())];
-        let norm = clip_grad_norm(&mut g, 1.0).unwrap();
-        assert!((norm - 5.0).abs() < 1e-9);
-        let a = g[0].as_ref().unwrap().to_vec1::<f32>().unwrap();
-        let b = g[2].as_ref().unwrap().to_vec1::<f32>().unwrap();
-        assert!((a[0] - 0.6).abs() < 1e-6 && (b[0] - 0.8).abs() < 1e-6, "{a:?} {b:?}");
-        // Below the limit: untouched.
-        let mut g = vec![Some(Tensor::new(&[0.3f32], &d).unwrap())];
-        clip_grad_norm(&mut g, 1.0).unwrap();
-        assert_eq!(g[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![0.3]);
     }
 
     #[test]

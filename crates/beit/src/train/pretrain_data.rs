@@ -16,12 +16,19 @@ use crate::train::data::{normalize, random_resized_crop};
 /// (0.08, 1) and ratio (3/4, 4/3) as torchvision's RandomResizedCrop.
 #[derive(Debug, Clone)]
 pub struct TwoViewOptions {
+    /// Side of the first view (the model's input).
     pub size: usize,
+    /// Side of the second view (the tokenizer's input).
     pub second_size: usize,
+    /// Resampling of the first view.
     pub interpolation: Filter,
+    /// Resampling of the second view.
     pub second_interpolation: Filter,
+    /// Crop area range, as a fraction of the image.
     pub scale: (f64, f64),
+    /// Crop aspect-ratio range.
     pub ratio: (f64, f64),
+    /// Flip horizontally with probability 0.5.
     pub hflip: bool,
 }
 
@@ -84,6 +91,7 @@ pub struct PretrainSample {
     pub mask: Vec<bool>,
 }
 
+/// One pre-training sample of `img`: the two views of one random crop and a blockwise mask.
 pub fn pretrain_sample(
     img: &RgbImage,
     o: &TwoViewOptions,

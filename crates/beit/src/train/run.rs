@@ -1,0 +1,605 @@
+//! What every training task shares: the options of the schedule and the data, the batch loop (per-step learning
+//! rate, gradient accumulation and clipping, the divergence check), one record per epoch, atomic checkpoints
+//! (`out/last`, `out/best`, `out/metrics.jsonl`) and --resume bit for bit. A [`Task`] brings its model, data,
+//! batch loss and evaluation; [`Run`] drives it. Fine-tuning ([`FineTuning`](super::FineTuning)) and
+//! pre-training ([`Pretraining`](super::pretrain::Pretraining)) are the two tasks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::optim::{clip_grad_norm, cosine_lr, AdamW};
+use crate::checkpoint::{find_weight_files, load_tensors};
+use crate::config::{BeitConfig, Size2};
+use crate::error::{BeitError, Result};
+use crate::heads::Architecture;
+use crate::nn::seed_training_rng;
+use crate::pretrained::save_pretrained;
+use crate::processor::BeitImageProcessor;
+use crate::rng::Rng;
+use crate::weights::{Source, Weights};
+
+/// The options every task has: the schedule, AdamW's weight decay, the seed, the crops and the data split.
+/// Its `Default` is `beit train`'s (unilm's fine-tuning recipe for base models); tasks embed it (flattened, so
+/// trainer_state.json keeps one flat `options` object).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// Epochs of the schedule.
+    pub epochs: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Peak learning rate, reached after the warmup.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine.
+    pub min_lr: f64,
+    /// AdamW's decoupled weight decay (biases, norms, tokens and bias tables have none).
+    pub weight_decay: f64,
+    /// Epochs of linear warmup (a fraction counts in steps).
+    pub warmup_epochs: f64,
+    /// The seed of fresh weights, shuffles, augmentation, dropout and drop path.
+    pub seed: u64,
+    /// Stochastic depth rate of the deepest layer, set as the config's drop_path_rate (None: the config's).
+    pub drop_path: Option<f64>,
+    /// RandomResizedCrop's smallest area share.
+    pub scale_min: f64,
+    /// Random horizontal flips.
+    pub hflip: bool,
+    /// Input resolution of a model built from a config (a checkpoint keeps its own).
+    pub image_size: Option<usize>,
+    /// Patch size of a model built from a config.
+    pub patch_size: Option<usize>,
+    /// Share of each class of DIR/<class>/* held out for validation (pre-training leaves it out).
+    pub val_split: Option<f64>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            epochs: 30,
+            batch_size: 64,
+            lr: 4e-3,
+            min_lr: 1e-6,
+            weight_decay: 0.05,
+            warmup_epochs: 5.0,
+            seed: 0,
+            drop_path: None,
+            scale_min: 0.08,
+            hflip: true,
+            image_size: None,
+            patch_size: None,
+            val_split: None,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Sets a config built from scratch to the asked input resolution and patch size.
+    pub fn resize(&self, c: &mut BeitConfig) {
+        if let Some(s) = self.image_size {
+            c.image_size = Size2::square(s);
+        }
+        if let Some(p) = self.patch_size {
+            c.patch_size = Size2::square(p);
+        }
+    }
+}
+
+/// One epoch's line of `out/metrics.jsonl`: the shared fields around the task's own (flattened in place, so
+/// the line reads `epoch`, the task's fields, `lr`, `images_per_sec`, `seconds`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord<M> {
+    /// The epoch (1-based).
+    pub epoch: usize,
+    /// The task's losses and scores.
+    #[serde(flatten)]
+    pub task: M,
+    /// The learning rate of the epoch's last optimizer step.
+    pub lr: f64,
+    /// Training throughput (augmentation, forward and backward).
+    pub images_per_sec: f64,
+    /// Wall-clock seconds of the epoch, evaluation included.
+    pub seconds: f64,
+}
+
+/// What a run reports while it runs; `M` is its per-epoch record.
+pub trait TrainObserver<M> {
+    /// After each batch: `done` of `total` items of `epoch` seen, and the batch's loss.
+    fn batch(&mut self, _epoch: usize, _done: usize, _total: usize, _loss: f64) {}
+    /// After each epoch's checkpoint: its record and every record so far.
+    fn epoch(&mut self, _metrics: &M, _history: &[M]) {}
+    /// Something the user should know, such as a skipped file.
+    fn note(&mut self, _message: &str) {}
+}
+
+/// The metric `out/best` follows: its name (trainer_state.json keeps `best_<name>`) and which way is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Best {
+    /// The metric's name.
+    pub name: &'static str,
+    /// Whether larger values are better (accuracy, mIoU) or smaller ones (a loss).
+    pub higher_is_better: bool,
+}
+
+impl Best {
+    /// Whether an epoch scoring `value` beats `best`; an epoch without the metric never does.
+    pub fn improves(&self, value: Option<f64>, best: Option<f64>) -> bool {
+        match (value, best) {
+            (Some(v), Some(b)) if self.higher_is_better => v > b,
+            (Some(v), Some(b)) => v < b,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    fn key(&self) -> String {
+        format!("best_{}", self.name)
+    }
+}
+
+/// What the batch loop measured over one epoch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochStats {
+    /// Mean training loss, each batch weighted by the items its loss is a mean over.
+    pub loss: f64,
+    /// The learning rate of the last optimizer step.
+    pub lr: f64,
+    /// Training images per second.
+    pub images_per_sec: f64,
+}
+
+/// A training task on the shared loop: its model and data, one epoch's training (through
+/// [`RunCore::train_epoch`]) and evaluation. Semantic segmentation would be a third: mIoU as [`Task::BEST`].
+pub trait Task: Sized {
+    /// The task's options, with the shared ones inside (`as_mut` gives them).
+    type Options: Clone + Serialize + DeserializeOwned + AsMut<RunOptions>;
+    /// The task's fields of an epoch's record.
+    type Metrics: Clone + Serialize + DeserializeOwned;
+    /// The metric `out/best` follows.
+    const BEST: Best;
+
+    /// The value of [`Task::BEST`]'s metric in an epoch's record (None: not measured).
+    fn best_value(metrics: &Self::Metrics) -> Option<f64>;
+
+    /// Files the data loader skipped, with the reason.
+    fn skipped(&self) -> &[(PathBuf, String)];
+
+    /// Trains the next epoch (through [`RunCore::train_epoch`]) and evaluates: the task's record with the
+    /// loop's measurements.
+    fn epoch(&mut self, core: &mut RunCore<Self>, obs: &mut Observer<'_, Self>) -> Result<(Self::Metrics, EpochStats)>;
+
+    /// Called once the schedule's last epoch is done (also by a resumed run that finds it done).
+    fn completed(&self, _core: &RunCore<Self>, _out: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a run of task `T` reports to.
+pub type Observer<'a, T> = dyn TrainObserver<EpochRecord<<T as Task>::Metrics>> + 'a;
+
+/// The shared state of a run: config, weights, optimizer, options and the epochs so far.
+pub struct RunCore<T: Task> {
+    /// The model's config, as checkpoints save it.
+    pub config: BeitConfig,
+    /// The architecture checkpoints are saved as (the config's first).
+    pub arch: Architecture,
+    /// The trained parameters.
+    pub weights: Weights,
+    /// AdamW with its moments and step count.
+    pub optimizer: AdamW,
+    /// The run's options (when resuming, the resumed run's own).
+    pub opts: T::Options,
+    /// The (square) input resolution.
+    pub image_size: usize,
+    /// Where the tensors live.
+    pub device: Device,
+    history: Vec<EpochRecord<T::Metrics>>,
+    start_epoch: usize,
+    best: Option<f64>,
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// `out/last/trainer_state.json` (`H`: the history, borrowed when saving). The task's best value is stored as
+/// `best_<metric>` beside `step`.
+#[derive(Serialize, Deserialize)]
+struct SavedState<O, H> {
+    /// Last completed epoch (1-based).
+    epoch: usize,
+    /// Optimizer steps taken.
+    step: usize,
+    #[serde(flatten)]
+    best: BTreeMap<String, Option<f64>>,
+    options: O,
+    history: H,
+}
+
+/// `out/last` when `resume` is asked and a run saved its state there: the checkpoint to continue from.
+pub fn resume_dir(out: &Path, resume: bool) -> Option<PathBuf> {
+    let last = out.join("last");
+    (resume && last.join(STATE_FILE).is_file()).then_some(last)
+}
+
+/// The config and tensors of a checkpoint directory, on the CPU.
+pub fn read_checkpoint(dir: &Path) -> Result<(BeitConfig, HashMap<String, Tensor>)> {
+    let c = BeitConfig::from_file(&dir.join("config.json"))?;
+    let (format, files) = find_weight_files(dir, None)?;
+    Ok((c, load_tensors(format, &files, &Device::Cpu)?))
+}
+
+impl<T: Task> RunCore<T> {
+    /// A run of `config`, saved as its first `architectures` entry: weights from `tensors` (fresh ones from the
+    /// seed where missing), the model from them by `load`, AdamW
+    /// over them with `layer_decay`; with `resume_from`, the state saved there: optimizer moments, epochs so
+    /// far, and the run's own options, which win over `opts` but for the larger epoch count.
+    pub fn build<Model>(
+        config: BeitConfig,
+        tensors: HashMap<String, Tensor>,
+        out: &Path,
+        mut opts: T::Options,
+        layer_decay: f64,
+        resume_from: Option<&Path>,
+        load: impl FnOnce(&Weights, &BeitConfig) -> Result<Model>,
+    ) -> Result<(Self, Model)> {
+        let named = config.architectures.as_ref().and_then(|a| a.first());
+        let arch = Architecture::from_name(named.map_or("", |n| n.as_str()))?;
+        let device = Device::Cpu;
+        let run = opts.as_mut();
+        let source = if tensors.is_empty() { Source::Fresh } else { Source::Checkpoint };
+        let weights = Weights::build(tensors, out.join("<init>"), source, &device, true, run.seed);
+        let model = load(&weights, &config)?;
+        let optimizer = AdamW::new(weights.vars(), config.num_hidden_layers, layer_decay, run.weight_decay)?;
+        let image_size = config.image_size.height;
+        let mut core = RunCore {
+            config,
+            arch,
+            weights,
+            optimizer,
+            opts,
+            image_size,
+            device,
+            history: Vec::new(),
+            start_epoch: 0,
+            best: None,
+        };
+        if let Some(last) = resume_from {
+            core.restore(last)?;
+        }
+        Ok((core, model))
+    }
+
+    fn restore(&mut self, last: &Path) -> Result<()> {
+        let path = last.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| BeitError::io(&path, e))?;
+        let mut state: SavedState<T::Options, Vec<EpochRecord<T::Metrics>>> =
+            serde_json::from_str(&text).map_err(|e| BeitError::Json { path: path.clone(), message: e.to_string() })?;
+        let moments = candle_core::safetensors::load(last.join(OPTIMIZER_FILE), &self.device)?;
+        self.optimizer.load_state(&moments, state.step)?;
+        // The run's own options win over the caller's, so the resumed run is the same run.
+        let epochs = self.opts.as_mut().epochs.max(state.options.as_mut().epochs);
+        self.opts = state.options;
+        self.opts.as_mut().epochs = epochs;
+        self.history = state.history;
+        self.start_epoch = state.epoch;
+        self.best = state.best.get(&T::BEST.key()).copied().flatten();
+        Ok(())
+    }
+
+    /// Epochs completed (by this run and the one it resumes).
+    pub fn completed_epochs(&self) -> usize {
+        self.start_epoch
+    }
+
+    /// Every epoch's record so far.
+    pub fn history(&self) -> &[EpochRecord<T::Metrics>] {
+        &self.history
+    }
+
+    /// The next epoch (1-based: [`RunCore::completed_epochs`] + 1) over `n` training items in batches, shuffled
+    /// by the seed and the epoch; `rng`, which
+    /// shuffled them, goes on to the task's augmentation. `batch_loss` gives a batch's mean loss and how many
+    /// items it is a mean over. The loop stops on a loss that is not finite, sums the gradients of
+    /// `accum_steps` batches, clips their global norm to `clip`, steps AdamW at the scheduled learning rate and
+    /// reports each batch to `obs`.
+    pub fn train_epoch(
+        &mut self,
+        n: usize,
+        accum_steps: usize,
+        clip: Option<f64>,
+        obs: &mut Observer<'_, T>,
+        mut batch_loss: impl FnMut(&[usize], &mut Rng) -> Result<(Tensor, usize)>,
+    ) -> Result<EpochStats> {
+        let o = self.opts.as_mut().clone();
+        let epoch = self.start_epoch + 1;
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = Rng::derive(o.seed, 2, epoch as u64);
+        rng.shuffle(&mut order);
+        seed_training_rng(Rng::derive(o.seed, 3, epoch as u64).next_u64());
+        let accum_steps = accum_steps.max(1);
+        let batches: Vec<&[usize]> = order.chunks(o.batch_size.max(1)).collect();
+        let steps_per_epoch = batches.len().div_ceil(accum_steps);
+        let (mut loss_sum, mut weight, mut seen, mut lr) = (0f64, 0usize, 0usize, 0f64);
+        let mut grads: Vec<Option<Tensor>> = Vec::new();
+        let start = Instant::now();
+        for (bi, batch) in batches.iter().enumerate() {
+            let (loss, count) = batch_loss(batch, &mut rng)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            check_loss(value, epoch, bi)?;
+            let g = self.optimizer.grads(&(loss / accum_steps as f64)?.backward()?);
+            grads = if grads.is_empty() { g } else { add_grads(grads, g)? };
+            if (bi + 1) % accum_steps == 0 || bi + 1 == batches.len() {
+                if let Some(max) = clip {
+                    clip_grad_norm(&mut grads, max)?;
+                }
+                lr = scheduled_lr(self.optimizer.step, steps_per_epoch, o.epochs, o.warmup_epochs, o.lr, o.min_lr);
+                self.optimizer.step(&grads, lr)?;
+                grads.clear();
+            }
+            loss_sum += value * count as f64;
+            weight += count;
+            seen += batch.len();
+            obs.batch(epoch, seen, n, value);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok(EpochStats { loss: loss_sum / weight.max(1) as f64, lr, images_per_sec: seen as f64 / secs.max(1e-9) })
+    }
+
+    /// Writes the model of `arch` with the preprocessor config of the training resolution into `dir` (in
+    /// place; [`RunCore::save`] writes a whole directory atomically).
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        save_pretrained(dir, &self.config, self.arch, &self.weights.params())?;
+        write_file(&dir.join("preprocessor_config.json"), &processor_json(self.image_size))
+    }
+
+    /// The model into `dir` as a whole, with what `extra` adds: a kill leaves the old directory or the new one.
+    fn save(&self, dir: &Path, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        write_dir_atomically(dir, |tmp| {
+            self.save_model(tmp)?;
+            extra(tmp)
+        })
+    }
+
+    /// Records epoch `m`: `out/best` when it improved on the task's metric, `out/last` with the optimizer and
+    /// the state (for --resume), then `out/metrics.jsonl` with every epoch, each written whole.
+    fn end_epoch(&mut self, out: &Path, m: EpochRecord<T::Metrics>) -> Result<()> {
+        let (epoch, value) = (m.epoch, T::best_value(&m.task));
+        self.history.push(m);
+        let improved = T::BEST.improves(value, self.best);
+        if improved {
+            self.best = value;
+            self.save(&out.join("best"), |_| Ok(()))?;
+        }
+        let state = SavedState {
+            epoch,
+            step: self.optimizer.step,
+            best: BTreeMap::from([(T::BEST.key(), self.best)]),
+            options: &self.opts,
+            history: &self.history,
+        };
+        let moments = self.optimizer.state();
+        self.save(&out.join("last"), |tmp| {
+            candle_core::safetensors::save(&moments, tmp.join(OPTIMIZER_FILE))?;
+            let text = serde_json::to_string_pretty(&state)
+                .map_err(|e| BeitError::internal("trainer state", e.to_string()))?;
+            write_file(&tmp.join(STATE_FILE), &text)
+        })?;
+        let lines: Vec<String> = self.history.iter().filter_map(|h| serde_json::to_string(h).ok()).collect();
+        let metrics = out.join("metrics.jsonl");
+        let tmp = out.join(".metrics.jsonl.tmp");
+        write_file(&tmp, &(lines.join("\n") + "\n"))?;
+        std::fs::rename(&tmp, &metrics).map_err(|e| BeitError::io(&metrics, e))?;
+        self.start_epoch = epoch;
+        Ok(())
+    }
+}
+
+/// A training run: the shared core and the task.
+pub struct Run<T: Task> {
+    /// Config, weights, optimizer, options and the epochs so far.
+    pub core: RunCore<T>,
+    /// The task's model and data.
+    pub task: T,
+}
+
+impl<T: Task> Run<T> {
+    /// Epochs completed (by this run and the one it resumes).
+    pub fn completed_epochs(&self) -> usize {
+        self.core.start_epoch
+    }
+
+    /// Trains up to the options' epochs, or `stop_after` more when given (for interrupted runs), writing
+    /// `out/last`, `out/best` and `out/metrics.jsonl` after every epoch. Returns every epoch's record.
+    pub fn run(
+        &mut self,
+        out: &Path,
+        stop_after: Option<usize>,
+        obs: &mut Observer<'_, T>,
+    ) -> Result<Vec<EpochRecord<T::Metrics>>> {
+        std::fs::create_dir_all(out).map_err(|e| BeitError::io(out, e))?;
+        for (p, why) in self.task.skipped() {
+            obs.note(&format!("skipped {}: {why}", p.display()));
+        }
+        let epochs = self.core.opts.as_mut().epochs;
+        for epoch in self.core.start_epoch + 1..=end_epoch(self.core.start_epoch, epochs, stop_after) {
+            let t = Instant::now();
+            let (task, stats) = self.task.epoch(&mut self.core, obs)?;
+            let seconds = t.elapsed().as_secs_f64();
+            let m = EpochRecord { epoch, task, lr: stats.lr, images_per_sec: stats.images_per_sec, seconds };
+            self.core.end_epoch(out, m.clone())?;
+            obs.epoch(&m, &self.core.history);
+        }
+        if self.core.start_epoch == epochs {
+            self.task.completed(&self.core, out)?;
+        }
+        Ok(self.core.history.clone())
+    }
+}
+
+/// Sums two backward passes' gradients, parameter by parameter.
+fn add_grads(a: Vec<Option<Tensor>>, b: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    a.into_iter()
+        .zip(b)
+        .map(|(a, b)| match (a, b) {
+            (Some(a), Some(b)) => Ok(Some((a + b)?)),
+            (a, b) => Ok(a.or(b)),
+        })
+        .collect()
+}
+
+/// The preprocessor_config.json a trained checkpoint ships: resize to the training resolution, then normalize.
+fn processor_config(size: usize) -> serde_json::Value {
+    serde_json::json!({
+        "do_resize": true, "size": {"height": size, "width": size}, "resample": 3, "do_center_crop": false,
+        "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_processor_type": "BeitImageProcessor",
+    })
+}
+
+/// The processor evaluation uses during training: the one the checkpoint will ship.
+pub fn eval_processor(size: usize) -> BeitImageProcessor {
+    BeitImageProcessor::from_json_value(&processor_config(size), "<training>").unwrap_or_default() // ok: a fixed valid config
+}
+
+fn processor_json(size: usize) -> String {
+    serde_json::to_string_pretty(&processor_config(size)).unwrap_or_default() // ok: a Value always serializes
+}
+
+/// Writes `dir` as a whole: `fill` writes a temporary sibling directory, then renames, so a kill leaves either
+/// the old checkpoint or the new one.
+fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let old = parent.join(format!(".{name}.old"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    fill(&tmp)?;
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| BeitError::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| BeitError::io(dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| BeitError::io(path, e))
+}
+
+/// The learning rate of optimizer step `step` in a run of `epochs` epochs of `steps_per_epoch` steps: linear
+/// warmup over `warmup_epochs`, then cosine down to `min_lr` (unilm's per-step cosine_scheduler).
+pub fn scheduled_lr(
+    step: usize,
+    steps_per_epoch: usize,
+    epochs: usize,
+    warmup_epochs: f64,
+    lr: f64,
+    min_lr: f64,
+) -> f64 {
+    let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
+    cosine_lr(step, steps_per_epoch * epochs, warmup, lr, min_lr)
+}
+
+/// A diverged loss stops the run with the place it happened, instead of writing NaN weights.
+fn check_loss(value: f64, epoch: usize, batch: usize) -> Result<()> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    Err(BeitError::Diverged { epoch, batch, value })
+}
+
+/// The last epoch this invocation runs: all of them, or `stop_after` more (for interrupted runs).
+fn end_epoch(start_epoch: usize, epochs: usize, stop_after: Option<usize>) -> usize {
+    match stop_after {
+        Some(k) => (start_epoch + k).min(epochs),
+        None => epochs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Scores {
+        train_loss: f64,
+        top1: Option<f64>,
+    }
+
+    #[test]
+    fn a_record_reads_shared_task_shared() {
+        let m = EpochRecord {
+            epoch: 2,
+            task: Scores { train_loss: 0.5, top1: None },
+            lr: 1e-3,
+            images_per_sec: 9.0,
+            seconds: 1.5,
+        };
+        let line = serde_json::to_string(&m).unwrap();
+        assert_eq!(line, r#"{"epoch":2,"train_loss":0.5,"top1":null,"lr":0.001,"images_per_sec":9.0,"seconds":1.5}"#);
+        assert_eq!(serde_json::from_str::<EpochRecord<Scores>>(&line).unwrap(), m);
+    }
+
+    #[test]
+    fn the_state_keeps_the_task_s_best_under_its_name() {
+        let task = Scores { train_loss: 0.25, top1: Some(0.75) };
+        let history = vec![EpochRecord { epoch: 1, task, lr: 0.1, images_per_sec: 1.0, seconds: 1.0 }];
+        let opts = RunOptions { lr: 0.1 + 0.2, ..RunOptions::default() };
+        let state = SavedState {
+            epoch: 1,
+            step: 7,
+            best: BTreeMap::from([("best_top1".into(), Some(0.75))]),
+            options: &opts,
+            history: &history,
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(text.starts_with(r#"{"epoch":1,"step":7,"best_top1":0.75,"options":{"epochs":30,"#), "{text}");
+        let back: SavedState<RunOptions, Vec<EpochRecord<Scores>>> = serde_json::from_str(&text).unwrap();
+        assert_eq!((back.epoch, back.step, back.best["best_top1"], &back.history), (1, 7, Some(0.75), &history));
+        // Options come back bit for bit.
+        assert_eq!(back.options, opts);
+    }
+
+    #[test]
+    fn best_follows_the_metric_s_direction() {
+        let acc = Best { name: "top1", higher_is_better: true };
+        let loss = Best { name: "loss", higher_is_better: false };
+        assert!(
+            acc.improves(Some(0.5), None) && acc.improves(Some(0.6), Some(0.5)) && !acc.improves(Some(0.5), Some(0.5))
+        );
+        assert!(loss.improves(Some(0.4), Some(0.5)) && !loss.improves(Some(0.6), Some(0.5)));
+        // An epoch without the metric (no validation split) never becomes best.
+        assert!(!acc.improves(None, None) && !acc.improves(None, Some(0.1)));
+        assert_eq!(acc.key(), "best_top1");
+    }
+
+    #[test]
+    fn a_non_finite_loss_is_divergence_at_its_place() {
+        assert!(check_loss(2.5, 1, 0).is_ok());
+        let e = check_loss(f64::NAN, 3, 4).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Diverged);
+        assert!(e.to_string().contains("epoch 3, batch 4"), "{e}");
+        assert!(check_loss(f64::INFINITY, 1, 0).is_err());
+    }
+
+    #[test]
+    fn stop_after_ends_early_but_not_past_the_schedule() {
+        assert_eq!(end_epoch(0, 5, None), 5);
+        assert_eq!(end_epoch(2, 5, Some(2)), 4);
+        assert_eq!(end_epoch(4, 5, Some(2)), 5);
+    }
+
+    #[test]
+    fn accumulated_gradients_add_where_both_have_one() {
+        let d = Device::Cpu;
+        let t = |v: f32| Some(Tensor::new(&[v], &d).unwrap());
+        let sum = add_grads(vec![t(1.0), None, t(2.0), None], vec![t(0.5), t(3.0), None, None]).unwrap();
+        let values: Vec<Option<f32>> = sum.iter().map(|g| g.as_ref().map(|g| g.to_vec1::<f32>().unwrap()[0])).collect();
+        assert_eq!(values, vec![Some(1.5), Some(3.0), Some(2.0), None]);
+    }
+}
