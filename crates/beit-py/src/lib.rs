@@ -93,75 +93,98 @@ fn config_from_json(text: &str) -> PyResult<String> {
     Ok(c.to_json_string())
 }
 
-/// An image as Python handed it over: a file, encoded bytes, or RGB pixels (HWC uint8, converted by the caller).
-enum ImageSource {
+/// An image or map as Python handed it over: a file, encoded bytes, or pixels (an RGB image, or a label map's
+/// class ids), already in the layout the library takes (the Python half converts PIL images and arrays).
+enum Source<I> {
     Path(PathBuf),
     Bytes(Vec<u8>),
-    Pixels(RgbImage),
+    Pixels(I),
 }
 
-/// Reads a list of images while holding the GIL; decoding happens later without it.
-fn image_sources(items: &[Bound<'_, PyAny>]) -> PyResult<Vec<ImageSource>> {
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            if let Ok(b) = item.cast::<PyBytes>() {
-                return Ok(ImageSource::Bytes(b.as_bytes().to_vec()));
-            }
-            if let Ok(a) = item.extract::<PyReadonlyArrayDyn<'_, u8>>() {
-                let (h, w) = match a.shape() {
-                    &[h, w, 3] => (h, w),
-                    s => {
-                        return Err(PyValueError::new_err(format!(
-                            "images[{i}]: expected an (height, width, 3) uint8 RGB array, found shape {s:?}"
-                        )))
-                    }
-                };
-                let data = contiguous(&a);
-                return RgbImage::from_raw(w as u32, h as u32, data)
-                    .map(ImageSource::Pixels)
-                    .ok_or_else(|| PyValueError::new_err(format!("images[{i}]: {h}x{w} pixels do not fit")));
-            }
-            if let Ok(p) = item.extract::<PathBuf>() {
-                return Ok(ImageSource::Path(p));
-            }
-            Err(PyValueError::new_err(format!(
-                "images[{i}]: expected a path, bytes, a PIL image or an (height, width, 3) uint8 array, found {}",
-                item.get_type().name().map(|n| n.to_string()).unwrap_or_default()
-            )))
-        })
-        .collect()
+impl<I> Source<I> {
+    /// Decodes without the GIL: files and bytes by `load_path` / `load_bytes` (given `name` for bytes).
+    fn load(
+        self,
+        name: String,
+        load_path: impl Fn(&Path) -> beit::processor::Result<I>,
+        load_bytes: impl Fn(&[u8], &str) -> beit::processor::Result<I>,
+    ) -> beit::processor::Result<I> {
+        match self {
+            Source::Path(p) => load_path(&p),
+            Source::Bytes(b) => load_bytes(&b, &format!("{name} (bytes)")),
+            Source::Pixels(img) => Ok(img),
+        }
+    }
 }
 
-fn decode_images(sources: Vec<ImageSource>) -> beit::Result<Vec<RgbImage>> {
-    sources
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            Ok(match s {
-                ImageSource::Path(p) => load_image(&p)?,
-                ImageSource::Bytes(b) => load_image_bytes(&b, Some(PIL_MAX_IMAGE_PIXELS), &format!("images[{i}] (bytes)"))?,
-                ImageSource::Pixels(img) => img,
-            })
-        })
-        .collect()
+/// Reads a list of `name` items while holding the GIL (decoding happens later without it): bytes, a path, or a
+/// uint8 array of `channels` channels (`None`: a 2-D map) turned into pixels by `from_raw(width, height, values)`.
+fn sources<I>(
+    items: &[Bound<'_, PyAny>],
+    name: &str,
+    channels: Option<usize>,
+    from_raw: impl Fn(u32, u32, Vec<u8>) -> Option<I>,
+) -> PyResult<Vec<Source<I>>> {
+    let layout = match channels {
+        Some(c) => format!("an (height, width, {c}) uint8 array"),
+        None => "a (height, width) uint8 array".to_string(),
+    };
+    let source = |i: usize, item: &Bound<'_, PyAny>| {
+        if let Ok(b) = item.cast::<PyBytes>() {
+            return Ok(Source::Bytes(b.as_bytes().to_vec()));
+        }
+        if let Ok(a) = item.extract::<PyReadonlyArrayDyn<'_, u8>>() {
+            let (h, w) = match (a.shape(), channels) {
+                (&[h, w, c], Some(want)) if c == want => (h, w),
+                (&[h, w], None) => (h, w),
+                (s, _) => return Err(PyValueError::new_err(format!("{name}[{i}]: expected {layout}, found shape {s:?}"))),
+            };
+            return from_raw(w as u32, h as u32, contiguous(&a))
+                .map(Source::Pixels)
+                .ok_or_else(|| PyValueError::new_err(format!("{name}[{i}]: {h}x{w} pixels do not fit")));
+        }
+        if let Ok(p) = item.extract::<PathBuf>() {
+            return Ok(Source::Path(p));
+        }
+        let found = item.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        Err(PyValueError::new_err(format!("{name}[{i}]: expected a path, bytes, a PIL image or {layout}, found {found}")))
+    };
+    items.iter().enumerate().map(|(i, item)| source(i, item)).collect()
+}
+
+fn image_sources(items: &[Bound<'_, PyAny>]) -> PyResult<Vec<Source<RgbImage>>> {
+    sources(items, "images", Some(3), RgbImage::from_raw)
+}
+
+fn decode_images(sources: Vec<Source<RgbImage>>) -> beit::Result<Vec<RgbImage>> {
+    let bytes = |b: &[u8], name: &str| load_image_bytes(b, Some(PIL_MAX_IMAGE_PIXELS), name);
+    let images = sources.into_iter().enumerate().map(|(i, s)| s.load(format!("images[{i}]"), |p: &Path| load_image(p), bytes));
+    Ok(images.collect::<beit::processor::Result<Vec<_>>>()?)
 }
 
 /// The array's values in row-major order: borrowed and copied once when contiguous, gathered otherwise.
 fn contiguous<T: Element + Copy>(a: &PyReadonlyArrayDyn<'_, T>) -> Vec<T> {
-    match a.as_slice() {
-        Ok(s) => s.to_vec(),
-        Err(_) => a.as_array().iter().copied().collect(),
+    match c_order(a) {
+        Some(s) => s.to_vec(),
+        None => a.as_array().iter().copied().collect(),
+    }
+}
+
+/// The array's buffer when it is row-major (`as_slice` also accepts column-major buffers, in their own order).
+fn c_order<'a, T: Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> Option<&'a [T]> {
+    if a.is_c_contiguous() {
+        a.as_slice().ok()
+    } else {
+        None
     }
 }
 
 fn tensor<T: Element + WithDType>(a: &PyReadonlyArrayDyn<'_, T>) -> PyResult<Tensor> {
     let shape = a.shape().to_vec();
     // Tensor::from_slice copies straight out of numpy's buffer: the one copy candle's owned storage needs.
-    let t = match a.as_slice() {
-        Ok(s) => Tensor::from_slice(s, shape, &Device::Cpu),
-        Err(_) => Tensor::from_vec(a.as_array().iter().copied().collect::<Vec<T>>(), shape, &Device::Cpu),
+    let t = match c_order(a) {
+        Some(s) => Tensor::from_slice(s, shape, &Device::Cpu),
+        None => Tensor::from_vec(a.as_array().iter().copied().collect::<Vec<T>>(), shape, &Device::Cpu),
     };
     t.map_err(candle_err)
 }
@@ -401,45 +424,12 @@ impl Processor {
     /// labels (batch, height, width) int64 of segmentation maps given as paths, bytes or (height, width) uint8
     /// arrays.
     fn preprocess_segmentation_maps<'py>(&self, py: Python<'py>, maps: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyArrayDyn<i64>>> {
-        enum Src {
-            Path(PathBuf),
-            Bytes(Vec<u8>),
-            Map(GrayImage),
-        }
-        let sources = maps
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                if let Ok(b) = m.cast::<PyBytes>() {
-                    return Ok(Src::Bytes(b.as_bytes().to_vec()));
-                }
-                if let Ok(a) = m.extract::<PyReadonlyArrayDyn<'py, u8>>() {
-                    let &[h, w] = a.shape() else {
-                        return Err(PyValueError::new_err(format!(
-                            "segmentation_maps[{i}]: expected a (height, width) uint8 array, found shape {:?}",
-                            a.shape()
-                        )));
-                    };
-                    return GrayImage::from_raw(w as u32, h as u32, contiguous(&a))
-                        .map(Src::Map)
-                        .ok_or_else(|| PyValueError::new_err(format!("segmentation_maps[{i}]: {h}x{w} does not fit")));
-                }
-                Ok(Src::Path(m.extract::<PathBuf>().map_err(|_| {
-                    PyValueError::new_err(format!(
-                        "segmentation_maps[{i}]: expected a path, bytes, a PIL image or a (height, width) uint8 array"
-                    ))
-                })?))
-            })
-            .collect::<PyResult<Vec<_>>>()?;
+        let sources = sources(&maps, "segmentation_maps", None, GrayImage::from_raw)?;
         let labels = py.detach(|| -> beit::Result<_> {
             let maps = sources
                 .into_iter()
                 .enumerate()
-                .map(|(i, s)| match s {
-                    Src::Path(p) => load_segmentation_map(&p),
-                    Src::Bytes(b) => load_segmentation_map_bytes(&b, &format!("segmentation_maps[{i}] (bytes)")),
-                    Src::Map(m) => Ok(m),
-                })
+                .map(|(i, s)| s.load(format!("segmentation_maps[{i}]"), |p: &Path| load_segmentation_map(p), load_segmentation_map_bytes))
                 .collect::<beit::processor::Result<Vec<_>>>()?;
             Ok(self.inner.preprocess_segmentation_maps(&maps)?)
         });

@@ -11,11 +11,34 @@ from typing import Any, Dict, Optional, Union
 from . import _native
 
 
-class BeitConfig:
+class JsonConfig:
+    """A settings object saved as one JSON file (``_file_name``) in a model directory."""
+
+    _file_name = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json_string(self) -> str:
+        """The JSON file's text."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Writes the JSON file into ``save_directory`` (created when missing)."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, self._file_name), "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+class BeitConfig(JsonConfig):
     """The configuration of a BEiT model: every config.json field is an attribute (``config.hidden_size``,
     ``config.id2label[0]``). ``BeitConfig(**kwargs)`` fills the fields not given with transformers' defaults."""
 
     model_type = "beit"
+    _file_name = "config.json"
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("model_type", self.model_type)
@@ -63,21 +86,8 @@ class BeitConfig:
             d["id2label"] = {str(k): v for k, v in d["id2label"].items()}
         return d
 
-    def to_json_string(self) -> str:
-        """config.json's text."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
-        """Writes ``save_directory/config.json``."""
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BeitConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__} {self.to_json_string()}"
 
 
 class Data2VecVisionConfig(BeitConfig):

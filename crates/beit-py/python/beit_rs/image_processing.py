@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _native
+from .configuration import JsonConfig
 
 ImageInput = Any
 """A path (str or os.PathLike), encoded bytes, a PIL image, or a uint8 array (height, width[, channels]) or
@@ -116,12 +117,13 @@ _DEFAULTS: Dict[str, Any] = {
 }
 
 
-class BeitImageProcessor:
+class BeitImageProcessor(JsonConfig):
     """transformers' BeitImageProcessor: ``processor(images, segmentation_maps=None, return_tensors="np")`` gives
     ``pixel_values`` (batch, 3, height, width) float32 and, with maps, ``labels`` (batch, height, width) int64,
     equal to transformers' own. Settings are attributes (``processor.size``, ``processor.image_mean``)."""
 
     model_input_names = ["pixel_values"]
+    _file_name = "preprocessor_config.json"
 
     def __init__(self, **kwargs: Any) -> None:
         self._init(_native.Processor.from_json(json.dumps(kwargs)), kwargs)
@@ -161,16 +163,6 @@ class BeitImageProcessor:
         d["image_processor_type"] = "BeitImageProcessor"
         return d
 
-    def to_json_string(self) -> str:
-        """preprocessor_config.json's text."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
-        """Writes ``save_directory/preprocessor_config.json``."""
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, "preprocessor_config.json"), "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
-
     def __call__(
         self,
         images: ImageInput,
@@ -203,9 +195,6 @@ class BeitImageProcessor:
         logits = np.ascontiguousarray(np.asarray(logits, dtype=np.float32))
         sizes = None if target_sizes is None else [(int(h), int(w)) for h, w in target_sizes]
         return self._native.post_process_semantic_segmentation(logits, sizes)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__} {self.to_json_string()}"
 
 
 BeitFeatureExtractor = BeitImageProcessor
