@@ -61,11 +61,14 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=float, default=1, help="CPUs Ray reserves per actor")
     ap.add_argument("--threads", type=int, default=None, help="beit_rs threads per actor (default: --num-cpus)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    ap.add_argument("--io-cpus", type=float, default=1, help="CPUs Ray reserves per read or write task")
+    ap.add_argument("--node-ip", default=None, help="this driver's address as the cluster sees it (local runs: 127.0.0.1)")
     ap.add_argument("--pid-dir", default=None, help="actors record their pids and batches here (fault-injection runs)")
     a = ap.parse_args()
 
-    ray.init(address=a.address, log_to_driver=False)
-    ds = ray.data.read_images(a.input, mode="RGB", include_paths=True)
+    ray.init(address=a.address, log_to_driver=False, _node_ip_address=a.node_ip)
+    io = {"num_cpus": a.io_cpus}
+    ds = ray.data.read_images(a.input, mode="RGB", include_paths=True, ray_remote_args=io)
     ds = ds.map_batches(
         BeitPredictor,
         fn_constructor_kwargs={
@@ -83,7 +86,7 @@ def main() -> None:
         max_task_retries=-1,
     )
     start = time.perf_counter()
-    ds.write_parquet(a.output)
+    ds.write_parquet(a.output, ray_remote_args=io)
     seconds = time.perf_counter() - start
     rows = ray.data.read_parquet(a.output).count()
     nodes = sum(1 for n in ray.nodes() if n["Alive"])

@@ -14,6 +14,8 @@ PYTHON=${PYTHON:-python3}
 BEIT=${BEIT:-$( [ -x target/release/beit ] && echo target/release/beit || echo target/debug/beit )}
 MODEL=${MODEL:-models/beit-digits}
 INPUT=${INPUT:-data/digits}
+# Each node is given one CPU: its actor reserves 0.75 of it (so that two actors cannot share a node) and runs one
+# thread, reads and writes take the rest.
 CPUS_PER_NODE=${CPUS_PER_NODE:-1}
 HERE=crates/beit-py/examples/ray
 WORK=$(mktemp -d /tmp/beit-ray.XXXXXX)
@@ -27,8 +29,8 @@ stop
 
 job() {  # job NAME ARGS...: runs beit_ray.py against the cluster, prints its JSON line
   local name=$1; shift
-  "$PYTHON" "$HERE/beit_ray.py" --address "127.0.0.1:$PORT" --model "$MODEL" --input "$INPUT" \
-    --output "$WORK/$name" --num-cpus "$CPUS_PER_NODE" --threads "$CPUS_PER_NODE" "$@" 2>"$WORK/$name.log" | tail -1
+  "$PYTHON" "$HERE/beit_ray.py" --address "127.0.0.1:$PORT" --node-ip 127.0.0.1 --model "$MODEL" --input "$INPUT" \
+    --output "$WORK/$name" --num-cpus 0.75 --threads 1 --io-cpus 0.25 "$@" 2>"$WORK/$name.log" | tail -1
 }
 
 verify() {  # verify NAME TASK
@@ -36,15 +38,16 @@ verify() {  # verify NAME TASK
 }
 
 echo "== head node ($CPUS_PER_NODE CPU)"
-"$RAY" start --head --port "$PORT" --num-cpus "$CPUS_PER_NODE" --include-dashboard=false --disable-usage-stats >/dev/null
+# Every node on the loopback address: the cluster's traffic never leaves this machine.
+"$RAY" start --head --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus "$CPUS_PER_NODE" --include-dashboard=false --disable-usage-stats >/dev/null
 echo "one node, 1 actor:  $(job one --concurrency 1)"
 verify one classify
 
 echo "== second node ($CPUS_PER_NODE CPU)"
-"$RAY" start --address "127.0.0.1:$PORT" --num-cpus "$CPUS_PER_NODE" >/dev/null
+"$RAY" start --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus "$CPUS_PER_NODE" >/dev/null
 "$PYTHON" - "$PORT" <<'PY'
 import sys, time, ray
-ray.init(address=f"127.0.0.1:{sys.argv[1]}", log_to_driver=False)
+ray.init(address=f"127.0.0.1:{sys.argv[1]}", log_to_driver=False, _node_ip_address="127.0.0.1")
 for _ in range(60):
     if sum(n["Alive"] for n in ray.nodes()) == 2:
         break
