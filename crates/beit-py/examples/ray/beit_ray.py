@@ -1,6 +1,6 @@
 """Classify or embed an image collection with beit_rs on a Ray cluster (Ray Data).
 
-    read_images(input) -> map_batches(BeitPredictor, concurrency=..., batch_size=..., num_cpus=...) -> write_parquet
+    read_images(input) -> map_batches(BeitPredictor, compute=ActorPoolStrategy(size=...), batch_size=..., num_cpus=...) -> write_parquet
 
 Each actor loads the model once and runs it on `--threads` threads of its own (set it equal to `--num-cpus`, the
 CPUs Ray reserves per actor, so that actors do not oversubscribe a node). Rows: `path`, and `label` and `score`
@@ -67,8 +67,7 @@ def main() -> None:
     a = ap.parse_args()
 
     ray.init(address=a.address, log_to_driver=False, _node_ip_address=a.node_ip)
-    io = {"num_cpus": a.io_cpus}
-    ds = ray.data.read_images(a.input, mode="RGB", include_paths=True, ray_remote_args=io)
+    ds = ray.data.read_images(a.input, mode="RGB", include_paths=True, num_cpus=a.io_cpus)
     ds = ds.map_batches(
         BeitPredictor,
         fn_constructor_kwargs={
@@ -77,7 +76,7 @@ def main() -> None:
             "threads": a.threads or max(1, int(a.num_cpus)),
             "pid_dir": a.pid_dir,
         },
-        concurrency=a.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=a.concurrency),
         batch_size=a.batch_size,
         num_cpus=a.num_cpus,
         batch_format="numpy",
@@ -86,7 +85,7 @@ def main() -> None:
         max_task_retries=-1,
     )
     start = time.perf_counter()
-    ds.write_parquet(a.output, ray_remote_args=io)
+    ds.write_parquet(a.output, ray_remote_args={"num_cpus": a.io_cpus})
     seconds = time.perf_counter() - start
     rows = ray.data.read_parquet(a.output).count()
     nodes = sum(1 for n in ray.nodes() if n["Alive"])
