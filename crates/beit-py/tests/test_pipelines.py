@@ -3,6 +3,7 @@ stored answers (crates/beit/tests/fixtures/e2e, scripts/gen_e2e_fixtures.py)."""
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -110,22 +111,22 @@ def test_a_model_serves_several_threads_at_once():
 
 def test_the_gil_is_released_while_the_model_runs():
     model = beit_rs.BeitForImageClassification.from_pretrained(MODELS / "cls_single")
-    x = np.random.default_rng(0).standard_normal((64, 3, 32, 32), dtype=np.float32)
-    done = threading.Event()
-    ticks = [0]
+    x = np.random.default_rng(0).standard_normal((256, 3, 32, 32), dtype=np.float32)
+    span = []
 
-    def count():
-        while not done.is_set():
-            ticks[0] += 1
-
-    t = threading.Thread(target=count)
-    t.start()
-    before = ticks[0]
-    for _ in range(3):
+    def call():
+        t = time.perf_counter()
         model(x)
-    after = ticks[0]
-    done.set()
-    t.join()
-    # With the GIL held for the whole call the counter could only move at the switch interval between calls.
-    assert after - before > 1000
+        span.extend([t, time.perf_counter()])
 
+    beats = []
+    worker = threading.Thread(target=call)
+    worker.start()
+    while worker.is_alive():
+        beats.append(time.perf_counter())
+    worker.join()
+    start, end = span
+    quarter = (end - start) / 4
+    # A call that held the GIL would stop this thread for its whole Rust part: no beats in its middle half.
+    middle = [b for b in beats if start + quarter < b < end - quarter]
+    assert len(middle) >= 10, f"{len(middle)} beats in the middle of a {end - start:.3f} s call"
