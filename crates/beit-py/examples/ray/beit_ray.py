@@ -62,11 +62,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="beit_rs threads per actor (default: --num-cpus)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per model call")
     ap.add_argument("--io-cpus", type=float, default=1, help="CPUs Ray reserves per read or write task")
-    ap.add_argument("--node-ip", default=None, help="this driver's address as the cluster sees it (local runs: 127.0.0.1)")
     ap.add_argument("--pid-dir", default=None, help="actors record their pids and batches here (fault-injection runs)")
     a = ap.parse_args()
 
-    ray.init(address=a.address, log_to_driver=False, _node_ip_address=a.node_ip)
+    ray.init(address=a.address, log_to_driver=False)
     ds = ray.data.read_images(a.input, mode="RGB", include_paths=True, num_cpus=a.io_cpus)
     ds = ds.map_batches(
         BeitPredictor,

@@ -29,7 +29,7 @@ stop
 
 job() {  # job NAME ARGS...: runs beit_ray.py against the cluster, prints its JSON line
   local name=$1; shift
-  "$PYTHON" "$HERE/beit_ray.py" --address "127.0.0.1:$PORT" --node-ip 127.0.0.1 --model "$MODEL" --input "$INPUT" \
+  "$PYTHON" "$HERE/beit_ray.py" --address "127.0.0.1:$PORT" --model "$MODEL" --input "$INPUT" \
     --output "$WORK/$name" --num-cpus 0.75 --threads 1 --io-cpus 0.25 "$@" 2>"$WORK/$name.log" | tail -1
 }
 
@@ -38,16 +38,17 @@ verify() {  # verify NAME TASK
 }
 
 echo "== head node ($CPUS_PER_NODE CPU)"
-# Every node on the loopback address: the cluster's traffic never leaves this machine.
-"$RAY" start --head --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus "$CPUS_PER_NODE" --include-dashboard=false --disable-usage-stats >/dev/null
+# Both nodes run on this machine; Ray registers them under the machine's own interface address (Ray 2.60 does not
+# keep --node-ip-address 127.0.0.1), so the cluster's traffic stays on this host.
+"$RAY" start --head --port "$PORT" --num-cpus "$CPUS_PER_NODE" --include-dashboard=false --disable-usage-stats >/dev/null
 echo "one node, 1 actor:  $(job one --concurrency 1)"
 verify one classify
 
 echo "== second node ($CPUS_PER_NODE CPU)"
-"$RAY" start --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus "$CPUS_PER_NODE" >/dev/null
+"$RAY" start --address "127.0.0.1:$PORT" --num-cpus "$CPUS_PER_NODE" >/dev/null
 "$PYTHON" - "$PORT" <<'PY'
 import sys, time, ray
-ray.init(address=f"127.0.0.1:{sys.argv[1]}", log_to_driver=False, _node_ip_address="127.0.0.1")
+ray.init(address=f"127.0.0.1:{sys.argv[1]}", log_to_driver=False)
 for _ in range(60):
     if sum(n["Alive"] for n in ray.nodes()) == 2:
         break
