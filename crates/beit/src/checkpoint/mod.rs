@@ -223,9 +223,38 @@ pub fn align_prefix(tensors: HashMap<String, Tensor>, prefix: &str, model_has_pr
     match (model_has_prefix, checkpoint_has_prefix) {
         (true, false) => tensors.into_iter().map(|(k, v)| (format!("{dotted}{k}"), v)).collect(),
         (false, true) => {
-            tensors.into_iter().map(|(k, v)| (k.strip_prefix(&dotted).map(str::to_string).unwrap_or(k), v)).collect()
+            let (base, heads): (Vec<_>, Vec<_>) = tensors.into_iter().partition(|(k, _)| k.starts_with(&dotted));
+            let mut out: HashMap<String, Tensor> =
+                base.into_iter().map(|(k, v)| (k[dotted.len()..].to_string(), v)).collect();
+            // A head's own tensors stay (reported unused) but never shadow the backbone's: BeitForMaskedImageModeling
+            // has a top-level `layernorm` beside `beit.layernorm`, and transformers loads the latter into BeitModel.
+            for (k, v) in heads {
+                out.entry(k).or_insert(v);
+            }
+            out
         }
         _ => tensors,
+    }
+}
+
+#[cfg(test)]
+mod align_prefix_tests {
+    use super::*;
+
+    #[test]
+    fn the_backbone_wins_over_a_head_tensor_of_the_same_name() {
+        let t = |x: f32| Tensor::new(&[x], &candle_core::Device::Cpu).unwrap();
+        for _ in 0..8 {
+            // HashMap order varies between maps: the answer must not.
+            let ckpt: HashMap<String, Tensor> =
+                [("beit.layernorm.weight", 1.0), ("layernorm.weight", 2.0), ("lm_head.weight", 3.0)]
+                    .into_iter()
+                    .map(|(k, x)| (k.to_string(), t(x)))
+                    .collect();
+            let out = align_prefix(ckpt, "beit", false);
+            assert_eq!(out["layernorm.weight"].to_vec1::<f32>().unwrap(), [1.0]);
+            assert!(out.contains_key("lm_head.weight"));
+        }
     }
 }
 
