@@ -51,6 +51,8 @@ def parse_args(argv=None):
                         "the median of the rounds: this machine's speed drifts by minutes, and interleaving makes "
                         "every engine see the same drift")
     p.add_argument("--beit", default=os.path.join(ROOT, "target", "release", "beit"))
+    p.add_argument("--beit-before", help="a second beit binary (an earlier build), run as engine beit-before in the "
+                                         "same interleaved rounds, to show a change's effect against the same ORT runs")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "beit-bench"))
     p.add_argument("--ceiling-gflops", type=float, default=None,
                    help="the fp32 sgemm ceiling; default: measured here first (torch's MKL sgemm, 2048^3, --threads)")
@@ -289,8 +291,8 @@ def worker_cmd(a, kind, batch=None):
     return cmd
 
 
-def beit_cmd(a, d, batch, dtype):
-    return [a.beit, "bench", "--config", os.path.join(d, "config.json"), "--architecture",
+def beit_cmd(a, d, batch, dtype, binary=None):
+    return [binary or a.beit, "bench", "--config", os.path.join(d, "config.json"), "--architecture",
             "BeitForImageClassification", "--batch-size", str(batch), "--image-size", str(a.image_size),
             "--dtype", dtype, "--warmup", str(a.warmup), "--runs", str(a.runs), "--threads", str(a.threads),
             "--ceiling-gflops", str(a.ceiling_gflops), "--json"]
@@ -358,11 +360,13 @@ def print_round_ratios(rows):
     """beit / ONNX Runtime round by round (rounds ran interleaved, so round i of each saw the same minutes)."""
     for b in sorted({r["batch"] for r in rows}):
         ref = {(q["engine"], q["dtype"]): q for q in rows if q["batch"] == b and "error" not in q}
-        for dtype in ("f32", "int8"):
-            ours, theirs = ref.get(("beit", dtype)), ref.get(("onnxruntime", dtype))
-            if ours and theirs:
-                ratios = [x / y for x, y in zip(ours["rounds_images_per_s"], theirs["rounds_images_per_s"])]
-                print(f"batch {b} beit {dtype} / ORT {dtype} per round: " + " ".join(f"{x:.2f}" for x in ratios))
+        for engine in ("beit", "beit-before"):
+            for dtype in ("f32", "int8"):
+                ours, theirs = ref.get((engine, dtype)), ref.get(("onnxruntime", dtype))
+                if ours and theirs:
+                    ratios = [x / y for x, y in zip(ours["rounds_images_per_s"], theirs["rounds_images_per_s"])]
+                    print(f"batch {b} {engine} {dtype} / ORT {dtype} per round: " + " ".join(f"{x:.2f}" for x in ratios)
+                          + f"; median {statistics.median(ratios):.2f}")
 
 
 def fmt_ratio(x, base):
@@ -434,6 +438,8 @@ def main():
             plan.append(("onnxruntime", "int8", worker_cmd(a, "ort-int8", b)))
         if "beit" in engines:
             plan += [("beit", "f32", beit_cmd(a, d, b, "f32")), ("beit", "int8", beit_cmd(a, d, b, "int8"))]
+            if a.beit_before:
+                plan += [("beit-before", dtype, beit_cmd(a, d, b, dtype, a.beit_before)) for dtype in ("f32", "int8")]
         per_round = {(engine, dtype): [] for engine, dtype, _ in plan}
         for i in range(a.rounds):
             shift = i % len(plan)
