@@ -87,10 +87,12 @@ async function loadInfo() {
   const tasks = (info.tasks || []).filter((t) => t in TASKS);
   // A classifier or a segmenter also embeds; its head is what it is for.
   task = ['classify', 'segment', 'embed'].find((t) => tasks.includes(t)) || null;
-  $('task-name').textContent = task ? TASKS[task] + ` (POST /${task})` : 'none';
+  showTask();
+  // A model with several tasks gets a choice instead of the plain name.
   const select = $('task');
   select.replaceChildren(...tasks.map((t) => new Option(`${TASKS[t]} (/${t})`, t, false, t === task)));
-  $('task-choice').hidden = tasks.length < 2;
+  select.hidden = tasks.length < 2;
+  $('task-name').hidden = tasks.length >= 2;
   const labels = info.labels || [];
   $('labels').replaceChildren(...labels.map((l) => {
     const li = document.createElement('li');
@@ -100,6 +102,11 @@ async function loadInfo() {
   $('labels-summary').textContent = `${labels.length} label${labels.length === 1 ? '' : 's'}`;
   $('labels-box').hidden = labels.length === 0;
   answered('ready', '');
+}
+
+function showTask() {
+  $('task-name').textContent = task ? `${TASKS[task]} (POST /${task})` : 'none';
+  $('model').dataset.task = task || '';
 }
 
 function loadImage(url) {
@@ -285,7 +292,7 @@ function init() {
   });
   $('task').addEventListener('change', (e) => {
     task = e.target.value;
-    $('task-name').textContent = TASKS[task] + ` (POST /${task})`;
+    showTask();
   });
   $('key-form').addEventListener('submit', (e) => {
     e.preventDefault();
