@@ -70,7 +70,7 @@ async fn the_page_is_served_without_a_key() {
     assert_eq!(a.status, 401, "{}", a.text());
     let auth = format!("Bearer {KEY}");
     let a = http
-        .send_with(Method::POST, "/classify", &[("authorization", &auth)], image_bytes("chelsea.png"))
+        .send_with(Method::POST, "/classify", &[("authorization", auth.as_str())], image_bytes("chelsea.png"))
         .await
         .unwrap();
     assert_eq!(a.status, 200, "{}", a.text());
