@@ -282,9 +282,11 @@ impl Driver {
         self.on(Method::POST, "/execute/sync", Some(json!({"script": script, "args": []}))).await
     }
 
-    /// Saves a screenshot as `name` under BEIT_SCREENSHOT_DIR, if set.
+    /// Saves a screenshot as `name` under BEIT_SCREENSHOT_DIR, if set: a relative path is taken from the
+    /// workspace's root (cargo runs tests in the crate's directory, whatever directory it was started in).
     async fn screenshot(&self, name: &str) {
         let Some(dir) = std::env::var_os("BEIT_SCREENSHOT_DIR") else { return };
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(dir);
         let v = self.on(Method::GET, "/screenshot", None).await;
         let png = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap();
         assert!(png.starts_with(b"\x89PNG"));
