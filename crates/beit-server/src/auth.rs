@@ -1,6 +1,7 @@
 //! Access control. API keys: with any configured, every endpoint but `/health` and the page's files requires
 //! `Authorization: Bearer <key>`, checked in constant time against every key; keys are never logged or shown
-//! (`Debug` prints only how many there are). CORS: off unless origins are named; then those origins' browsers may call the API.
+//! (`Debug` prints only how many there are). CORS: off unless origins are named; then those origins' browsers may
+//! call the API.
 
 use std::fmt;
 use std::path::Path;
