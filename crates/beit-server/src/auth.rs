@@ -1,6 +1,7 @@
-//! Access control. API keys: with any configured, every endpoint but `/health` requires `Authorization: Bearer
-//! <key>`, checked in constant time against every key; keys are never logged or shown (`Debug` prints only how
-//! many there are). CORS: off unless origins are named; then those origins' browsers may call the API.
+//! Access control. API keys: with any configured, every endpoint but `/health` and the page's files requires
+//! `Authorization: Bearer <key>`, checked in constant time against every key; keys are never logged or shown
+//! (`Debug` prints only how many there are). CORS: off unless origins are named; then those origins' browsers may
+//! call the API.
 
 use std::fmt;
 use std::path::Path;
@@ -12,6 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::{ApiError, ErrorType, ServerError};
+use crate::page;
 
 /// The keys a request may present; none means the server is open.
 #[derive(Clone, Default)]
@@ -95,8 +97,9 @@ fn constant_time_eq(key: &[u8], presented: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// The paths open without a key: a load balancer's health check must not need one.
-const OPEN_PATHS: &[&str] = &["/health"];
+/// The paths open without a key: a load balancer's health check must not need one, nor a browser loading the page
+/// (which then asks for the key).
+const OPEN_PATHS: &[&str] = &["/health", page::INDEX, page::CSS, page::JS];
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case).
 fn bearer(req: &Request) -> Option<&[u8]> {

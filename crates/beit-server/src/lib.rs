@@ -3,6 +3,7 @@
 //! - POST /classify, /segment, /embed: an image (raw bytes, a multipart form, or JSON with base64) in, the Hugging
 //!   Face Inference API's answer out.
 //! - GET /health, /info, /metrics (Prometheus), /openapi.json.
+//! - GET /: a web page to try the model from a browser ([`page`]).
 //!
 //! The model runs on one dedicated OS thread with dynamic batching (see [`batcher`]); the tokio runtime only
 //! parses, decodes (on its blocking pool) and answers. Admission is bounded (`max_queue` requests waiting beyond a
@@ -10,7 +11,8 @@
 //! uploads hold no slot; bodies must arrive at a minimum rate, headers within a deadline, and one address may hold
 //! only so many connections ([`conn`]). Bodies and images are bounded, and a client that disconnects has its
 //! queued work dropped. Errors are typed ([`ApiError::from_beit`]); with API keys ([`auth`]) every endpoint but
-//! /health needs one. Shutdown stops accepting, answers what was admitted, then stops the model thread.
+//! /health and the page's files needs one. Shutdown stops accepting, answers what was admitted, then stops the
+//! model thread.
 
 pub mod auth;
 pub mod batcher;
@@ -21,6 +23,7 @@ pub mod input;
 pub mod log;
 pub mod metrics;
 pub mod openapi;
+pub mod page;
 pub mod routes;
 
 use std::future::Future;
@@ -68,7 +71,8 @@ pub struct ServerConfig {
     pub max_image_pixels: u64,
     /// What /info calls the model (the --model argument).
     pub model_id: String,
-    /// Keys a request must present (`Authorization: Bearer <key>`) on every endpoint but /health; none: open.
+    /// Keys a request must present (`Authorization: Bearer <key>`) on every endpoint but /health and the page;
+    /// none: open.
     pub api_keys: ApiKeys,
     /// Origins whose pages may call the API from a browser (`*`: any); none: CORS off.
     pub cors_origins: CorsOrigins,

@@ -48,6 +48,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/info", get(info))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
+        .merge(crate::page::routes::<Arc<AppState>>())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // The inference handlers read bodies themselves, against --max-body-bytes.
