@@ -51,7 +51,7 @@ pub struct ServeArgs {
     /// Largest image, in pixels, checked from the header before decoding (400 above).
     #[arg(long, default_value_t = 25_000_000)]
     max_image_pixels: u64,
-    /// An API key clients must send as `Authorization: Bearer KEY` on every endpoint but /health; repeat for
+    /// An API key clients must send as `Authorization: Bearer KEY` on every endpoint but /health and the page at /; repeat for
     /// several. Other users can read it in the process list: prefer --api-key-file or BEIT_API_KEY.
     #[arg(long = "api-key", value_name = "KEY")]
     api_keys: Vec<String>,
