@@ -505,9 +505,8 @@ async fn soak(o: &Opts, seconds: f64, client: &HttpClient, base: &str, info: &se
     for t in tasks {
         let _ = t.await;
     }
-    let mut rest = window.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
+    let rest = window.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
     total.add(&rest);
-    rest.good_latency.clear();
     let wall = started.elapsed().as_secs_f64();
     report(&mut total, 0, wall, rss_mib(o.pid));
     println!(

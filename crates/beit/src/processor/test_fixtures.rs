@@ -10,7 +10,7 @@ pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/
 
 /// A JSON file under [`FIXTURES`].
 pub fn json(rel: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}{rel}")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}{rel}")).unwrap()).unwrap() // ok: test-only module (cfg(test) in mod.rs)
 }
 
 /// gen_processor_fixtures.py's manifest.
@@ -19,7 +19,7 @@ pub fn manifest() -> Value {
 }
 
 fn npy(rel: &str) -> (Vec<usize>, NpyData) {
-    let a = parse_npy(&std::fs::read(format!("{FIXTURES}{rel}")).unwrap()).unwrap();
+    let a = parse_npy(&std::fs::read(format!("{FIXTURES}{rel}")).unwrap()).unwrap(); // ok: test-only module
     (a.shape, a.data)
 }
 
@@ -27,7 +27,7 @@ fn npy(rel: &str) -> (Vec<usize>, NpyData) {
 pub fn npy_f32(rel: &str) -> (Vec<usize>, Vec<f32>) {
     match npy(rel) {
         (s, NpyData::F32(v)) => (s, v),
-        (_, other) => panic!("{rel}: not float32: {other:?}"),
+        (_, other) => panic!("{rel}: not float32: {other:?}"), // ok: test-only module
     }
 }
 
@@ -35,11 +35,11 @@ pub fn npy_f32(rel: &str) -> (Vec<usize>, Vec<f32>) {
 pub fn npy_i64(rel: &str) -> (Vec<usize>, Vec<i64>) {
     match npy(rel) {
         (s, NpyData::I64(v)) => (s, v),
-        (_, other) => panic!("{rel}: not int64: {other:?}"),
+        (_, other) => panic!("{rel}: not int64: {other:?}"), // ok: test-only module
     }
 }
 
 /// A JSON array of strings.
 pub fn strs(v: &Value) -> Vec<String> {
-    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() // ok: test-only module
 }
