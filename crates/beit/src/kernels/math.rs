@@ -56,6 +56,33 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
+/// [`exp`] on 16 lanes with AVX-512: the same steps, with FMA where they multiply and add (so within an ulp
+/// of [`exp`], not bit-equal). The attention kernel's softmax calls it on whole vectors: LLVM's
+/// auto-vectorized [`exp_line`] ran that kernel 10-20% slower.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // max(lo, x) and min(hi, x) return x when x is NaN (their second operand).
+    let x = _mm512_min_ps(_mm512_set1_ps(88.7), _mm512_max_ps(_mm512_set1_ps(-87.3), x));
+    let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(12_582_912.0));
+    let n = _mm512_sub_ps(t, _mm512_set1_ps(12_582_912.0));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
+    // 2^n: t's mantissa holds n + 0x40_0000; n + 127 shifted into the exponent field.
+    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B40_0000)));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+}
+
 /// erf(x) as Eigen's fast float erf: a rational approximation on [-4, 4] (erf is 1 to float precision
 /// beyond), within a few ulp of the exact value.
 #[inline(always)]
@@ -218,6 +245,39 @@ mod tests {
         assert!(worst < 5e-7, "exp relative error {worst} on [-87, 0]");
         // Far below the clamp: tiny and finite; NaN stays NaN.
         assert!(exp(-1e30) < 1.3e-38 && exp(f32::NEG_INFINITY) >= 0.0 && exp(f32::NAN).is_nan());
+    }
+
+    /// The AVX-512 form follows the scalar one to within an ulp (it fuses multiply-adds), clamps and keeps
+    /// NaN alike.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp512_follows_exp() {
+        if !cpu::hardware().avx512 {
+            eprintln!("note: no AVX-512 on this CPU; exp512 not tested");
+            return;
+        }
+        let xs: Vec<f32> = (-40000..=40000)
+            .map(|i| i as f32 * 0.0022)
+            .chain([-1e30, f32::NEG_INFINITY, f32::NAN, 1e30, -87.3, 88.7])
+            .collect();
+        let mut lanes = xs.clone();
+        lanes.resize(xs.len().next_multiple_of(16), 0.0);
+        for line in lanes.chunks_exact_mut(16) {
+            // SAFETY: the CPU has AVX-512 F (checked above); the line holds 16 values.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_ps(line.as_mut_ptr(), exp512(_mm512_loadu_ps(line.as_ptr())));
+            }
+        }
+        for (x, v) in xs.iter().zip(&lanes) {
+            let s = exp(*x);
+            if s.is_nan() {
+                assert!(v.is_nan(), "exp512({x}) = {v}, expected NaN");
+            } else {
+                let close = *v == s || (v - s).abs() <= 2.0 * f32::EPSILON * s.abs() + f32::MIN_POSITIVE;
+                assert!(close, "exp512({x}) = {v}, exp = {s}");
+            }
+        }
     }
 
     /// erf by its series, in f64, as the reference.

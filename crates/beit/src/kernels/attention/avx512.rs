@@ -10,7 +10,7 @@
 //!    key panels. Scale and biases are applied once per score as the tile is stored, and the row maxima
 //!    are updated there too (no separate max pass). Scores go to a tile-major buffer
 //!    `[n↑16 / 16][RB][16]` (20 KiB at n = 197, L1): sixteen keys of one row per line.
-//! 2. Per row: `exp(s - max)` in place ([`math::exp_line`](crate::kernels::math::exp_line) on each line),
+//! 2. Per row: `exp(s - max)` in place ([`math::exp512`](crate::kernels::math::exp512) on each line),
 //!    and the sum; the row is *not* normalised here.
 //! 3. `ctx = P·V · (1/sum)` by a 6 × 64 tile (24 accumulators, 4 loads and 6 broadcasts per key): the
 //!    tile-major scores put the six rows' probabilities of one key at fixed offsets of one pointer. The
@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use super::{AttentionShape, SendPtr};
 use crate::kernels::f32::AlignedF32;
-use crate::kernels::math::exp_line;
+use crate::kernels::math::exp512;
 
 /// Query rows per block: their scores (`RB · n↑16 · 4` bytes, 20 KiB at n = 197) stay in L1 from q·kᵀ
 /// through softmax to p·v. A multiple of [`QK_R`] and [`PV_R`].
@@ -334,7 +334,8 @@ unsafe fn task(job: &Job<'_>, scratch: &mut [f32]) {
             }
         }
         for (i, inv) in inv.iter_mut().enumerate().take(rows) {
-            *inv = softmax_row(&mut sp[i * 16..], n, &mx[i * 16..(i + 1) * 16]);
+            // SAFETY: AVX-512 F (this function's own).
+            *inv = unsafe { softmax_row(&mut sp[i * 16..], n, &mx[i * 16..(i + 1) * 16]) };
         }
         // ctx rows, head columns, one group of up to 64 columns at a time.
         for r0 in (0..rows).step_by(PV_R) {
@@ -575,24 +576,33 @@ unsafe fn qk_tile_avx512<const R: usize, const NV: usize, const NB: usize>(t: Qk
 }
 
 /// One row of the tile-major scores (key j at `(j / 16) · RB · 16 + j % 16`) given its 16-lane maxima:
-/// `exp(s - max)` in place; returns 1 / Σ. Inlined into [`task`], so that it vectorizes for AVX-512.
-#[inline(always)]
-fn softmax_row(s: &mut [f32], n: usize, mx: &[f32]) -> f32 {
+/// `exp(s - max)` in place ([`exp512`] on whole vectors, the sum masked at the last); returns 1 / Σ.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn softmax_row(s: &mut [f32], n: usize, mx: &[f32]) -> f32 {
     let chunks = n.div_ceil(16);
     assert!(
         chunks > 0 && s.len() >= ((chunks - 1) * RB + 1) * 16 && mx.len() >= 16,
         "softmax row: slice too short"
     );
-    let m = mx[..16]
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    let (lines, _) = s.as_chunks_mut::<16>();
-    let mut acc = [0f32; 16];
+    let p = s.as_mut_ptr();
+    let tail = ((1u32 << (n - 16 * (chunks - 1))) - 1) as __mmask16;
+    // SAFETY: mx holds 16 values (asserted).
+    let m = _mm512_set1_ps(_mm512_reduce_max_ps(unsafe { _mm512_loadu_ps(mx.as_ptr()) }));
+    let mut sum = _mm512_setzero_ps();
     for c in 0..chunks {
-        // The padding lanes of the last line (keys ≥ n) are computed but never summed or read.
-        exp_line(&mut lines[c * RB], m, &mut acc, n - 16 * c);
+        // SAFETY: line c < chunks of this row (asserted); the CPU has AVX-512 F (the caller's). The padding
+        // lanes (keys ≥ n) are written but never summed or read as probabilities.
+        unsafe {
+            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(c * RB * 16)), m));
+            _mm512_storeu_ps(p.add(c * RB * 16), e);
+            sum = _mm512_mask_add_ps(sum, if c + 1 == chunks { tail } else { 0xFFFF }, sum, e);
+        }
     }
-    1.0 / acc.iter().sum::<f32>()
+    1.0 / _mm512_reduce_add_ps(sum)
 }
 
 /// A p·v tile: rows `r0..r0 + PV_R` of the block against `NV` vectors of output columns.
@@ -703,6 +713,7 @@ unsafe fn pv_tile_avx512<const R: usize, const NV: usize>(t: PvTile<'_>) {
 mod perf_probe {
     use super::*;
     use std::time::Instant;
+    use crate::kernels::math::exp_line;
 
     fn min_time(batches: usize, mut f: impl FnMut()) -> f64 {
         f();
@@ -815,7 +826,7 @@ mod perf_probe {
         #[target_feature(enable = "avx512f")]
         fn softmax_rows(sp: &mut [f32], n: usize) {
             for i in 0..RB {
-                softmax_row(&mut sp[i * 16..], n, &[0f32; 16]);
+                unsafe { softmax_row(&mut sp[i * 16..], n, &[0f32; 16]) };
             }
         }
         let mut sp = vec![-0.5f32; chunks * RB * 16];
