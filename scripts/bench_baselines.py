@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Time BEiT's forward pass in transformers, ONNX Runtime (fp32 and dynamic int8) and `beit bench` on the same
-config, batch sizes, image size and thread count, each engine in a process of its own (so that its peak RSS is
+"""Time BEiT's forward pass in transformers (fp32, bf16 weights, bf16 autocast), ONNX Runtime (fp32 and dynamic
+int8), OpenVINO (fp32 and bf16) and `beit bench` (f32, int8, bf16) on the same config, batch sizes, image size and thread count, each engine in a process of its own (so that its peak RSS is
 its own), and print one table.
 
     python -m venv venv/bench && venv/bench/bin/pip install -r scripts/requirements-bench.txt
@@ -12,6 +12,12 @@ its own), and print one table.
 Weights are seeded random (randn * 0.02, LayerNorm weights around 1), as in scripts/bench_transformers.py; the
 config is written once as config.json and `beit bench --config` reads that same file. The ONNX exports (opset 17,
 dynamic batch axis) and their quantize_dynamic versions are cached under --cache (default /tmp/beit-bench).
+
+Engines (--engines): transformers (fp32, SDPA); torch-bf16 (model.to(torch.bfloat16), bf16 input); torch-autocast
+(fp32 weights under torch.autocast("cpu", torch.bfloat16)); ort and ort-int8 (ONNX Runtime on the fp32 export and its
+quantize_dynamic version); openvino and openvino-bf16 (the same fp32 export reshaped to the batch,
+INFERENCE_PRECISION_HINT f32 or bf16, INFERENCE_NUM_THREADS = --threads, PERFORMANCE_HINT LATENCY); beit (`beit
+bench --dtype f32` and `--dtype int8`), beit-f32, beit-int8 and beit-bf16 (one dtype each).
 
 --startup also saves the model as a checkpoint (save_pretrained, safetensors) and times `beit classify --model DIR
 IMAGE` from process start to exit (median of 5, after one untimed run that warms the page cache), next to the
@@ -38,6 +44,12 @@ PRESETS = {
 }
 
 
+ENGINES = ("transformers", "torch-bf16", "torch-autocast", "ort", "ort-int8", "openvino", "openvino-bf16", "beit",
+           "beit-f32", "beit-int8", "beit-bf16")
+# The engines that read the fp32 ONNX export.
+ONNX_ENGINES = ("ort", "ort-int8", "openvino", "openvino-bf16")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="base", help="base, large, or a transformers config.json")
@@ -57,11 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--ceiling-gflops", type=float, default=None,
                    help="the fp32 sgemm ceiling; default: measured here first (torch's MKL sgemm, 2048^3, --threads)")
     p.add_argument("--engines", default="transformers,ort,ort-int8,beit",
-                   help="comma-separated subset of transformers, ort, ort-int8, beit")
+                   help="comma-separated subset of " + ", ".join(ENGINES))
     p.add_argument("--json-out", help="also write the results here")
     p.add_argument("--startup", action="store_true", help="also time `beit classify` start to exit")
     # Internal: run one measurement in this process and print it as JSON.
-    p.add_argument("--worker", choices=["prepare", "sgemm", "transformers", "ort", "ort-int8"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["prepare", "sgemm", "transformers", "torch-bf16", "torch-autocast", "ort",
+                                        "ort-int8", "openvino", "openvino-bf16"], help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     for name in ("image_size", "threads", "runs", "rounds"):
@@ -73,9 +86,9 @@ def parse_args(argv=None):
         p.error(f"--batch: every batch size must be at least 1, found {a.batch}")
     if a.config not in PRESETS and not os.path.isfile(a.config):
         p.error(f"--config: {a.config!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-    unknown = set(a.engines.split(",")) - {"transformers", "ort", "ort-int8", "beit"}
+    unknown = set(a.engines.split(",")) - set(ENGINES)
     if unknown:
-        p.error(f"--engines: unknown {sorted(unknown)}; expected transformers, ort, ort-int8, beit")
+        p.error(f"--engines: unknown {sorted(unknown)}; expected {', '.join(ENGINES)}")
     return a
 
 
@@ -161,7 +174,7 @@ def worker_prepare(a, d):
     fp32, int8 = os.path.join(d, "model_fp32.onnx"), os.path.join(d, "model_int8.onnx")
     engines = a.engines.split(",")
     # int8 is quantized from the fp32 export, so either ORT engine needs it.
-    if not os.path.exists(fp32) and ("ort" in engines or "ort-int8" in engines):
+    if not os.path.exists(fp32) and any(e in engines for e in ONNX_ENGINES):
         x = torch.from_numpy(pixel_batch(1, a.image_size))
         for attn in ("sdpa", "eager"):  # SDPA if it exports, else the eager attention it replaces
             model = build_torch_model(a, d, attn)
@@ -227,6 +240,45 @@ def worker_transformers(a, d, batch):
     import transformers
 
     return summary(times, batch, version=f"transformers {transformers.__version__}, torch {torch.__version__}")
+
+
+def worker_torch_bf16(a, d, batch, autocast):
+    """bf16 in torch: the weights cast (model.to(torch.bfloat16), bf16 input), or fp32 weights under autocast."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(a.threads)
+    model = build_torch_model(a, d, "sdpa")
+    x = torch.from_numpy(pixel_batch(batch, a.image_size))
+    if autocast:
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(pixel_values=x)
+    else:
+        model = model.to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
+
+        def call():
+            return model(pixel_values=x)
+    with torch.no_grad():
+        times = time_calls(call, a.warmup, a.runs)
+    return summary(times, batch, version=f"transformers {transformers.__version__}, torch {torch.__version__}")
+
+
+def worker_openvino(a, d, batch, precision):
+    """OpenVINO on the fp32 ONNX export (the one ONNX Runtime runs), reshaped to the batch."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(os.path.join(d, "model_fp32.onnx"))
+    model.reshape({"pixel_values": [batch, 3, a.image_size, a.image_size]})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                 "INFERENCE_NUM_THREADS": a.threads, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    x = pixel_batch(batch, a.image_size)
+    times = time_calls(lambda: request.infer({"pixel_values": x}), a.warmup, a.runs)
+    got = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return summary(times, batch, version=f"openvino {ov.__version__}", inference_precision=str(got))
 
 
 def worker_ort(a, d, batch, quantized):
@@ -356,17 +408,24 @@ def combine_rounds(engine, dtype, batch, results, gflop, ceiling):
     return row
 
 
+# (ours, theirs) pairs whose per-round ratios are printed: beit against the peers of the same number format.
+RATIO_PAIRS = [
+    ("f32", ("onnxruntime", "f32")), ("f32", ("openvino", "f32")), ("int8", ("onnxruntime", "int8")),
+    ("bf16", ("openvino", "bf16")), ("bf16", ("torch", "bf16")), ("bf16", ("torch-autocast", "bf16")),
+]
+
+
 def print_round_ratios(rows):
-    """beit / ONNX Runtime round by round (rounds ran interleaved, so round i of each saw the same minutes)."""
+    """beit / its peers round by round (rounds ran interleaved, so round i of each saw the same minutes)."""
     for b in sorted({r["batch"] for r in rows}):
         ref = {(q["engine"], q["dtype"]): q for q in rows if q["batch"] == b and "error" not in q}
         for engine in ("beit", "beit-before"):
-            for dtype in ("f32", "int8"):
-                ours, theirs = ref.get((engine, dtype)), ref.get(("onnxruntime", dtype))
+            for dtype, theirs_key in RATIO_PAIRS:
+                ours, theirs = ref.get((engine, dtype)), ref.get(theirs_key)
                 if ours and theirs:
                     ratios = [x / y for x, y in zip(ours["rounds_images_per_s"], theirs["rounds_images_per_s"])]
-                    print(f"batch {b} {engine} {dtype} / ORT {dtype} per round: " + " ".join(f"{x:.2f}" for x in ratios)
-                          + f"; median {statistics.median(ratios):.2f}")
+                    print(f"batch {b} {engine} {dtype} / {theirs_key[0]} {theirs_key[1]} per round: "
+                          + " ".join(f"{x:.2f}" for x in ratios) + f"; median {statistics.median(ratios):.2f}")
 
 
 def fmt_ratio(x, base):
@@ -406,12 +465,19 @@ def main():
         return
     if a.worker:
         b = a.worker_batch
-        r = worker_transformers(a, d, b) if a.worker == "transformers" else worker_ort(a, d, b, a.worker == "ort-int8")
+        if a.worker == "transformers":
+            r = worker_transformers(a, d, b)
+        elif a.worker in ("torch-bf16", "torch-autocast"):
+            r = worker_torch_bf16(a, d, b, a.worker == "torch-autocast")
+        elif a.worker in ("openvino", "openvino-bf16"):
+            r = worker_openvino(a, d, b, "bf16" if a.worker == "openvino-bf16" else "f32")
+        else:
+            r = worker_ort(a, d, b, a.worker == "ort-int8")
         print(json.dumps(r))
         return
 
     engines = a.engines.split(",")
-    if "beit" in engines and not os.access(a.beit, os.X_OK):
+    if any(e.startswith("beit") for e in engines) and not os.access(a.beit, os.X_OK):
         raise SystemExit(f"--beit: {a.beit} is not an executable (build it: cargo build --release -p beit-cli)")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -432,14 +498,23 @@ def main():
         plan = []
         if "transformers" in engines:
             plan.append(("transformers", "f32", worker_cmd(a, "transformers", b)))
+        if "torch-bf16" in engines:
+            plan.append(("torch", "bf16", worker_cmd(a, "torch-bf16", b)))
+        if "torch-autocast" in engines:
+            plan.append(("torch-autocast", "bf16", worker_cmd(a, "torch-autocast", b)))
         if "ort" in engines:
             plan.append(("onnxruntime", "f32", worker_cmd(a, "ort", b)))
         if "ort-int8" in engines:
             plan.append(("onnxruntime", "int8", worker_cmd(a, "ort-int8", b)))
-        if "beit" in engines:
-            plan += [("beit", "f32", beit_cmd(a, d, b, "f32")), ("beit", "int8", beit_cmd(a, d, b, "int8"))]
-            if a.beit_before:
-                plan += [("beit-before", dtype, beit_cmd(a, d, b, dtype, a.beit_before)) for dtype in ("f32", "int8")]
+        if "openvino" in engines:
+            plan.append(("openvino", "f32", worker_cmd(a, "openvino", b)))
+        if "openvino-bf16" in engines:
+            plan.append(("openvino", "bf16", worker_cmd(a, "openvino-bf16", b)))
+        beit_dtypes = [dt for dt in ("f32", "int8", "bf16")
+                       if f"beit-{dt}" in engines or ("beit" in engines and dt != "bf16")]
+        plan += [("beit", dtype, beit_cmd(a, d, b, dtype)) for dtype in beit_dtypes]
+        if a.beit_before:
+            plan += [("beit-before", dtype, beit_cmd(a, d, b, dtype, a.beit_before)) for dtype in beit_dtypes]
         per_round = {(engine, dtype): [] for engine, dtype, _ in plan}
         for i in range(a.rounds):
             shift = i % len(plan)

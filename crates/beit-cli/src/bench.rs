@@ -26,6 +26,7 @@ use crate::common::ModelArgs;
 pub enum BenchDtype {
     F32,
     Int8,
+    Bf16,
 }
 
 impl BenchDtype {
@@ -33,6 +34,7 @@ impl BenchDtype {
         match self {
             BenchDtype::F32 => "f32",
             BenchDtype::Int8 => "int8",
+            BenchDtype::Bf16 => "bf16",
         }
     }
 
@@ -40,6 +42,7 @@ impl BenchDtype {
         match self {
             BenchDtype::F32 => InferenceDtype::F32,
             BenchDtype::Int8 => InferenceDtype::Int8,
+            BenchDtype::Bf16 => InferenceDtype::Bf16,
         }
     }
 }

@@ -30,10 +30,11 @@ pub struct ModelArgs {
     #[arg(long, value_name = "NAME")]
     pub timm_model: Option<String>,
 
-    /// Number format of the encoder's matrix multiplies: f32 (transformers' outputs to 1e-4) or int8 (dynamic
+    /// Number format of the encoder's matrix multiplies: f32 (transformers' outputs to 1e-4), int8 (dynamic
     /// quantization as onnxruntime's quantize_dynamic: about 3x faster on CPUs with AVX-512 VNNI; logits move,
-    /// by at most 0.08 on models/beit-digits, whose top-1 is unchanged).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
+    /// by at most 0.08 on models/beit-digits, whose top-1 is unchanged) or bf16 (bf16 weights and activations,
+    /// f32 accumulation, LayerNorm, softmax, GELU and residual in f32; fast on CPUs with AVX512_BF16).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "int8", "bf16"])]
     pub dtype: String,
 }
 
@@ -51,7 +52,11 @@ impl ModelArgs {
         Ok(LoadOptions {
             weights_format: self.weights_format.as_deref().map(WeightsFormat::from_name).transpose()?,
             timm_model: self.timm_model.clone(),
-            inference: Some(if self.dtype == "int8" { InferenceDtype::Int8 } else { InferenceDtype::F32 }),
+            inference: Some(match self.dtype.as_str() {
+                "int8" => InferenceDtype::Int8,
+                "bf16" => InferenceDtype::Bf16,
+                _ => InferenceDtype::F32,
+            }),
             hub: Some(self.hub()),
             ..Default::default()
         })

@@ -19,7 +19,7 @@ pub struct ConvertArgs {
 
 pub fn run(a: ConvertArgs) -> Result<()> {
     if a.model.dtype != "f32" {
-        bail!("--dtype {}: convert writes the checkpoint's f32 weights; quantization is for inference only", a.model.dtype);
+        bail!("--dtype {}: convert writes the checkpoint's f32 weights; int8 and bf16 are for inference only", a.model.dtype);
     }
     let mut opts = a.model.load_options()?;
     // Saving needs the dense weights, which inference would release.

@@ -209,8 +209,10 @@ fn inference_dtype(dtype: &str) -> PyResult<InferenceDtype> {
     match dtype {
         "float32" | "fp32" | "f32" => Ok(InferenceDtype::F32),
         "int8" => Ok(InferenceDtype::Int8),
+        "bfloat16" | "bf16" => Ok(InferenceDtype::Bf16),
         other => Err(PyValueError::new_err(format!(
-            "dtype: {other:?} is not supported; expected \"float32\" or \"int8\" (dynamic int8 quantization)"
+            "dtype: {other:?} is not supported; expected \"float32\", \"int8\" (dynamic int8 quantization) or \
+             \"bfloat16\" (bf16 weights and activations, f32 accumulation)"
         ))),
     }
 }

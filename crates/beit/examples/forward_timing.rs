@@ -16,8 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let inference = match args.get(4).map(String::as_str) {
         None | Some("f32") => Some(InferenceDtype::F32),
         Some("int8") => Some(InferenceDtype::Int8),
+        Some("bf16") => Some(InferenceDtype::Bf16),
         Some("dense") => None,
-        Some(other) => return Err(format!("expected f32, int8 or dense, found {other:?}").into()),
+        Some(other) => return Err(format!("expected f32, int8, bf16 or dense, found {other:?}").into()),
     };
     let inference_path = match args.get(5).map(String::as_str) {
         None | Some("fused") => InferencePath::Fused,

@@ -80,7 +80,7 @@ pub mod weights;
 /// the model, which are otherwise internal.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::kernels::{attention, conv, cpu, f32, int8, math};
+    pub use crate::kernels::{attention, bf16, conv, cpu, f32, int8, math};
     pub use crate::rng::Rng;
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::HiddenAct;
 use crate::error::{BeitError, Result};
+use crate::kernels::bf16::PackedBf16;
 use crate::kernels::conv::{ConvGeometry, PackedConv2d, PackedConvTranspose2d};
 use crate::kernels::f32::PackedF32;
 use crate::kernels::int8::QuantizedLinear;
@@ -33,6 +34,9 @@ pub enum InferenceDtype {
     F32,
     /// Dynamic int8 quantization, as onnxruntime's quantize_dynamic.
     Int8,
+    /// bf16 weights and activations (rounded to nearest even, as torch's), f32 accumulation; LayerNorm,
+    /// softmax, GELU and the residual stay f32. Fast where the CPU has AVX512_BF16.
+    Bf16,
 }
 
 /// torch.nn.Linear, with optional packed (f32) or quantized (int8) copies for CPU inference.
@@ -47,6 +51,8 @@ pub struct Linear {
     pub(crate) quantized: Option<Arc<QuantizedLinear>>,
     /// Set by [`Linear::prepare_inference`] with f32: the weight in the f32 kernel's layout, packed once.
     pub(crate) packed: Option<Arc<PackedF32>>,
+    /// Set by [`Linear::prepare_inference`] with bf16: the weight rounded to bf16 and packed once.
+    pub(crate) bf16: Option<Arc<PackedBf16>>,
     in_features: usize,
     out_features: usize,
 }
@@ -67,7 +73,7 @@ impl Linear {
     }
 
     fn from_parts(weight: Tensor, bias: Option<Tensor>, in_features: usize, out_features: usize) -> Self {
-        Linear { weight: Some(weight), bias, quantized: None, packed: None, in_features, out_features }
+        Linear { weight: Some(weight), bias, quantized: None, packed: None, bf16: None, in_features, out_features }
     }
 
     /// Output width.
@@ -86,9 +92,12 @@ impl Linear {
         if let Some(w) = &self.weight {
             return Ok(w.clone());
         }
-        match &self.packed {
-            Some(p) => Ok(Tensor::from_vec(p.unpack(), (self.out_features, self.in_features), &candle_core::Device::Cpu)?),
-            None => Err(BeitError::invalid_input(
+        let shape = (self.out_features, self.in_features);
+        match (&self.packed, &self.bf16) {
+            (Some(p), _) => Ok(Tensor::from_vec(p.unpack(), shape, &candle_core::Device::Cpu)?),
+            // The bf16 values it multiplies by.
+            (_, Some(p)) => Ok(Tensor::from_vec(p.unpack(), shape, &candle_core::Device::Cpu)?),
+            _ => Err(BeitError::invalid_input(
                 "linear weight",
                 format!(
                     "the dense ({}, {}) weight was released when the model was prepared for int8 inference; load \
@@ -118,6 +127,13 @@ impl Linear {
                 };
                 self.quantized = Some(Arc::new(with_f32(w, |w| QuantizedLinear::quantize(w, n, k, bias.as_deref()))?));
             }
+            InferenceDtype::Bf16 => {
+                let bias = match &self.bias {
+                    Some(b) => Some(with_f32(b, |b| Ok(b.to_vec()))?),
+                    None => None,
+                };
+                self.bf16 = Some(Arc::new(with_f32(w, |w| PackedBf16::pack(w, n, k, bias.as_deref()))?));
+            }
         }
         self.weight = None;
         Ok(())
@@ -128,7 +144,13 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_dim.max(1);
-        let y = match (&self.quantized, &self.packed, &self.weight) {
+        let y = match (&self.quantized, &self.packed, &self.bf16) {
+            (_, _, Some(p)) if x.device().is_cpu() => {
+                let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * p.out_features()];
+                p.forward(&xs, rows, &mut out)?;
+                Tensor::from_vec(out, (rows, p.out_features()), x.device())?
+            }
             (Some(q), _, _) if x.device().is_cpu() => {
                 let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = vec![0f32; rows * q.out_features()];

@@ -118,7 +118,7 @@ fn save_then_load_gives_identical_outputs() {
 #[test]
 fn models_prepared_for_inference_refuse_to_save_and_unpack_exactly() {
     let dense = load_pretrained(&fixture("cls_single"), &LoadOptions::default(), &Device::Cpu).unwrap();
-    for dtype in [InferenceDtype::F32, InferenceDtype::Int8] {
+    for dtype in [InferenceDtype::F32, InferenceDtype::Int8, InferenceDtype::Bf16] {
         let opts = LoadOptions { inference: Some(dtype), ..Default::default() };
         let m = load_pretrained(&fixture("cls_single"), &opts, &Device::Cpu).unwrap();
         let e = m.save(&temp("save-inference")).unwrap_err().to_string();
@@ -132,6 +132,14 @@ fn models_prepared_for_inference_refuse_to_save_and_unpack_exactly() {
             InferenceDtype::Int8 => {
                 let e = lb.weight().unwrap_err().to_string();
                 assert!(e.contains("released") && e.contains("int8"), "{e}");
+            }
+            // The bf16 values it multiplies by: the checkpoint's, rounded to nearest even.
+            InferenceDtype::Bf16 => {
+                use beit::internals::bf16::{from_bf16, to_bf16};
+                let dense = la.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want: Vec<f32> = dense.iter().map(|&v| from_bf16(to_bf16(v))).collect();
+                let got = lb.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
     }

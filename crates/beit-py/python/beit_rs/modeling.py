@@ -77,7 +77,7 @@ Data2VecVisionModelOutputWithPooling = BeitModelOutputWithPooling
 
 
 def _dtype_name(dtype: Any) -> str:
-    """"float32", np.float32, torch.float32 and "torch.int8" all to the name the library takes."""
+    """"float32", np.float32, torch.float32, torch.bfloat16 and "torch.int8" all to the name the library takes."""
     name = dtype if isinstance(dtype, str) else getattr(dtype, "__name__", None) or str(dtype)
     return name.rsplit(".", 1)[-1]
 
@@ -135,8 +135,9 @@ class BeitPreTrainedModel:
         beside its config.json, or a Hub repo id, looked up in huggingface_hub's cache and downloaded when missing
         (``revision``: branch, tag or commit; HF_HUB_OFFLINE, HF_HOME, HF_TOKEN honoured).
 
-        ``dtype``: "float32" (weights packed once for the CPU kernels) or "int8" (dynamic quantization of the
-        encoder's Linear layers). ``num_threads``: the threads this model's calls run on (default: the process-wide
+        ``dtype``: "float32" (weights packed once for the CPU kernels), "int8" (dynamic quantization of the
+        encoder's Linear layers) or "bfloat16" (``torch.bfloat16`` too: the encoder's Linear layers in bf16 with f32
+        accumulation). ``num_threads``: the threads this model's calls run on (default: the process-wide
         pool). A head absent from the checkpoint is newly initialized, with a warning, as in transformers."""
         native = _native.Model.load(
             os.fspath(pretrained_model_name_or_path), cls._architecture, revision, _dtype_name(dtype), num_threads

@@ -1,8 +1,9 @@
 //! The CPU's instruction-set features, detected once per process and shared by every kernel, so that one
 //! binary runs on any x86-64 (and non-x86) CPU and picks its widest code at run time.
 //!
-//! `BEIT_CPU=portable` (or `avx2`, `avx512`) caps what is used below what the CPU has: the way to run the
-//! portable kernels on a machine that has AVX-512, for tests and comparisons. It is read once, at first use.
+//! `BEIT_CPU=portable` (or `avx2`, `avx512`, or `avx512_vnni`: everything but AVX512_BF16) caps what is used
+//! below what the CPU has: the way to run the portable kernels on a machine that has AVX-512, for tests and
+//! comparisons. It is read once, at first use.
 
 use std::sync::OnceLock;
 

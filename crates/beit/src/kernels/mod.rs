@@ -10,6 +10,8 @@
 //! - [`int8`]: dynamically quantized Linear layers (int8 per-output-channel weights, uint8 per-row
 //!   activations quantized on the fly), the scheme of onnxruntime's `quantize_dynamic`, with an AVX-512
 //!   VNNI GEMM and a portable one that gives the same integers.
+//! - [`bf16`]: a bf16 Linear (weights packed once, activations rounded as they are packed, f32
+//!   accumulation) with an AVX-512 BF16 GEMM and a portable one that gives the same bits.
 //! - [`attention`]: multi-head attention from a fused qkv buffer with relative position biases; AVX-512
 //!   tiles, or the `gemm` crate's matmuls on CPUs without AVX-512.
 //! - [`conv`]: the segmentation head's convolutions at inference (packed weights, Winograd 3×3, 1×1 as
@@ -19,6 +21,7 @@
 //! any x86-64 (and non-x86) CPU.
 
 pub mod attention;
+pub mod bf16;
 pub mod conv;
 pub mod cpu;
 pub mod f32;

@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use crate::config::HiddenAct;
 use crate::error::{BeitError, Result};
 use crate::kernels::attention::{attention, AttentionShape};
+use crate::kernels::bf16::PackedBf16;
 use crate::kernels::f32::{linear_packed, linear_packed_with, Epilogue, PackedF32};
 use crate::kernels::int8::QuantizedLinear;
 use crate::kernels::math::{gelu_erf, gelu_erf_par, layer_norm};
@@ -79,20 +80,21 @@ impl Norm {
     }
 }
 
-/// q, k and v: one int8 matrix of three times the columns (one call), or three Linears writing side by
-/// side into the qkv buffer.
+/// q, k and v: one int8 or bf16 matrix of three times the columns (one call), or three Linears writing
+/// side by side into the qkv buffer.
 enum Qkv {
     Fused(FusedLinear),
     Separate([FusedLinear; 3]),
 }
 
-/// A Linear prepared for inference: its packed f32 or its int8 weights (shared with the [`Linear`]).
+/// A Linear prepared for inference: its packed f32, int8 or bf16 weights (shared with the [`Linear`]).
 enum FusedLinear {
     F32 {
         weight: Arc<PackedF32>,
         bias: Option<Vec<f32>>,
     },
     Int8(Arc<QuantizedLinear>),
+    Bf16(Arc<PackedBf16>),
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -104,6 +106,9 @@ impl FusedLinear {
     fn new(l: &Linear) -> Result<Option<Self>> {
         if let Some(q) = &l.quantized {
             return Ok(Some(FusedLinear::Int8(q.clone())));
+        }
+        if let Some(p) = &l.bf16 {
+            return Ok(Some(FusedLinear::Bf16(p.clone())));
         }
         let Some(p) = &l.packed else { return Ok(None) };
         let bias = l.bias.as_ref().map(to_vec).transpose()?;
@@ -117,6 +122,7 @@ impl FusedLinear {
         match self {
             FusedLinear::F32 { weight, .. } => weight.n(),
             FusedLinear::Int8(q) => q.out_features(),
+            FusedLinear::Bf16(p) => p.out_features(),
         }
     }
 
@@ -158,15 +164,20 @@ impl FusedLinear {
                 }
                 Ok(())
             }
+            FusedLinear::Bf16(p) => match epilogue {
+                Some(e) => p.forward_with(a, m, out, ldo, e),
+                None => p.forward_with(a, m, out, ldo, |_, _, _| {}),
+            },
         }
     }
 }
 
-/// q, k and v quantized as one (3 hidden, hidden) matrix, so that the fused path makes one int8 call with
-/// three times the columns; None once their dense weights are gone (then they run as three).
-fn quantize_qkv(sa: &BeitSelfAttention) -> Result<Option<FusedLinear>> {
+/// q, k and v quantized (int8) or rounded (bf16) as one (3 hidden, hidden) matrix, so that the fused path
+/// makes one call with three times the columns; None once their dense weights are gone (then they run as
+/// three).
+fn fuse_qkv(sa: &BeitSelfAttention, dtype: InferenceDtype) -> Result<Option<FusedLinear>> {
     let parts = [&sa.query, &sa.key, &sa.value];
-    if parts.iter().any(|l| l.quantized.is_some() || l.packed.is_some()) {
+    if parts.iter().any(|l| l.quantized.is_some() || l.packed.is_some() || l.bf16.is_some()) {
         return Ok(None);
     }
     let weights = parts.iter().map(|l| l.weight()).collect::<Result<Vec<_>>>()?;
@@ -183,8 +194,11 @@ fn quantize_qkv(sa: &BeitSelfAttention) -> Result<Option<FusedLinear>> {
         }
     }
     let n = weight.len() / d.max(1);
-    let quantized = QuantizedLinear::quantize(&weight, n, d, Some(&bias))?;
-    Ok(Some(FusedLinear::Int8(Arc::new(quantized))))
+    Ok(match dtype {
+        InferenceDtype::Int8 => Some(FusedLinear::Int8(Arc::new(QuantizedLinear::quantize(&weight, n, d, Some(&bias))?))),
+        InferenceDtype::Bf16 => Some(FusedLinear::Bf16(Arc::new(PackedBf16::pack(&weight, n, d, Some(&bias))?))),
+        InferenceDtype::F32 => None,
+    })
 }
 
 impl FusedLayer {
@@ -192,11 +206,7 @@ impl FusedLayer {
     /// its fused form; None when its weights are not on the CPU.
     fn prepare(layer: &mut BeitLayer, dtype: InferenceDtype) -> Result<Option<Self>> {
         let sa = &layer.attention.attention;
-        let fused_qkv = if dtype == InferenceDtype::Int8 {
-            quantize_qkv(sa)?
-        } else {
-            None
-        };
+        let fused_qkv = if dtype == InferenceDtype::F32 { None } else { fuse_qkv(sa, dtype)? };
         layer.prepare_inference(dtype)?;
         let sa = &layer.attention.attention;
         let (heads, head_size) = (sa.num_attention_heads(), sa.attention_head_size());
