@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use beit::checkpoint::WeightsFormat;
 use beit::hub::HubOptions;
 use beit::pipeline::Pipeline;
-use beit::processor::load_image_with_limit;
+use beit::processor::loader::{load_ordered, ImageSource, LoaderOptions};
 use beit::{InferenceDtype, LoadOptions};
 use clap::Args;
 use image::RgbImage;
@@ -111,8 +111,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs `f` on batches of decoded images, in order. An image that fails to decode, or a batch that fails,
-/// is reported for its images and the others go on. Returns how many images failed.
+/// Runs `f` on batches of decoded images, in order, while worker threads decode the next ones (a queue of
+/// two batches). An image that fails to decode, or a batch that fails, is reported for its images and the
+/// others go on. Returns how many images failed.
 pub fn for_each_batch<F>(paths: &[PathBuf], batch_size: usize, max_pixels: u64, mut f: F) -> usize
 where
     F: FnMut(&[PathBuf], &[RgbImage]) -> Result<()>,
@@ -128,11 +129,14 @@ where
         ProgressBar::hidden()
     };
     let mut failed = 0;
-    for chunk in paths.chunks(batch_size.max(1)) {
+    let batch_size = batch_size.max(1);
+    let options = LoaderOptions { workers: 0, queue: 2 * batch_size, max_pixels: Some(max_pixels) };
+    let mut loaded = load_ordered(paths.iter().cloned().map(ImageSource::Path).collect(), &options, Ok);
+    for chunk in paths.chunks(batch_size) {
         let mut ok_paths = Vec::with_capacity(chunk.len());
         let mut images = Vec::with_capacity(chunk.len());
-        for p in chunk {
-            match load_image_with_limit(p, Some(max_pixels)) {
+        for (p, (_, result)) in chunk.iter().zip(loaded.by_ref()) {
+            match result {
                 Ok(img) => {
                     ok_paths.push(p.clone());
                     images.push(img);

@@ -5,6 +5,8 @@
 //! covered; anything else (arithmetic coding, 12-bit, CMYK, progressive files libjpeg would
 //! block-smooth) returns `Ok(None)` and the caller falls back to the `image` crate.
 
+use super::simd::{simd_variants, Level};
+
 /// Decoded pixels: `channels` is 1 (gray, PIL mode "L") or 3 (RGB).
 pub struct Decoded {
     /// Width in pixels.
@@ -39,17 +41,24 @@ const NATURAL: [usize; 64] = [
     47, 55, 62, 63,
 ];
 
-#[derive(Clone, Default)]
+/// Bits of lookahead in [`Huffman::lut`]: most codes in photos are at most this long.
+const LOOKAHEAD: u32 = 9;
+
+#[derive(Clone)]
 struct Huffman {
     maxcode: [i32; 18],
     valptr: [i32; 17],
     mincode: [i32; 17],
     values: Vec<u8>,
+    /// For each `LOOKAHEAD`-bit prefix: `length << 8 | value` of the code the bit-by-bit search
+    /// ([`Bits::decode_slow`]) finds within those bits, 0 when it needs more.
+    lut: Vec<u16>,
 }
 
 impl Huffman {
     fn new(counts: &[u8; 16], values: Vec<u8>) -> Huffman {
-        let mut h = Huffman { values, ..Default::default() };
+        let mut h =
+            Huffman { maxcode: [0; 18], valptr: [0; 17], mincode: [0; 17], values, lut: vec![0; 1 << LOOKAHEAD] };
         let (mut code, mut k) = (0i32, 0i32);
         for len in 1..=16 {
             let n = counts[len - 1] as i32;
@@ -61,6 +70,17 @@ impl Huffman {
             code <<= 1;
         }
         h.maxcode[17] = i32::MAX;
+        // The table replays the bit-by-bit search on every prefix, so it agrees with it even on malformed tables.
+        for p in 0..1i32 << LOOKAHEAD {
+            for len in 1..=LOOKAHEAD as usize {
+                let code = p >> (LOOKAHEAD as usize - len);
+                if code <= h.maxcode[len] {
+                    let i = (h.valptr[len] + code - h.mincode[len]) as usize;
+                    h.lut[p as usize] = (len as u16) << 8 | h.values.get(i).copied().unwrap_or(0) as u16;
+                    break;
+                }
+            }
+        }
         h
     }
 }
@@ -111,7 +131,27 @@ impl Bits<'_> {
         Ok(v)
     }
 
+    #[inline]
     fn decode(&mut self, h: &Huffman) -> R<u8> {
+        if self.n < LOOKAHEAD {
+            // A failed fill (data ends without a marker) keeps what it read; the slow path then fails
+            // only if the code really needs the missing bits, as before.
+            let _ = self.fill();
+        }
+        if self.n >= LOOKAHEAD {
+            let e = h.lut[(self.acc >> (64 - LOOKAHEAD)) as usize];
+            if e != 0 {
+                let len = (e >> 8) as u32;
+                self.acc <<= len;
+                self.n -= len;
+                return Ok(e as u8);
+            }
+        }
+        self.decode_slow(h)
+    }
+
+    /// libjpeg's bit-by-bit `jpeg_huff_decode`: codes longer than the lookahead, and the end of data.
+    fn decode_slow(&mut self, h: &Huffman) -> R<u8> {
         let mut code = 0i32;
         for len in 1..=16 {
             code = (code << 1) | self.bits(1)?;
@@ -233,6 +273,12 @@ fn u16_at(d: &[u8], i: usize) -> R<usize> {
 
 /// Decodes a baseline JPEG; `Ok(None)` for features this decoder leaves to the `image` crate.
 pub fn decode(d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
+    decode_with(Some(Level::current()), d, max_pixels)
+}
+
+/// [`decode`] with the kernels compiled for `level`, or (`None`) the reference code they must equal: the
+/// i64 IDCT and pixel-by-pixel upsampling and colour conversion.
+pub(crate) fn decode_with(level: Option<Level>, d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
     if d.get(..2) != Some(&[0xFF, 0xD8]) {
         return corrupt("missing SOI marker");
     }
@@ -371,13 +417,20 @@ pub fn decode(d: &[u8], max_pixels: Option<u64>) -> R<Option<Decoded>> {
     for c in &mut comps {
         c.stride = c.bstride * 8;
         c.plane = vec![0u8; c.stride * mcuy * c.v * 8];
-        for (i, block) in c.coefs.iter().enumerate() {
-            let (bx, by) = (i % c.bstride, i / c.bstride);
-            idct_islow(block, &qt[c.tq], &mut c.plane[by * 8 * c.stride + bx * 8..], c.stride);
+        match level {
+            Some(level) => idct_plane(level, &c.coefs, &qt[c.tq], &mut c.plane, c.bstride),
+            None => {
+                for (i, block) in c.coefs.iter().enumerate() {
+                    let (bx, by) = (i % c.bstride, i / c.bstride);
+                    idct_islow(block, &qt[c.tq], &mut c.plane[by * 8 * c.stride + bx * 8..], c.stride);
+                }
+            }
         }
     }
-
-    Ok(finish(&comps, width, height, jfif, adobe))
+    Ok(match level {
+        Some(level) => finish(level, &comps, width, height, jfif, adobe),
+        None => finish_reference(&comps, width, height, jfif, adobe),
+    })
 }
 
 /// One scan, baseline or progressive (jdhuff.c / jdphuff.c); returns where its data ends.
@@ -572,8 +625,14 @@ fn dc_bits(s: u8) -> R<u32> {
     Ok(s as u32)
 }
 
-/// Upsampling (jdsample.c) and color conversion (jdcolor.c) to the final pixels.
-fn finish(comps: &[Component], width: usize, height: usize, jfif: bool, adobe: Option<u8>) -> Option<Decoded> {
+/// The reference upsampling and colour conversion, pixel by pixel: what [`finish`] must equal.
+fn finish_reference(
+    comps: &[Component],
+    width: usize,
+    height: usize,
+    jfif: bool,
+    adobe: Option<u8>,
+) -> Option<Decoded> {
     let (hmax, vmax) = (comps.iter().map(|c| c.h).max()?, comps.iter().map(|c| c.v).max()?);
     let mut full: Vec<Vec<u8>> = Vec::new();
     for c in comps {
@@ -653,4 +712,372 @@ fn finish(comps: &[Component], width: usize, height: usize, jfif: bool, adobe: O
         px.copy_from_slice(&[r.clamp(0, 255) as u8, g.clamp(0, 255) as u8, b.clamp(0, 255) as u8]);
     }
     Some(Decoded { width: w, height: h, channels: 3, pixels })
+}
+
+/// The IDCT of every block of a component into its plane (`bstride` blocks a row, 8 pixels each).
+#[inline(always)]
+fn idct_plane_generic(blocks: &[[i16; 64]], q: &[u16; 64], plane: &mut [u8], bstride: usize) {
+    let stride = bstride * 8;
+    for (i, block) in blocks.iter().enumerate() {
+        let (bx, by) = (i % bstride, i / bstride);
+        let out = &mut plane[by * 8 * stride + bx * 8..];
+        if !idct_islow_i32(block, q, out, stride) {
+            idct_islow(block, q, out, stride);
+        }
+    }
+}
+
+simd_variants! { fn idct_plane(blocks: &[[i16; 64]], q: &[u16; 64], plane: &mut [u8], bstride: usize) = idct_plane_generic; }
+
+/// Largest |input| of [`butterfly8`] for which no i32 overflows: the butterfly's outputs are at most
+/// 178219 times its largest input, and 178219 * 12000 + 2^17 (the final rounding) < 2^31.
+const I32_SAFE: i32 = 12000;
+
+/// [`idct_islow`]'s butterfly on 8 independent lanes (columns in pass 1, rows in pass 2), in i32:
+/// `s[k][lane]` is input k of a lane's 1-D transform; returns its 8 outputs before descaling.
+#[inline(always)]
+fn butterfly8(s: &[[i32; 8]; 8]) -> [[i32; 8]; 8] {
+    const CB: u32 = 13;
+    let mut o = [[0i32; 8]; 8];
+    for l in 0..8 {
+        let (z2, z3) = (s[2][l], s[6][l]);
+        let z1 = (z2 + z3) * 4433;
+        let tmp2 = z1 + z3 * -15137;
+        let tmp3 = z1 + z2 * 6270;
+        let tmp0 = (s[0][l] + s[4][l]) << CB;
+        let tmp1 = (s[0][l] - s[4][l]) << CB;
+        let (t10, t13, t11, t12) = (tmp0 + tmp3, tmp0 - tmp3, tmp1 + tmp2, tmp1 - tmp2);
+        let (mut o0, mut o1, mut o2, mut o3) = (s[7][l], s[5][l], s[3][l], s[1][l]);
+        let (z1, z2, z3, z4) = (o0 + o3, o1 + o2, o0 + o2, o1 + o3);
+        let z5 = (z3 + z4) * 9633;
+        o0 *= 2446;
+        o1 *= 16819;
+        o2 *= 25172;
+        o3 *= 12299;
+        let (z1, z2) = (z1 * -7373, z2 * -20995);
+        let (z3, z4) = (z3 * -16069 + z5, z4 * -3196 + z5);
+        o0 += z1 + z3;
+        o1 += z2 + z4;
+        o2 += z2 + z3;
+        o3 += z1 + z4;
+        let r = [t10 + o3, t11 + o2, t12 + o1, t13 + o0, t13 - o0, t12 - o1, t11 - o2, t10 - o3];
+        for k in 0..8 {
+            o[k][l] = r[k];
+        }
+    }
+    o
+}
+
+/// [`idct_islow`] in i32, 8 lanes at a time; `false` (nothing written) when an input is too large for
+/// i32 to be exact, which only corrupt or adversarial data reaches. Equal to `idct_islow` otherwise: its
+/// all-zero-AC shortcuts give what the full butterfly gives.
+#[inline(always)]
+fn idct_islow_i32(coef: &[i16; 64], q: &[u16; 64], out: &mut [u8], stride: usize) -> bool {
+    let mut s = [[0i32; 8]; 8];
+    let mut m = 0i32;
+    for r in 0..8 {
+        for c in 0..8 {
+            let v = coef[r * 8 + c] as i32 * q[r * 8 + c] as i32; // |v| < 2^31: i16 * u16
+            s[r][c] = v;
+            m = m.max(v.abs());
+        }
+    }
+    if m > I32_SAFE {
+        return false;
+    }
+    let y = butterfly8(&s);
+    // Pass 2 takes rows: ws[c][r] is row r's input c.
+    let mut ws = [[0i32; 8]; 8];
+    let mut m = 0i32;
+    for r in 0..8 {
+        for c in 0..8 {
+            let v = (y[r][c] + (1 << 10)) >> 11;
+            ws[c][r] = v;
+            m = m.max(v.abs());
+        }
+    }
+    if m > I32_SAFE {
+        return false;
+    }
+    let z = butterfly8(&ws);
+    for r in 0..8 {
+        let o = &mut out[r * stride..][..8];
+        for c in 0..8 {
+            // libjpeg-turbo's range limit on `(x >> 18) & 1023`, without the table.
+            let t = ((((z[c][r] + (1 << 17)) >> 18) + 128) & 1023) as u32;
+            o[c] = if t < 256 {
+                t as u8
+            } else if t < 640 {
+                255
+            } else {
+                0
+            };
+        }
+    }
+    true
+}
+
+/// libjpeg's fancy upsampling of one row by 2 horizontally (`h2v1_fancy_upsample`), `input.len() > 2`;
+/// writes `2 * input.len()` values.
+#[inline(always)]
+fn h2v1_row(input: &[u8], out: &mut [u8]) {
+    let n = input.len();
+    let out = &mut out[..2 * n];
+    out[0] = input[0];
+    out[1] = ((3 * input[0] as u16 + input[1] as u16 + 2) >> 2) as u8;
+    for (o, w) in out[2..2 * n - 2].chunks_exact_mut(2).zip(input.windows(3)) {
+        let (a, b, c) = (w[0] as u16, 3 * w[1] as u16, w[2] as u16);
+        o[0] = ((b + a + 1) >> 2) as u8;
+        o[1] = ((b + c + 2) >> 2) as u8;
+    }
+    out[2 * n - 2] = ((3 * input[n - 1] as u16 + input[n - 2] as u16 + 1) >> 2) as u8;
+    out[2 * n - 1] = input[n - 1];
+}
+
+/// The horizontal half of `h2v2_fancy_upsample` on column sums `3 * near + far`, `cs.len() > 2`.
+#[inline(always)]
+fn h2v2_row(cs: &[u16], out: &mut [u8]) {
+    let n = cs.len();
+    let out = &mut out[..2 * n];
+    out[0] = ((cs[0] * 4 + 8) >> 4) as u8;
+    out[1] = ((cs[0] * 3 + cs[1] + 7) >> 4) as u8;
+    for (o, w) in out[2..2 * n - 2].chunks_exact_mut(2).zip(cs.windows(3)) {
+        let b = 3 * w[1];
+        o[0] = ((b + w[0] + 8) >> 4) as u8;
+        o[1] = ((b + w[2] + 7) >> 4) as u8;
+    }
+    out[2 * n - 2] = ((cs[n - 1] * 3 + cs[n - 2] + 8) >> 4) as u8;
+    out[2 * n - 1] = ((cs[n - 1] * 4 + 7) >> 4) as u8;
+}
+
+/// Row `y` of component `c` upsampled to the image's width (jdsample.c), into `row`.
+#[inline(always)]
+fn upsample_row(
+    c: &Component,
+    (hmax, vmax): (usize, usize),
+    (width, height): (usize, usize),
+    y: usize,
+    row: &mut [u8],
+    cs: &mut [u16],
+) {
+    let (fx, fy) = (hmax / c.h, vmax / c.v);
+    let (dw, dh) = ((width * c.h).div_ceil(hmax), (height * c.v).div_ceil(vmax));
+    let line = |yy: usize| &c.plane[yy * c.stride..][..dw];
+    match (fx, fy) {
+        (1, 1) => row[..width].copy_from_slice(&line(y)[..width]),
+        (2, 1) if dw > 2 => h2v1_row(line(y), row),
+        (1, 2) | (2, 2) => {
+            let (near, far, bias) =
+                if y % 2 == 0 { (y / 2, (y / 2).saturating_sub(1), 1) } else { (y / 2, (y / 2 + 1).min(dh - 1), 2) };
+            let (near, far) = (line(near), line(far));
+            if fx == 1 {
+                for ((o, &a), &b) in row[..width].iter_mut().zip(near).zip(far) {
+                    *o = ((3 * a as u16 + b as u16 + bias) >> 2) as u8;
+                }
+            } else if dw > 2 {
+                for ((s, &a), &b) in cs[..dw].iter_mut().zip(near).zip(far) {
+                    *s = 3 * a as u16 + b as u16;
+                }
+                h2v2_row(&cs[..dw], row);
+            } else {
+                let src = line(y / fy);
+                row[..width].iter_mut().enumerate().for_each(|(x, o)| *o = src[x / fx]);
+            }
+        }
+        // Box replication (`h2v1_upsample`, `h2v2_upsample`, `int_upsample`).
+        _ => {
+            let src = line(y / fy);
+            row[..width].iter_mut().enumerate().for_each(|(x, o)| *o = src[x / fx]);
+        }
+    }
+}
+
+/// jdcolor.c's `ycc_rgb_convert` for one row (SCALEBITS = 16; exact in i32).
+#[inline(always)]
+fn ycc_row(y: &[u8], cb: &[u8], cr: &[u8], out: &mut [u8]) {
+    const FIX_R: i32 = 91881; // FIX(1.40200)
+    const FIX_G_CB: i32 = 22554; // FIX(0.34414)
+    const FIX_G_CR: i32 = 46802; // FIX(0.71414)
+    const FIX_B: i32 = 116130; // FIX(1.77200)
+    const HALF: i32 = 1 << 15;
+    for (((px, &y), &cb), &cr) in out.chunks_exact_mut(3).zip(y).zip(cb).zip(cr) {
+        let (y, cb, cr) = (y as i32, cb as i32 - 128, cr as i32 - 128);
+        let r = y + ((FIX_R * cr + HALF) >> 16);
+        let g = y + ((-FIX_G_CB * cb + HALF - FIX_G_CR * cr) >> 16);
+        let b = y + ((FIX_B * cb + HALF) >> 16);
+        px[0] = r.clamp(0, 255) as u8;
+        px[1] = g.clamp(0, 255) as u8;
+        px[2] = b.clamp(0, 255) as u8;
+    }
+}
+
+/// Upsampling and colour conversion of the whole image, row by row (no full-size intermediate planes).
+#[inline(always)]
+fn convert_generic(comps: &[Component], (width, height): (usize, usize), rgb: bool, pixels: &mut [u8]) {
+    let hmax = comps.iter().map(|c| c.h).max().unwrap_or(1);
+    let vmax = comps.iter().map(|c| c.v).max().unwrap_or(1);
+    let n = comps.len();
+    // Rows hold the full upsampled width of the widest MCU-padded component.
+    let row_len = comps.iter().map(|c| c.stride * hmax / c.h).max().unwrap_or(0).max(width) + 16;
+    let mut rows = vec![vec![0u8; row_len]; n];
+    let mut cs = vec![0u16; row_len];
+    for (y, out) in pixels.chunks_exact_mut(width * n).enumerate().take(height) {
+        for (c, row) in comps.iter().zip(rows.iter_mut()) {
+            upsample_row(c, (hmax, vmax), (width, height), y, row, &mut cs);
+        }
+        match &rows[..] {
+            [g] => out.copy_from_slice(&g[..width]),
+            [a, b, c] if rgb => {
+                for (((px, &a), &b), &c) in out.chunks_exact_mut(3).zip(&a[..width]).zip(&b[..width]).zip(&c[..width]) {
+                    px.copy_from_slice(&[a, b, c]);
+                }
+            }
+            [a, b, c] => ycc_row(&a[..width], &b[..width], &c[..width], out),
+            _ => {}
+        }
+    }
+}
+
+simd_variants! { fn convert(comps: &[Component], size: (usize, usize), rgb: bool, pixels: &mut [u8]) = convert_generic; }
+
+/// Upsampling (jdsample.c) and color conversion (jdcolor.c) to the final pixels; `None` for what the
+/// `image` crate is left to decode (non-integral sampling ratios, big-gamut YCC).
+fn finish(
+    level: Level,
+    comps: &[Component],
+    width: usize,
+    height: usize,
+    jfif: bool,
+    adobe: Option<u8>,
+) -> Option<Decoded> {
+    let (hmax, vmax) = (comps.iter().map(|c| c.h).max()?, comps.iter().map(|c| c.v).max()?);
+    if comps.iter().any(|c| hmax % c.h != 0 || vmax % c.v != 0) || !(comps.len() == 1 || comps.len() == 3) {
+        return None;
+    }
+    let ids: Vec<u8> = comps.iter().map(|c| c.id).collect();
+    let rgb = match adobe {
+        Some(0) => true,
+        Some(_) => false,
+        None => !jfif && ids == [b'R', b'G', b'B'],
+    };
+    if comps.len() == 3 && !jfif && adobe.is_none() && ids == [1, 34, 35] {
+        return None; // big-gamut YCC (JPEG XT)
+    }
+    let mut pixels = vec![0u8; width * height * comps.len()];
+    convert(level, comps, (width, height), rgb, &mut pixels);
+    Some(Decoded { width: width as u32, height: height as u32, channels: comps.len(), pixels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift), so the tests need no crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn range(&mut self, lo: i64, hi: i64) -> i64 {
+            lo + (self.next() % (hi - lo + 1) as u64) as i64
+        }
+    }
+
+    /// The i32 IDCT against the i64 reference on random blocks, sparse and dense, small and at the edge of
+    /// its range (where it declines), and the per-level plane kernels against the reference.
+    #[test]
+    fn idct_i32_and_simd_match_reference_on_random_blocks() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let (mut fast, mut declined) = (0, 0);
+        for round in 0..4000 {
+            let mut coef = [0i16; 64];
+            let mut q = [0u16; 64];
+            let (cmax, qmax) = match round % 4 {
+                0 => (8, 16),
+                1 => (200, 60),
+                2 => (1023, 255),
+                _ => (32767, 65535),
+            };
+            let nonzero = rng.range(1, 64);
+            for k in 0..64 {
+                q[k] = rng.range(1, qmax) as u16;
+                if rng.range(0, 63) < nonzero {
+                    coef[k] = rng.range(-cmax, cmax) as i16;
+                }
+            }
+            if round % 7 == 0 {
+                coef[1..].fill(0); // DC only: the reference's shortcut
+            }
+            let (mut want, mut got) = ([0u8; 80], [0u8; 80]);
+            idct_islow(&coef, &q, &mut want, 10);
+            if idct_islow_i32(&coef, &q, &mut got, 10) {
+                fast += 1;
+                assert_eq!(want, got, "round {round}: {coef:?} {q:?}");
+            } else {
+                declined += 1;
+            }
+        }
+        assert!(fast > 1000 && declined > 100, "{fast} fast, {declined} declined");
+        // Whole planes of random blocks, every level.
+        let blocks: Vec<[i16; 64]> =
+            (0..24).map(|_| std::array::from_fn(|k| if k < 20 { rng.range(-300, 300) as i16 } else { 0 })).collect();
+        let q: [u16; 64] = std::array::from_fn(|k| 1 + (k as u16 % 20));
+        let mut want = vec![0u8; 24 * 64];
+        for (i, b) in blocks.iter().enumerate() {
+            idct_islow(b, &q, &mut want[(i / 6) * 8 * 48 + (i % 6) * 8..], 48);
+        }
+        for level in Level::available() {
+            let mut got = vec![0u8; 24 * 64];
+            idct_plane(level, &blocks, &q, &mut got, 6);
+            assert_eq!(want, got, "{level:?}");
+        }
+    }
+
+    /// Whole files (baseline and progressive; 4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1, mixed factors; gray;
+    /// Adobe RGB; restarts; odd sizes) decoded with every level against the reference code.
+    #[test]
+    fn every_level_decodes_files_like_the_reference() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/processor/");
+        let mut files: Vec<String> = std::fs::read_dir(format!("{dir}jpeg"))
+            .unwrap()
+            .map(|e| e.unwrap().path().display().to_string())
+            .filter(|p| p.ends_with(".jpg"))
+            .collect();
+        files.extend(["images/coffee_q90.jpg", "images/chelsea_q90_444.jpg"].map(|f| format!("{dir}{f}")));
+        files.sort();
+        assert!(files.len() >= 11, "{files:?}");
+        for f in &files {
+            let bytes = std::fs::read(f).unwrap();
+            let want = decode_with(None, &bytes, None).unwrap().unwrap();
+            for level in Level::available() {
+                let got = decode_with(Some(level), &bytes, None).unwrap().unwrap();
+                assert_eq!((got.width, got.height, got.channels), (want.width, want.height, want.channels), "{f}");
+                assert!(got.pixels == want.pixels, "{f}: {level:?} differs from the reference");
+            }
+        }
+    }
+
+    /// The lookahead table agrees with the bit-by-bit search on every prefix, for a table with codes
+    /// longer than the lookahead.
+    #[test]
+    fn huffman_lookahead_matches_bitwise_search() {
+        let mut counts = [0u8; 16];
+        counts[1] = 2;
+        counts[2] = 3;
+        counts[8] = 4;
+        counts[11] = 30;
+        let values: Vec<u8> = (0..39).collect();
+        let h = Huffman::new(&counts, values);
+        for p in 0u32..1 << 16 {
+            let data: Vec<u8> = vec![(p >> 8) as u8, p as u8, 0x12, 0x34, 0x56, 0x78, 0x9A, 0xBC, 0, 0, 0, 0];
+            let data: Vec<u8> = data.iter().flat_map(|&b| if b == 0xFF { vec![0xFF, 0] } else { vec![b] }).collect();
+            let mut a = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
+            let mut b = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
+            assert_eq!(a.decode(&h).unwrap(), b.decode_slow(&h).unwrap(), "{p:016b}");
+            assert_eq!((a.acc, a.n), (b.acc, b.n), "{p:016b}");
+        }
+    }
 }

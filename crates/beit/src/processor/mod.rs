@@ -12,8 +12,10 @@ mod config;
 mod exif;
 mod jpeg;
 mod load;
+pub mod loader;
 mod postprocess;
 mod preprocess;
+mod simd;
 pub mod resample;
 #[cfg(test)]
 mod test_fixtures;

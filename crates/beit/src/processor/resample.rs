@@ -5,7 +5,7 @@
 //! same precision and order as the C code so the uint8 output is bit-identical.
 
 /// Pillow's resampling filters, numbered as `PIL.Image.Resampling` (the `resample` config key).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Filter {
     /// `NEAREST` (0): the nearest source pixel (Pillow's affine scaler).
     Nearest = 0,
@@ -104,6 +104,11 @@ fn sinc(x: f64) -> f64 {
     x.sin() / x
 }
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use super::simd::{simd_variants, Level};
+
 /// 8 bits of result, 2 bits of headroom for negative lobes: Pillow's `PRECISION_BITS`.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
@@ -145,6 +150,117 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, 
     taps
 }
 
+/// The taps of one axis, built once per (input size, output size, filter) and shared through [`taps`].
+struct Taps {
+    /// `(first source index, fixed-point weights)` per output pixel.
+    taps: Vec<(usize, Vec<i32>)>,
+    /// The weights alone, for the gray kernel.
+    gray: Vec<Vec<i32>>,
+    /// The weights repeated 3 times each, for interleaved RGB: one multiply per byte of the source run.
+    rgb: Vec<Vec<i32>>,
+    /// Whether `255 * sum |weight|` plus the rounding fits i32, as Pillow's `int` accumulators assume; the
+    /// i32 kernels are exact then (any order of additions), otherwise the i64 code runs.
+    fits_i32: bool,
+}
+
+/// Cached [`Taps`]: a folder of photos of a few sizes resized to one model input builds them once.
+fn taps(in_size: usize, out_size: usize, filter: Filter) -> Arc<Taps> {
+    type Cache = VecDeque<((usize, usize, Filter), Arc<Taps>)>;
+    static CACHE: Mutex<Cache> = Mutex::new(VecDeque::new());
+    const CAPACITY: usize = 16;
+    let key = (in_size, out_size, filter);
+    if let Some((_, t)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
+        return t.clone();
+    }
+    let taps = coefficients(in_size, out_size, filter);
+    let rgb = taps.iter().map(|(_, k)| k.iter().flat_map(|&w| [w; 3]).collect()).collect();
+    let worst = taps.iter().map(|(_, k)| k.iter().map(|&w| (w as i64).abs()).sum::<i64>()).max().unwrap_or(0);
+    let fits_i32 = 255 * worst + (1 << PRECISION_BITS) < i32::MAX as i64;
+    let gray = taps.iter().map(|(_, k)| k.clone()).collect();
+    let t = Arc::new(Taps { taps, gray, rgb, fits_i32 });
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= CAPACITY {
+        cache.pop_front();
+    }
+    cache.push_back((key, t.clone()));
+    t
+}
+
+/// `clip8` for the i32 kernels.
+#[inline(always)]
+fn clip8_i32(ss: i32) -> u8 {
+    (ss >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// One output row of the horizontal pass for `CH` interleaved channels, accumulating `L` (a multiple of
+/// `CH`) lanes at a time in i32, then each channel's lanes.
+#[inline(always)]
+fn horizontal_rows_i32<const CH: usize, const L: usize>(
+    src: &[u8],
+    width: usize,
+    y0: usize,
+    taps: &[(usize, Vec<i32>)],
+    weights: &[Vec<i32>],
+    out: &mut [u8],
+) {
+    let out_w = taps.len();
+    for (out_row, y) in out.chunks_exact_mut(out_w * CH).zip(y0..) {
+        let in_row = &src[y * width * CH..][..width * CH];
+        for ((px, (xmin, _)), k) in out_row.chunks_exact_mut(CH).zip(taps).zip(weights) {
+            let s = &in_row[xmin * CH..][..k.len()];
+            let mut acc = [0i32; L];
+            let (mut sc, mut kc) = (s.chunks_exact(L), k.chunks_exact(L));
+            for (a, b) in (&mut sc).zip(&mut kc) {
+                for j in 0..L {
+                    acc[j] = acc[j].wrapping_add((a[j] as i32).wrapping_mul(b[j]));
+                }
+            }
+            for (j, (&a, &b)) in sc.remainder().iter().zip(kc.remainder()).enumerate() {
+                acc[j] = acc[j].wrapping_add((a as i32).wrapping_mul(b));
+            }
+            let mut ss = [1i32 << (PRECISION_BITS - 1); CH];
+            for (j, a) in acc.iter().enumerate() {
+                ss[j % CH] = ss[j % CH].wrapping_add(*a);
+            }
+            for (o, s) in px.iter_mut().zip(ss) {
+                *o = clip8_i32(s);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn horizontal_rgb_generic(src: &[u8], width: usize, y0: usize, t: &Taps, out: &mut [u8]) {
+    horizontal_rows_i32::<3, 48>(src, width, y0, &t.taps, &t.rgb, out)
+}
+
+#[inline(always)]
+fn horizontal_gray_generic(src: &[u8], width: usize, y0: usize, t: &Taps, out: &mut [u8]) {
+    horizontal_rows_i32::<1, 16>(src, width, y0, &t.taps, &t.gray, out)
+}
+
+/// The vertical pass in i32 (see [`vertical`]).
+#[inline(always)]
+fn vertical_generic(src: &[u8], stride: usize, t: &Taps, y0: usize, out: &mut [u8]) {
+    let mut acc = vec![0i32; stride];
+    for (out_row, (ymin, k)) in out.chunks_exact_mut(stride).zip(&t.taps) {
+        acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
+        for (y, &ky) in k.iter().enumerate() {
+            let row = &src[(y + ymin - y0) * stride..][..stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a = a.wrapping_add((p as i32).wrapping_mul(ky));
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8_i32(a);
+        }
+    }
+}
+
+simd_variants! { fn horizontal_rgb(src: &[u8], width: usize, y0: usize, t: &Taps, out: &mut [u8]) = horizontal_rgb_generic; }
+simd_variants! { fn horizontal_gray(src: &[u8], width: usize, y0: usize, t: &Taps, out: &mut [u8]) = horizontal_gray_generic; }
+simd_variants! { fn vertical_i32(src: &[u8], stride: usize, t: &Taps, y0: usize, out: &mut [u8]) = vertical_generic; }
+
 /// `clip8`: Pillow looks up `ss >> PRECISION_BITS` in a table that clamps to 0..=255.
 #[inline]
 fn clip8(ss: i64) -> u8 {
@@ -154,6 +270,21 @@ fn clip8(ss: i64) -> u8 {
 /// Resizes an interleaved 8-bit image (`channels` bands per pixel, each band independent, as for
 /// Pillow's "L" and "RGB" modes) exactly like `PIL.Image.resize((out_w, out_h), filter)`.
 pub fn resize(
+    src: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+) -> Result<Vec<u8>, ResampleError> {
+    resize_with(Some(Level::current()), src, width, height, channels, out_w, out_h, filter)
+}
+
+/// [`resize`] with the kernels compiled for `level`, or (`None`) the reference i64 code they must equal.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn resize_with(
+    level: Option<Level>,
     src: &[u8],
     width: usize,
     height: usize,
@@ -181,39 +312,59 @@ pub fn resize(
     if filter == Filter::Nearest {
         return Ok(nearest(src, width, height, channels, out_w, out_h));
     }
-    let vert = coefficients(height, out_h, filter);
+    let vert = taps(height, out_h, filter);
     if out_w == width {
-        return Ok(vertical(src, width, channels, &vert, 0));
+        return Ok(vertical(level, src, width, channels, &vert, 0));
     }
-    let horiz = coefficients(width, out_w, filter);
+    let horiz = taps(width, out_w, filter);
     if out_h == height {
-        return Ok(horizontal(src, width, channels, 0..height, &horiz));
+        return Ok(horizontal(level, src, width, channels, 0..height, &horiz));
     }
     // Pillow >= 13 (PR #9549) runs the vertical pass first when the height shrinks by more than
     // twice as many pixels as the width: `in_h - out_h > 2 * (in_w - out_w)`. The order changes the
     // result because each pass rounds to uint8.
     let (dh, dw) = (height as i64 - out_h as i64, width as i64 - out_w as i64);
     if dh > 0 && dh > 2 * dw {
-        let tmp = vertical(src, width, channels, &vert, 0);
-        return Ok(horizontal(&tmp, width, channels, 0..out_h, &horiz));
+        let tmp = vertical(level, src, width, channels, &vert, 0);
+        return Ok(horizontal(level, &tmp, width, channels, 0..out_h, &horiz));
     }
     // Horizontal first, only over the source rows the vertical pass reads (`ybox_first..ybox_last`).
-    let y_first = vert.first().map_or(0, |t| t.0);
-    let y_last = vert.last().map_or(0, |t| t.0 + t.1.len());
-    let tmp = horizontal(src, width, channels, y_first..y_last, &horiz);
-    Ok(vertical(&tmp, out_w, channels, &vert, y_first))
+    let y_first = vert.taps.first().map_or(0, |t| t.0);
+    let y_last = vert.taps.last().map_or(0, |t| t.0 + t.1.len());
+    let tmp = horizontal(level, src, width, channels, y_first..y_last, &horiz);
+    Ok(vertical(level, &tmp, out_w, channels, &vert, y_first))
 }
 
-/// `ImagingResampleHorizontal_8bpc` over source rows `rows`.
+/// `ImagingResampleHorizontal_8bpc` over source rows `rows`: the i32 kernels for RGB and gray when exact
+/// (`level` given), else the reference.
 fn horizontal(
+    level: Option<Level>,
+    src: &[u8],
+    width: usize,
+    ch: usize,
+    rows: std::ops::Range<usize>,
+    t: &Taps,
+) -> Vec<u8> {
+    let out_w = t.taps.len();
+    let mut out = vec![0u8; out_w * rows.len() * ch];
+    match (level, ch) {
+        (Some(level), 3) if t.fits_i32 => horizontal_rgb(level, src, width, rows.start, t, &mut out),
+        (Some(level), 1) if t.fits_i32 => horizontal_gray(level, src, width, rows.start, t, &mut out),
+        _ => horizontal_reference(src, width, ch, rows, &t.taps, &mut out),
+    }
+    out
+}
+
+/// The i64 horizontal pass, output pixel by output pixel.
+fn horizontal_reference(
     src: &[u8],
     width: usize,
     ch: usize,
     rows: std::ops::Range<usize>,
     taps: &[(usize, Vec<i32>)],
-) -> Vec<u8> {
+    out: &mut [u8],
+) {
     let out_w = taps.len();
-    let mut out = vec![0u8; out_w * rows.len() * ch];
     for (out_row, y) in out.chunks_exact_mut(out_w * ch).zip(rows) {
         let in_row = &src[y * width * ch..][..width * ch];
         for (xx, (xmin, k)) in taps.iter().enumerate() {
@@ -226,12 +377,17 @@ fn horizontal(
             }
         }
     }
-    out
 }
 
 /// `ImagingResampleVertical_8bpc`; `src` starts at source row `y0` (the horizontal pass's first row).
-fn vertical(src: &[u8], width: usize, ch: usize, taps: &[(usize, Vec<i32>)], y0: usize) -> Vec<u8> {
+fn vertical(level: Option<Level>, src: &[u8], width: usize, ch: usize, t: &Taps, y0: usize) -> Vec<u8> {
     let stride = width * ch;
+    if let (Some(level), true) = (level, t.fits_i32) {
+        let mut out = vec![0u8; t.taps.len() * stride];
+        vertical_i32(level, src, stride, t, y0, &mut out);
+        return out;
+    }
+    let taps = &t.taps;
     let mut out = vec![0u8; taps.len() * stride];
     let mut acc = vec![0i64; stride];
     for (out_row, (ymin, k)) in out.chunks_exact_mut(stride).zip(taps) {
@@ -310,6 +466,10 @@ mod tests {
                 case["size"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
             let filter = Filter::from_pil(case["filter"].as_i64().unwrap()).unwrap();
             let got = resize(&crop, c[2], c[3], ch, size[0], size[1], filter).unwrap();
+            for level in Level::available().into_iter().map(Some).chain([None]) {
+                let other = resize_with(level, &crop, c[2], c[3], ch, size[0], size[1], filter).unwrap();
+                assert!(other == got, "{case}: {level:?}");
+            }
             let (want, ww, wh, wch) = load(case["expected"].as_str().unwrap());
             assert_eq!((ww, wh, wch), (size[0], size[1], ch));
             let d = got.iter().zip(&want).filter(|(a, b)| a != b).count();
@@ -318,6 +478,37 @@ mod tests {
             assert_eq!(d, 0, "{case}: {d} of {} values differ", want.len());
         }
         println!("resize: {} cases, {values} values, {differing} differ", cases.len());
+    }
+
+    /// The i32 kernels at every level against the i64 reference on random images: RGB and gray, down and
+    /// up, both pass orders, every filter, including a photo-sized downscale to a small input.
+    #[test]
+    fn kernels_match_reference_on_random_images() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut byte = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        };
+        let cases = [
+            (97, 61, 3, 31, 17),
+            (64, 48, 1, 150, 90),
+            (1024, 768, 3, 16, 16),
+            (300, 500, 3, 224, 224),
+            (33, 200, 3, 40, 20),
+            (200, 30, 1, 7, 60),
+        ];
+        for (w, h, ch, ow, oh) in cases {
+            let src: Vec<u8> = (0..w * h * ch).map(|_| byte()).collect();
+            for filter in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos, Filter::Box, Filter::Hamming] {
+                let want = resize_with(None, &src, w, h, ch, ow, oh, filter).unwrap();
+                for level in Level::available() {
+                    let got = resize_with(Some(level), &src, w, h, ch, ow, oh, filter).unwrap();
+                    assert!(got == want, "{w}x{h}x{ch} -> {ow}x{oh} {filter:?} {level:?}");
+                }
+            }
+        }
     }
 
     #[test]

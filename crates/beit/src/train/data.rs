@@ -7,7 +7,8 @@ use image::RgbImage;
 
 use crate::error::{BeitError, Result};
 use crate::processor::resample::{resize, Filter};
-use crate::processor::{load_image, BeitImageProcessor};
+use crate::processor::loader::{load_ordered, ImageSource, LoaderOptions};
+use crate::processor::BeitImageProcessor;
 use crate::rng::Rng;
 
 /// The file extensions read as images when listing folders (lower case).
@@ -92,10 +93,13 @@ fn list(dir: &Path, classes: Option<&[String]>) -> Result<(Vec<String>, Vec<(Pat
     Ok((names, items))
 }
 
+/// Decodes on every core (the threaded loader keeps the order), skipping what cannot be read.
 fn decode(items: Vec<(PathBuf, usize)>, skipped: &mut Vec<(PathBuf, String)>) -> Split {
     let mut s = Split::default();
-    for (p, label) in items {
-        match load_image(&p) {
+    let sources = items.iter().map(|(p, _)| ImageSource::Path(p.clone())).collect();
+    let loaded = load_ordered(sources, &LoaderOptions::default(), Ok);
+    for ((p, label), (_, result)) in items.into_iter().zip(loaded) {
+        match result {
             Ok(img) => {
                 s.images.push(img);
                 s.labels.push(label);

@@ -29,7 +29,7 @@ use crate::heads::{Architecture, BeitForMaskedImageModeling};
 use crate::masking::MaskingGenerator;
 use crate::model::ForwardOptions;
 use crate::nn::Mode;
-use crate::processor::load_image;
+use crate::processor::loader::{load_ordered, ImageSource, LoaderOptions};
 use crate::processor::resample::Filter;
 use crate::tokenizer::DalleEncoder;
 
@@ -323,8 +323,10 @@ impl PretrainData {
             ));
         }
         let mut d = PretrainData::default();
-        for p in files {
-            match load_image(&p) {
+        // Decoded on every core, in order (the threaded loader).
+        let sources = files.iter().cloned().map(ImageSource::Path).collect();
+        for (p, (_, result)) in files.into_iter().zip(load_ordered(sources, &LoaderOptions::default(), Ok)) {
+            match result {
                 Ok(img) => {
                     d.images.push(img);
                     d.paths.push(p);
