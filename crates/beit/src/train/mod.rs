@@ -7,10 +7,12 @@ pub mod optim;
 pub mod pretrain;
 pub mod pretrain_data;
 pub mod run;
+pub mod seg_metrics;
 
 pub use finetune::{
     accuracy, evaluate, ClassificationMetrics, EpochMetrics, Evaluation, FineTuning, ModelSource, TrainOptions, Trainer,
 };
+pub use seg_metrics::{MeanIou, SegMetrics};
 pub use run::{eval_processor, scheduled_lr, EpochRecord, Run, RunOptions, Task, TrainObserver};
 
 use crate::config::BeitConfig;
