@@ -24,6 +24,23 @@ pub struct SegmentArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
+    /// whole: resize each image to the model's input as the image processor does (transformers' pipeline);
+    /// slide: mmseg's sliding window over the image at its own size (overlapping crops, logits averaged).
+    #[arg(long, value_enum, default_value_t = Mode::Whole)]
+    mode: Mode,
+    /// Window size in pixels, HEIGHT WIDTH (slide; default: the model's image_size).
+    #[arg(long, num_args = 2, value_names = ["HEIGHT", "WIDTH"])]
+    crop: Option<Vec<usize>>,
+    /// Step between windows in pixels, HEIGHT WIDTH (slide; default: two thirds of the crop, as mmseg's
+    /// 512/341 and 640/426).
+    #[arg(long, num_args = 2, value_names = ["HEIGHT", "WIDTH"])]
+    stride: Option<Vec<usize>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Whole,
+    Slide,
 }
 
 /// A fixed, well-spread colour per class (golden-ratio hues).
@@ -89,8 +106,18 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let labels = pipe.pretrained.config.id2label.clone();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let paths = collect_images(&a.images)?;
+    let size = pipe.pretrained.config.image_size;
+    let pair = |v: &Option<Vec<usize>>, default: (usize, usize)| v.as_ref().map_or(default, |v| (v[0], v[1]));
+    let crop = pair(&a.crop, (size.height, size.width));
+    let stride = pair(&a.stride, (crop.0 * 2 / 3, crop.1 * 2 / 3));
+    if a.mode == Mode::Whole && (a.crop.is_some() || a.stride.is_some()) {
+        anyhow::bail!("--crop and --stride are for --mode slide");
+    }
     let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
-        let maps = pipe.segment(images)?;
+        let maps = match a.mode {
+            Mode::Whole => pipe.segment(images)?,
+            Mode::Slide => images.iter().map(|i| pipe.segment_slide(i, crop, stride)).collect::<beit::Result<_>>()?,
+        };
         for ((p, image), (ids, (h, w))) in batch_paths.iter().zip(images).zip(maps) {
             let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
             let (w32, h32) = (w as u32, h as u32);

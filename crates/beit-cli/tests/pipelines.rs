@@ -92,6 +92,29 @@ fn segment_matches_post_processed_transformers_maps() {
     }
 }
 
+/// `--mode slide`: the map is the argmax of mmseg's averaged window logits (scripts/gen_slide_fixtures.py).
+#[test]
+fn segment_slide_is_the_argmax_of_mmseg_logits() {
+    let out = temp("slide");
+    let img = fixtures().join("slide/image.png");
+    let args = ["segment", "--model", &model("seg_uper_aux1"), "--mode", "slide", "--crop", "32", "32", "--stride"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend(["16", "16", img.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (code, _, err) = beit(&args);
+    assert_eq!(code, 0, "{err}");
+    let got = image::open(out.join("image.png")).unwrap().to_luma8();
+    let (shape, logits) = f32s(&fixtures().join("slide/crop32_stride16.npy"));
+    let (c, h, w) = (shape[0], shape[1], shape[2]);
+    assert_eq!(got.dimensions(), (w as u32, h as u32));
+    for (i, p) in got.pixels().enumerate() {
+        let best = (0..c).fold(0, |b, k| if logits[k * h * w + i] > logits[b * h * w + i] { k } else { b });
+        assert_eq!(p.0[0] as usize, best, "pixel {i}");
+    }
+    let (code, _, err) = beit(&["segment", "--model", &model("seg_uper_aux1"), "--stride", "8", "8", img.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--mode slide"), "{err}");
+}
+
 #[test]
 fn embed_tokens_match_the_backbone() {
     let out = temp("embed").join("tokens.npy");

@@ -12,6 +12,8 @@ use crate::model::{BeitModelOutput, ForwardOptions};
 use crate::pretrained::{LoadOptions, Pretrained};
 use crate::processor::{BeitImageProcessor, SegmentationMap};
 
+mod slide;
+
 /// One class and its score.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Prediction {
