@@ -35,6 +35,7 @@
 //! (no FMA contraction), so it agrees up to float rounding.
 
 use crate::error::{BeitError, Result};
+use crate::kernels::aligned::Aligned;
 use crate::kernels::cpu::{self, CpuFeatures};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -56,41 +57,8 @@ pub const KC: usize = 3072;
 /// Below this many multiply-adds a call runs on the calling thread: rayon's overhead would dominate.
 const PARALLEL_MIN_MACS: usize = 1 << 20;
 
-/// 16 f32 on one cache line: the unit of the aligned buffers (a zmm load never straddles two lines).
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-pub(crate) struct Line([f32; 16]);
-
 /// A 64-byte aligned f32 buffer, reused between calls (also the attention kernel's scratch).
-#[derive(Default)]
-pub(crate) struct AlignedF32 {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-impl AlignedF32 {
-    /// Makes the buffer `len` values long; the contents are unspecified afterwards.
-    pub(crate) fn ensure(&mut self, len: usize) {
-        if self.lines.len() * 16 < len {
-            self.lines = vec![Line([0.0; 16]); len.div_ceil(16)];
-        }
-        self.len = len;
-    }
-
-    pub(crate) fn as_slice(&self) -> &[f32] {
-        // SAFETY: `lines` holds `lines.len() * 16 >= len` initialised f32; Line is plain f32s.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
-    }
-
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
-    }
-
-    pub(crate) fn capacity_bytes(&self) -> usize {
-        self.lines.len() * 64
-    }
-}
+pub(crate) type AlignedF32 = Aligned<f32>;
 
 thread_local! {
     /// One packed weight block (`KC × NR`) for `linear`. Taken out for the duration of a task (and put

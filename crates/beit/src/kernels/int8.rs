@@ -42,6 +42,7 @@
 //! Both quantize the activations identically too (IEEE division and round-half-to-even in both).
 
 use crate::error::{BeitError, Result};
+use crate::kernels::aligned::Aligned;
 use crate::kernels::cpu::{self, CpuFeatures};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -67,44 +68,7 @@ const PARALLEL_MIN_MACS: usize = 1 << 21;
 /// Per-thread activation scratch larger than this is freed after the call instead of kept.
 const SCRATCH_KEEP_BYTES: usize = 32 << 20;
 
-/// 64-byte aligned, zero-initialised bytes (one zmm load never straddles two cache lines).
-#[derive(Clone, Default)]
-struct AlignedBytes {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-impl AlignedBytes {
-    fn zeroed(len: usize) -> Self {
-        AlignedBytes { lines: vec![Line([0; 64]); len.div_ceil(64)], len }
-    }
-
-    /// Makes the buffer at least `len` bytes long; the contents are unspecified afterwards.
-    fn ensure(&mut self, len: usize) {
-        if self.lines.len() * 64 < len {
-            *self = AlignedBytes::zeroed(len);
-        }
-        self.len = len;
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `lines` holds `lines.len() * 64 >= len` initialised bytes; Line is plain bytes.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), self.len) }
-    }
-
-    fn capacity(&self) -> usize {
-        self.lines.len() * 64
-    }
-}
+type AlignedBytes = Aligned<u8>;
 
 /// A Linear layer (`y = x Wᵀ + b`, W of shape (out, in) as in PyTorch) with int8 weights, run on
 /// dynamically quantized uint8 activations. See the module documentation for the arithmetic.
@@ -376,7 +340,7 @@ impl QuantizedLinear {
         self.quantize_activations(kernel, x, rows, &mut scratch);
         let g = self.gemm_args(&scratch, rows, out.as_mut_ptr(), std::ptr::null_mut());
         self.run::<false, F>(kernel, &g, epilogue);
-        if scratch.codes.capacity() <= SCRATCH_KEEP_BYTES {
+        if scratch.codes.capacity_bytes() <= SCRATCH_KEEP_BYTES {
             SCRATCH.with(|s| s.set(scratch));
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! Hand-written CPU kernels for what candle does not offer, and the element-wise maths the fused encoder
 //! (model/fused.rs) and the layers in nn.rs run on slices.
 //!
+//! - [`aligned`]: 64-byte aligned buffers of plain values, the packed weights' and scratch's storage.
 //! - [`cpu`]: the CPU's features, detected once (`BEIT_CPU` caps them); every kernel picks its code from
 //!   [`cpu::features`], and the `*_using` functions take chosen features for tests and benchmarks.
 //! - [`math`]: exp, erf and torch's exact GELU, softmax, LayerNorm over f32 slices, one of each.
@@ -20,6 +21,7 @@
 //! Every kernel is selected at run time, never through global `target-cpu` flags, so one binary runs on
 //! any x86-64 (and non-x86) CPU.
 
+pub(crate) mod aligned;
 pub mod attention;
 pub mod bf16;
 pub mod conv;
