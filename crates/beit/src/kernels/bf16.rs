@@ -30,6 +30,7 @@
 //! on the thread count.
 
 use crate::error::{BeitError, Result};
+use crate::kernels::aligned::Aligned;
 use crate::kernels::cpu::{self, CpuFeatures};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -111,44 +112,7 @@ fn convert_row(kernel: CpuFeatures, src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// 64-byte aligned, zero-initialised u16 values.
-#[derive(Clone, Default)]
-struct AlignedU16 {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u16; 32]);
-
-impl AlignedU16 {
-    fn zeroed(len: usize) -> Self {
-        AlignedU16 { lines: vec![Line([0; 32]); len.div_ceil(32)], len }
-    }
-
-    /// Makes the buffer at least `len` values long; the contents are unspecified afterwards.
-    fn ensure(&mut self, len: usize) {
-        if self.lines.len() * 32 < len {
-            *self = AlignedU16::zeroed(len);
-        }
-        self.len = len;
-    }
-
-    fn as_slice(&self) -> &[u16] {
-        // SAFETY: `lines` holds `lines.len() * 32 >= len` initialised u16; Line is plain u16.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u16>(), self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u16] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u16>(), self.len) }
-    }
-
-    fn bytes(&self) -> usize {
-        self.lines.len() * 64
-    }
-}
+type AlignedU16 = Aligned<u16>;
 
 fn shape_error(what: &str, message: String) -> BeitError {
     BeitError::internal(format!("bf16 linear: {what}"), message)
@@ -275,7 +239,7 @@ impl PackedBf16 {
 
     /// Bytes held by the packed weights.
     pub fn bytes(&self) -> usize {
-        self.packed.bytes()
+        self.packed.capacity_bytes()
     }
 
     /// The weight the layer multiplies by (the bf16 values as f32), PyTorch's (out, in) row-major layout.
@@ -378,7 +342,7 @@ impl PackedBf16 {
             ldo,
         };
         self.run(kernel, &g, epilogue);
-        if scratch.bytes() <= SCRATCH_KEEP_BYTES {
+        if scratch.capacity_bytes() <= SCRATCH_KEEP_BYTES {
             SCRATCH.with(|s| s.set(scratch));
         }
         Ok(())
@@ -430,22 +394,8 @@ impl PackedBf16 {
                 }
             }
         };
-        let threads = rayon::current_num_threads();
-        let macs = g.rows * g.n * g.k_pairs * KG;
-        if threads <= 1 || macs < PARALLEL_MIN_MACS {
-            for mb in 0..m_blocks {
-                task(mb, 0, n_panels);
-            }
-            return;
-        }
-        // At least eight tasks per thread, so that the split is even and a thread slowed by other work
-        // is made up for by the others.
-        let per_chunk = n_panels.div_ceil((8 * threads).div_ceil(m_blocks).clamp(1, n_panels));
-        let n_chunks = n_panels.div_ceil(per_chunk);
-        (0..m_blocks * n_chunks).into_par_iter().for_each(|t| {
-            let (mb, chunk) = (t / n_chunks, t % n_chunks);
-            task(mb, chunk * per_chunk, ((chunk + 1) * per_chunk).min(n_panels));
-        });
+        let parallel = g.rows * g.n * g.k_pairs * KG >= PARALLEL_MIN_MACS;
+        crate::kernels::for_each_panel_run(m_blocks, n_panels, parallel, task);
     }
 }
 

@@ -422,22 +422,8 @@ impl QuantizedLinear {
                 }
             }
         };
-        let threads = rayon::current_num_threads();
-        let macs = g.rows * g.n * g.k_groups * KG;
-        if threads <= 1 || macs < PARALLEL_MIN_MACS {
-            for mb in 0..m_blocks {
-                task(mb, 0, n_panels);
-            }
-            return;
-        }
-        // At least eight tasks per thread, so that the split is even and a thread slowed by other work
-        // is made up for by the others.
-        let per_chunk = n_panels.div_ceil((8 * threads).div_ceil(m_blocks).clamp(1, n_panels));
-        let n_chunks = n_panels.div_ceil(per_chunk);
-        (0..m_blocks * n_chunks).into_par_iter().for_each(|t| {
-            let (mb, chunk) = (t / n_chunks, t % n_chunks);
-            task(mb, chunk * per_chunk, ((chunk + 1) * per_chunk).min(n_panels));
-        });
+        let parallel = g.rows * g.n * g.k_groups * KG >= PARALLEL_MIN_MACS;
+        crate::kernels::for_each_panel_run(m_blocks, n_panels, parallel, task);
     }
 
     /// The quantized activations and the raw i32 accumulators `Σ_k xq[r, k] · wq[c, k]` (rows × out,

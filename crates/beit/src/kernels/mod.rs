@@ -31,6 +31,32 @@ pub mod int8;
 pub mod math;
 pub mod view;
 
+/// Runs `task(block, first_panel, end_panel)` so that every weight panel of every row block is run once: on
+/// the calling thread when `parallel` is false or there is one thread, else as at least eight tasks per thread
+/// on rayon's current pool, so that the split is even and a thread slowed by other work is made up for by the
+/// others. The GEMM kernels' task split.
+pub(crate) fn for_each_panel_run(
+    m_blocks: usize,
+    n_panels: usize,
+    parallel: bool,
+    task: impl Fn(usize, usize, usize) + Sync,
+) {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || !parallel || n_panels == 0 {
+        for mb in 0..m_blocks {
+            task(mb, 0, n_panels);
+        }
+        return;
+    }
+    let per_chunk = n_panels.div_ceil((8 * threads).div_ceil(m_blocks.max(1)).clamp(1, n_panels));
+    let n_chunks = n_panels.div_ceil(per_chunk);
+    (0..m_blocks * n_chunks).into_par_iter().for_each(|t| {
+        let (mb, chunk) = (t / n_chunks, t % n_chunks);
+        task(mb, chunk * per_chunk, ((chunk + 1) * per_chunk).min(n_panels));
+    });
+}
+
 /// `f` on a rayon pool of `threads` threads: the kernels' results must not depend on the count.
 #[cfg(test)]
 pub(crate) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
