@@ -4,9 +4,11 @@
 pub mod data;
 pub mod finetune;
 pub mod optim;
+pub mod parquet;
 pub mod pretrain;
 pub mod pretrain_data;
 pub mod run;
+pub mod seg_data;
 pub mod seg_metrics;
 
 pub use finetune::{
