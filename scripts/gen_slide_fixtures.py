@@ -20,10 +20,21 @@ MODEL = ROOT / "crates/beit/tests/fixtures/model/seg_uper_aux1"
 OUT = ROOT / "crates/beit/tests/fixtures/slide"
 CASES = {
     # crop = the model's image_size: 2 x 3 windows overlapping both ways.
-    "crop32_stride16": ((32, 32), (16, 16)),
+    "crop32_stride16": ((32, 32), (16, 16), None),
     # a stride larger than the overlap needs, uneven per axis.
-    "crop32_stride24x20": ((32, 32), (24, 20)),
+    "crop32_stride24x20": ((32, 32), (24, 20), None),
+    # mmseg's keep-ratio Resize first (img_scale as (long, short) edge bounds), logits resized back: down...
+    "scale48x34_crop32_stride16": ((32, 32), (16, 16), (48, 34)),
+    # ...and up.
+    "scale84x60_crop32_stride20x24": ((32, 32), (20, 24), (84, 60)),
 }
+
+
+def rescale_size(w, h, scale):
+    """mmcv.rescale_size((w, h), scale) with a (long, short) edge bound."""
+    long, short = max(scale), min(scale)
+    f = min(long / max(h, w), short / min(h, w))
+    return int(w * f + 0.5), int(h * f + 0.5)
 
 
 def normalize(rgb, cfg):
@@ -66,12 +77,20 @@ def main():
     rgb = np.asarray(Image.open(OUT / "image.png").convert("RGB"))
     cfg = json.loads((MODEL / "preprocessor_config.json").read_text())
     model = BeitForSemanticSegmentation.from_pretrained(MODEL).eval()
-    img = normalize(rgb, cfg)
     cases = {}
-    for name, (crop, stride) in CASES.items():
-        logits = slide(model, img, crop, stride, model.config.num_labels)
+    for name, (crop, stride, scale) in CASES.items():
+        if scale is None:
+            logits = slide(model, normalize(rgb, cfg), crop, stride, model.config.num_labels)
+        else:
+            # mmseg's Resize (here with the processor's Pillow filter), then the logits back to the image's size.
+            w, h = rescale_size(rgb.shape[1], rgb.shape[0], scale)
+            scaled = np.asarray(Image.fromarray(rgb).resize((w, h), resample=cfg["resample"]))
+            logits = slide(model, normalize(scaled, cfg), crop, stride, model.config.num_labels)
+            logits = F.interpolate(torch.from_numpy(logits)[None], size=rgb.shape[:2], mode="bilinear",
+                                   align_corners=False)[0].numpy()
         np.save(OUT / f"{name}.npy", logits.astype(np.float32))
-        cases[name] = {"crop": list(crop), "stride": list(stride), "shape": list(logits.shape)}
+        cases[name] = {"crop": list(crop), "stride": list(stride), "scale": scale and list(scale),
+                       "shape": list(logits.shape)}
     (OUT / "cases.json").write_text(json.dumps(cases, indent=2) + "\n")
     print("wrote", OUT, {k: v["shape"] for k, v in cases.items()})
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use beit::pipeline::SlideOptions;
 use clap::Args;
 use image::{ImageBuffer, Luma, RgbImage};
 use plotters::prelude::*;
@@ -35,6 +36,10 @@ pub struct SegmentArgs {
     /// 512/341 and 640/426).
     #[arg(long, num_args = 2, value_names = ["HEIGHT", "WIDTH"])]
     stride: Option<Vec<usize>>,
+    /// Rescale each image before sliding, keeping its aspect ratio, to fit LONG and SHORT edge bounds (mmseg's
+    /// keep-ratio Resize; BEiT's ADE20K test scale is 2048 512); the mask still comes back at the image's size.
+    #[arg(long, num_args = 2, value_names = ["LONG", "SHORT"])]
+    scale: Option<Vec<usize>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -110,13 +115,14 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let pair = |v: &Option<Vec<usize>>, default: (usize, usize)| v.as_ref().map_or(default, |v| (v[0], v[1]));
     let crop = pair(&a.crop, (size.height, size.width));
     let stride = pair(&a.stride, (crop.0 * 2 / 3, crop.1 * 2 / 3));
-    if a.mode == Mode::Whole && (a.crop.is_some() || a.stride.is_some()) {
-        anyhow::bail!("--crop and --stride are for --mode slide");
+    let slide = SlideOptions { crop, stride, scale: a.scale.as_ref().map(|v| (v[0], v[1])) };
+    if a.mode == Mode::Whole && (a.crop.is_some() || a.stride.is_some() || a.scale.is_some()) {
+        anyhow::bail!("--crop, --stride and --scale are for --mode slide");
     }
     let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
         let maps = match a.mode {
             Mode::Whole => pipe.segment(images)?,
-            Mode::Slide => images.iter().map(|i| pipe.segment_slide(i, crop, stride)).collect::<beit::Result<_>>()?,
+            Mode::Slide => images.iter().map(|i| pipe.segment_slide(i, &slide)).collect::<beit::Result<_>>()?,
         };
         for ((p, image), (ids, (h, w))) in batch_paths.iter().zip(images).zip(maps) {
             let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
@@ -149,7 +155,11 @@ pub fn run(a: SegmentArgs) -> Result<()> {
                 "classes": shares.iter().map(|(c, name, s)| serde_json::json!({"id": c, "label": name, "share": s})).collect::<Vec<_>>(),
             });
             std::fs::write(a.out.join(format!("{stem}.json")), serde_json::to_string_pretty(&summary)? + "\n")?;
-            println!("{}: {}", p.display(), shares.iter().take(3).map(|(_, n, s)| format!("{n} {:.1}%", s * 100.0)).collect::<Vec<_>>().join(", "));
+            println!(
+                "{}: {}",
+                p.display(),
+                shares.iter().take(3).map(|(_, n, s)| format!("{n} {:.1}%", s * 100.0)).collect::<Vec<_>>().join(", ")
+            );
         }
         Ok(())
     });

@@ -92,24 +92,31 @@ fn segment_matches_post_processed_transformers_maps() {
     }
 }
 
-/// `--mode slide`: the map is the argmax of mmseg's averaged window logits (scripts/gen_slide_fixtures.py).
+/// `--mode slide`: the map is the argmax of mmseg's averaged window logits (scripts/gen_slide_fixtures.py), at
+/// the image's own size and with mmseg's keep-ratio rescale first (`--scale`).
 #[test]
 fn segment_slide_is_the_argmax_of_mmseg_logits() {
-    let out = temp("slide");
     let img = fixtures().join("slide/image.png");
-    let args = ["segment", "--model", &model("seg_uper_aux1"), "--mode", "slide", "--crop", "32", "32", "--stride"];
-    let mut args: Vec<&str> = args.to_vec();
-    args.extend(["16", "16", img.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    let (code, _, err) = beit(&args);
-    assert_eq!(code, 0, "{err}");
-    let got = image::open(out.join("image.png")).unwrap().to_luma8();
-    let (shape, logits) = f32s(&fixtures().join("slide/crop32_stride16.npy"));
-    let (c, h, w) = (shape[0], shape[1], shape[2]);
-    assert_eq!(got.dimensions(), (w as u32, h as u32));
-    for (i, p) in got.pixels().enumerate() {
-        let best = (0..c).fold(0, |b, k| if logits[k * h * w + i] > logits[b * h * w + i] { k } else { b });
-        assert_eq!(p.0[0] as usize, best, "pixel {i}");
+    for (case, scale) in [("crop32_stride16", None), ("scale48x34_crop32_stride16", Some(["48", "34"]))] {
+        let out = temp(&format!("slide_{case}"));
+        let args = ["segment", "--model", &model("seg_uper_aux1"), "--mode", "slide", "--crop", "32", "32", "--stride"];
+        let mut args: Vec<&str> = args.to_vec();
+        args.extend(["16", "16", img.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        if let Some(s) = &scale {
+            args.extend(["--scale", s[0], s[1]]);
+        }
+        let (code, _, err) = beit(&args);
+        assert_eq!(code, 0, "{err}");
+        let got = image::open(out.join("image.png")).unwrap().to_luma8();
+        let (shape, logits) = f32s(&fixtures().join(format!("slide/{case}.npy")));
+        let (c, h, w) = (shape[0], shape[1], shape[2]);
+        assert_eq!(got.dimensions(), (w as u32, h as u32));
+        for (i, p) in got.pixels().enumerate() {
+            let best = (0..c).fold(0, |b, k| if logits[k * h * w + i] > logits[b * h * w + i] { k } else { b });
+            assert_eq!(p.0[0] as usize, best, "{case}: pixel {i}");
+        }
     }
+    let out = temp("slide_whole");
     let (code, _, err) = beit(&["segment", "--model", &model("seg_uper_aux1"), "--stride", "8", "8", img.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("--mode slide"), "{err}");

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use beit::pipeline::{Pipeline, Prediction};
+use beit::pipeline::{Pipeline, Prediction, SlideOptions};
 use beit::processor::{SegmentationMap, SizeDict};
-use beit::{AnyBeitModel, Architecture, BeitError};
+use beit::{AnyBeitModel, Architecture, BeitConfig, BeitError};
 use image::RgbImage;
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -44,6 +44,27 @@ impl Task {
             Task::Segment => "segment",
             Task::Embed => "embed",
         }
+    }
+}
+
+/// `/segment`'s sliding window as a request asks for it; what it leaves out comes from the model
+/// ([`SlideOptions::for_config`]: windows of its image_size every two thirds of it, at the image's own size).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlideRequest {
+    /// Window (height, width).
+    pub crop: Option<(usize, usize)>,
+    /// Step (height, width); default two thirds of the crop.
+    pub stride: Option<(usize, usize)>,
+    /// Keep-ratio rescale to (long, short) edge bounds first.
+    pub scale: Option<(usize, usize)>,
+}
+
+impl SlideRequest {
+    /// The window the request asked for, the model's defaults filling the rest.
+    pub fn resolve(&self, c: &BeitConfig) -> SlideOptions {
+        let d = SlideOptions::for_config(c);
+        let crop = self.crop.unwrap_or(d.crop);
+        SlideOptions { crop, stride: self.stride.unwrap_or((crop.0 * 2 / 3, crop.1 * 2 / 3)), scale: self.scale }
     }
 }
 
@@ -86,6 +107,10 @@ pub trait Backend {
     fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>>;
     /// The pooled vector per image.
     fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>>;
+    /// Class ids per pixel at the image's size by the sliding window (one image: windows are the batch).
+    fn segment_slide(&self, _image: &RgbImage, _slide: &SlideRequest) -> BackendResult<SegmentationMap> {
+        Err(BeitError::unsupported("sliding-window segmentation", "this backend segments whole images only"))
+    }
 }
 
 impl Backend for Pipeline {
@@ -138,6 +163,10 @@ impl Backend for Pipeline {
     fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>> {
         Ok(Pipeline::embed(self, images, false)?.to_vec2::<f32>()?)
     }
+
+    fn segment_slide(&self, image: &RgbImage, slide: &SlideRequest) -> BackendResult<SegmentationMap> {
+        Pipeline::segment_slide(self, image, &slide.resolve(&self.pretrained.config))
+    }
 }
 
 fn size_json(s: &SizeDict) -> serde_json::Value {
@@ -175,6 +204,8 @@ pub struct Job {
     pub image: RgbImage,
     /// Classification only.
     pub top_k: usize,
+    /// Segmentation only: the sliding window instead of the whole image resized.
+    pub slide: Option<SlideRequest>,
     /// When it was queued.
     pub enqueued: Instant,
     /// Set by whoever takes the job first: the model thread (it runs the job) or the waiting handler (it gave up
@@ -345,7 +376,8 @@ fn worker_loop<B: Backend>(
 /// call fails (so one bad input fails alone).
 fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics: &Metrics) {
     let now = Instant::now();
-    let mut groups: BTreeMap<Task, Vec<Job>> = BTreeMap::new();
+    // Sliding-window jobs run apart, grouped by their window.
+    let mut groups: BTreeMap<(Task, Option<SlideRequest>), Vec<Job>> = BTreeMap::new();
     for job in batch {
         if job.claim.swap(true, Ordering::SeqCst) {
             continue; // its handler gave up waiting and has answered
@@ -355,14 +387,14 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
             continue;
         }
         metrics.observe_queue_wait(now.duration_since(job.enqueued));
-        groups.entry(job.task).or_default().push(job);
+        groups.entry((job.task, job.slide)).or_default().push(job);
     }
-    for (task, jobs) in groups {
+    for ((task, slide), jobs) in groups {
         let (images, rest): (Vec<RgbImage>, Vec<(usize, Reply)>) =
             jobs.into_iter().map(|j| (j.image, (j.top_k, j.reply))).unzip();
         let top_k = rest.iter().map(|r| r.0).max().unwrap_or(1);
         let started = Instant::now();
-        let result = run_task(backend, info, task, &images, top_k);
+        let result = run_task(backend, info, task, slide.as_ref(), &images, top_k);
         metrics.observe_batch(task.as_str(), images.len(), started.elapsed());
         match result {
             Ok(outputs) => {
@@ -385,7 +417,7 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
                         continue;
                     }
                     let started = Instant::now();
-                    let r = run_task(backend, info, task, std::slice::from_ref(&image), k);
+                    let r = run_task(backend, info, task, slide.as_ref(), std::slice::from_ref(&image), k);
                     metrics.observe_batch(task.as_str(), 1, started.elapsed());
                     let one = r.and_then(|mut v| v.pop().ok_or_else(|| fault("gave no output for one image")));
                     let _ = reply.send(one.map(|output| Answer { output, batch_size: 1 }));
@@ -415,6 +447,7 @@ fn run_task<B: Backend>(
     backend: &B,
     info: &ModelInfo,
     task: Task,
+    slide: Option<&SlideRequest>,
     images: &[RgbImage],
     top_k: usize,
 ) -> BackendResult<Vec<Output>> {
@@ -424,7 +457,12 @@ fn run_task<B: Backend>(
     let r = catch_unwind(AssertUnwindSafe(|| -> BackendResult<Vec<Output>> {
         Ok(match task {
             Task::Classify => backend.classify(images, top_k)?.into_iter().map(Output::Classify).collect(),
-            Task::Segment => backend.segment(images)?.into_iter().map(Output::Segment).collect(),
+            Task::Segment => match slide {
+                Some(s) => {
+                    images.iter().map(|i| backend.segment_slide(i, s).map(Output::Segment)).collect::<Result<_, _>>()?
+                }
+                None => backend.segment(images)?.into_iter().map(Output::Segment).collect(),
+            },
             Task::Embed => backend.embed(images)?.into_iter().map(Output::Embed).collect(),
         })
     }));

@@ -19,6 +19,79 @@ pub struct Input {
     pub image: Bytes,
     /// From JSON (`parameters.top_k` or `top_k`) or a form field `top_k`.
     pub top_k: Option<usize>,
+    /// `/segment`'s `mode`, `crop`, `stride` and `scale`, from the same places.
+    pub segment: SegmentParams,
+}
+
+/// `/segment`'s parameters as a request gave them (JSON `parameters`, form fields or the query string).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SegmentParams {
+    /// `whole` or `slide`.
+    pub mode: Option<String>,
+    /// Window height and width.
+    pub crop: Option<(usize, usize)>,
+    /// Step height and width.
+    pub stride: Option<(usize, usize)>,
+    /// Longest and shortest edge to rescale to.
+    pub scale: Option<(usize, usize)>,
+}
+
+impl SegmentParams {
+    /// Names of the segmentation parameters a form or JSON body may carry.
+    pub const NAMES: [&'static str; 4] = ["mode", "crop", "stride", "scale"];
+
+    /// Sets parameter `name` from a JSON value: `mode` a string; the others two positive integers as
+    /// `[a, b]`, `"a,b"`, or one integer for both.
+    pub fn set(&mut self, name: &str, v: &Value) -> Result<(), ApiError> {
+        if name == "mode" {
+            let Some(m) = v.as_str() else {
+                return Err(ApiError::validation(format!("`mode` must be \"whole\" or \"slide\", found {v}")));
+            };
+            self.mode = Some(m.to_string());
+            return Ok(());
+        }
+        let bad = || {
+            ApiError::validation(format!(
+                "`{name}` must be two positive integers ([a, b] or \"a,b\") or one, found {v}"
+            ))
+        };
+        let positive = |x: &Value| x.as_u64().filter(|&n| n >= 1).map(|n| n.min(usize::MAX as u64) as usize);
+        let pair = match v {
+            Value::Array(a) if a.len() == 2 => (positive(&a[0]).ok_or_else(bad)?, positive(&a[1]).ok_or_else(bad)?),
+            Value::String(t) => {
+                let t = t.trim().trim_start_matches('[').trim_end_matches(']');
+                let parts: Vec<Option<usize>> =
+                    t.split(',').map(|p| p.trim().parse::<usize>().ok().filter(|&n| n >= 1)).collect();
+                match parts[..] {
+                    [Some(a)] => (a, a),
+                    [Some(a), Some(b)] => (a, b),
+                    _ => return Err(bad()),
+                }
+            }
+            other => positive(other).map(|n| (n, n)).ok_or_else(bad)?,
+        };
+        match name {
+            "crop" => self.crop = Some(pair),
+            "stride" => self.stride = Some(pair),
+            _ => self.scale = Some(pair),
+        }
+        Ok(())
+    }
+
+    /// Whether any parameter was given.
+    pub fn is_empty(&self) -> bool {
+        *self == SegmentParams::default()
+    }
+
+    /// Fills what `self` lacks from `other` (the body's parameters win over the query string's).
+    pub fn or(self, other: SegmentParams) -> SegmentParams {
+        SegmentParams {
+            mode: self.mode.or(other.mode),
+            crop: self.crop.or(other.crop),
+            stride: self.stride.or(other.stride),
+            scale: self.scale.or(other.scale),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +209,7 @@ pub async fn parse(req: Request, limits: &BodyLimits) -> Result<Input, ApiError>
             .closing()
     })??;
     match body_kind(content_type.as_deref()) {
-        BodyKind::Raw => Ok(Input { image: bytes, top_k: None }),
+        BodyKind::Raw => Ok(Input { image: bytes, ..Input::default() }),
         BodyKind::Json => parse_json(&bytes),
         BodyKind::Multipart => parse_multipart(Request::from_parts(parts, Body::from(bytes))).await,
     }
@@ -193,11 +266,18 @@ pub fn parse_json(bytes: &[u8]) -> Result<Input, ApiError> {
         }
         None => return Err(ApiError::validation(r#"missing `inputs`: expected {"inputs": "<base64 image>"}"#)),
     };
-    let top_k = match map.get("parameters").and_then(|p| p.get("top_k")).or_else(|| map.get("top_k")) {
+    let param = |name: &str| match map.get("parameters").and_then(|p| p.get(name)).or_else(|| map.get(name)) {
         None | Some(Value::Null) => None,
-        Some(v) => Some(parse_top_k(v)?),
+        Some(v) => Some(v),
     };
-    Ok(Input { image: Bytes::from(data), top_k })
+    let top_k = param("top_k").map(parse_top_k).transpose()?;
+    let mut segment = SegmentParams::default();
+    for name in SegmentParams::NAMES {
+        if let Some(v) = param(name) {
+            segment.set(name, v)?;
+        }
+    }
+    Ok(Input { image: Bytes::from(data), top_k, segment })
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -211,7 +291,8 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// The first file field (a field with a filename; else the first field not named `top_k`), and `top_k`.
+/// The first file field (a field with a filename; else the first field not named as a parameter), `top_k` and
+/// the segmentation parameters.
 async fn parse_multipart(req: Request) -> Result<Input, ApiError> {
     let mut form = Multipart::from_request(req, &())
         .await
@@ -219,6 +300,7 @@ async fn parse_multipart(req: Request) -> Result<Input, ApiError> {
     let mut file: Option<Bytes> = None;
     let mut other: Option<Bytes> = None;
     let mut top_k = None;
+    let mut segment = SegmentParams::default();
     loop {
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
@@ -235,6 +317,8 @@ async fn parse_multipart(req: Request) -> Result<Input, ApiError> {
             let text = std::str::from_utf8(&data).unwrap_or("").trim();
             let k: Value = serde_json::from_str(text).unwrap_or(Value::String(text.to_string()));
             top_k = Some(parse_top_k(&k)?);
+        } else if SegmentParams::NAMES.contains(&name.as_str()) && !is_file {
+            segment.set(&name, &Value::String(std::str::from_utf8(&data).unwrap_or("").to_string()))?;
         } else if is_file && file.is_none() {
             file = Some(data);
         } else if other.is_none() {
@@ -242,7 +326,7 @@ async fn parse_multipart(req: Request) -> Result<Input, ApiError> {
         }
     }
     match file.or(other) {
-        Some(image) => Ok(Input { image, top_k }),
+        Some(image) => Ok(Input { image, top_k, segment }),
         None => Err(ApiError::validation("the multipart form has no file field")),
     }
 }

@@ -52,6 +52,24 @@ fn with_errors(ok: Value) -> Value {
     r
 }
 
+/// `/segment`'s query parameters; the same names in the JSON body's `parameters` or as form fields win.
+fn segment_params() -> Value {
+    let pair = |name: &str, what: &str| {
+        json!({"name": name, "in": "query", "required": false, "description": what,
+            "schema": {"type": "string", "pattern": "^[0-9]+(,[0-9]+)?$"}})
+    };
+    json!([
+        {"name": "mode", "in": "query", "required": false,
+         "description": "`whole` (default): the image resized to the model's input, as transformers' pipeline. `slide`: \
+            mmseg's sliding window over the image at its own size (or rescaled by `scale`); the mask is at the image's size.",
+         "schema": {"type": "string", "enum": ["whole", "slide"], "default": "whole"}},
+        pair("crop", "slide: window HEIGHT,WIDTH (one number: square; default the model's image_size)."),
+        pair("stride", "slide: step HEIGHT,WIDTH between windows (default two thirds of the crop)."),
+        pair("scale", "slide: rescale first, keeping the aspect ratio, to fit LONG,SHORT edge bounds (mmseg's keep-ratio \
+            Resize; BEiT's ADE20K test scale is 2048,512)."),
+    ])
+}
+
 /// The document for a server with these settings.
 pub fn document(c: &ServerConfig) -> Value {
     let top_k = json!({"name": "top_k", "in": "query", "required": false,
@@ -82,6 +100,7 @@ pub fn document(c: &ServerConfig) -> Value {
                 "description": "Entries are in ascending class id. `score` is the class's share of the image's pixels \
                     (the image-segmentation pipeline gives no score for semantic segmentation); `mask` is a base64 PNG, \
                     8-bit grayscale at the image's size, 255 where the pixel is that class and 0 elsewhere.",
+                "parameters": segment_params(),
                 "requestBody": image_body(),
                 "responses": with_errors(json!({"description": "Classes present with pixel shares and masks.",
                     "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Segment"}}}}}))

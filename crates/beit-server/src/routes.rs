@@ -19,9 +19,10 @@ use image::{GrayImage, ImageFormat};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::batcher::{Answer, BackendResult, Batcher, Job, ModelInfo, Output, Task};
+use crate::batcher::{Answer, BackendResult, Batcher, Job, ModelInfo, Output, SlideRequest, Task};
 use crate::decode::decode_rgb;
 use crate::error::{ApiError, ErrorType, RequestId, REQUEST_ID_HEADER};
+use crate::input::SegmentParams;
 use crate::metrics::Metrics;
 use crate::ServerConfig;
 
@@ -101,8 +102,43 @@ async fn method_not_allowed() -> ApiError {
 }
 
 #[derive(Debug, Deserialize)]
-struct TopKQuery {
+struct QueryParams {
     top_k: Option<usize>,
+    mode: Option<String>,
+    crop: Option<String>,
+    stride: Option<String>,
+    scale: Option<String>,
+}
+
+impl QueryParams {
+    fn segment(&self) -> Result<SegmentParams, ApiError> {
+        let mut p = SegmentParams::default();
+        for (name, v) in [("mode", &self.mode), ("crop", &self.crop), ("stride", &self.stride), ("scale", &self.scale)]
+        {
+            if let Some(v) = v {
+                p.set(name, &serde_json::Value::String(v.clone()))?;
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// The sliding window a request asked for (None: the whole image), checked against its task.
+fn slide_request(task: Task, p: SegmentParams) -> Result<Option<SlideRequest>, ApiError> {
+    if p.is_empty() {
+        return Ok(None);
+    }
+    if task != Task::Segment {
+        return Err(ApiError::validation(format!(
+            "`mode`, `crop`, `stride` and `scale` are /segment's parameters, not /{}'s",
+            task.as_str()
+        )));
+    }
+    match p.mode.as_deref() {
+        Some("slide") => Ok(Some(SlideRequest { crop: p.crop, stride: p.stride, scale: p.scale })),
+        None | Some("whole") => Err(ApiError::validation("`crop`, `stride` and `scale` need `mode` \"slide\"")),
+        Some(other) => Err(ApiError::validation(format!("`mode` must be \"whole\" or \"slide\", found {other:?}"))),
+    }
 }
 
 /// Counts a request on one of the metrics' gauges until dropped.
@@ -176,14 +212,16 @@ async fn infer(state: &AppState, task: Task, req: Request) -> Result<(Output, Do
     if !state.info.tasks.contains(&task) {
         return Err(ApiError::new(ErrorType::Unsupported, state.info.cannot(task)).closing());
     }
-    let query_top_k = match Query::<TopKQuery>::try_from_uri(req.uri()) {
-        Ok(q) => q.0.top_k,
+    let query = match Query::<QueryParams>::try_from_uri(req.uri()) {
+        Ok(q) => q.0,
         Err(e) => return Err(ApiError::validation(format!("bad query string: {}", e.body_text())).closing()),
     };
+    let query_segment = query.segment().map_err(ApiError::closing)?;
     let reading = Counting::new(&state.metrics, |m| &m.reading);
     let input = crate::input::parse(req, &state.config.body_limits()).await?;
     drop(reading);
-    let top_k = input.top_k.or(query_top_k).unwrap_or(5);
+    let top_k = input.top_k.or(query.top_k).unwrap_or(5);
+    let slide = slide_request(task, input.segment.or(query_segment))?;
     if top_k == 0 {
         return Err(ApiError::validation("`top_k` must be at least 1"));
     }
@@ -198,7 +236,15 @@ async fn infer(state: &AppState, task: Task, req: Request) -> Result<(Output, Do
     let _admitted = admit(state)?;
     let (tx, rx) = oneshot::channel();
     let claim = Arc::new(AtomicBool::new(false));
-    state.batcher.submit(Job { task, image, top_k, enqueued: Instant::now(), claim: claim.clone(), reply: tx })?;
+    state.batcher.submit(Job {
+        task,
+        image,
+        top_k,
+        slide,
+        enqueued: Instant::now(),
+        claim: claim.clone(),
+        reply: tx,
+    })?;
     // Queued: no longer on its way (counted until now so that the model thread never misses it).
     drop(arriving);
     // If this future is dropped (the client went away), `rx` goes with it and the model thread skips the job.

@@ -72,6 +72,69 @@ async fn segment_answers_masks_and_pixel_shares() {
     server.shutdown().await.unwrap();
 }
 
+/// The class ids a /segment answer's masks paint.
+fn painted_ids(segs: &Value, pipe: &Pipeline, (w, h): (u32, u32)) -> Vec<u32> {
+    let mut ids = vec![u32::MAX; (w * h) as usize];
+    for seg in segs.as_array().unwrap() {
+        let label = seg["label"].as_str().unwrap();
+        let id2label = &pipe.pretrained.config.id2label;
+        let class = id2label.iter().find(|(_, l)| l.as_str() == label).map(|(i, _)| *i as u32).unwrap();
+        let png = base64::engine::general_purpose::STANDARD.decode(seg["mask"].as_str().unwrap()).unwrap();
+        let mask = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap().to_luma8();
+        assert_eq!(mask.dimensions(), (w, h));
+        for (id, &v) in ids.iter_mut().zip(mask.as_raw()) {
+            if v == 255 {
+                *id = class;
+            }
+        }
+    }
+    ids
+}
+
+/// `mode: slide` in JSON parameters, a form or the query string: the library's sliding window, with the model's
+/// defaults for what the request leaves out; mistakes are 400s naming the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_slides_windows_as_asked() {
+    use beit::pipeline::SlideOptions;
+    let model = model_dir("seg_uper_aux1");
+    let server = start(&model, config(&model)).await;
+    let http = Http::new(&server);
+    let pipe = load_pipeline(&model).unwrap();
+    let img = load_image(image_path("chelsea.png")).unwrap();
+    let bytes = image_bytes("chelsea.png");
+    let want = |crop, stride, scale| pipe.segment_slide(&img, &SlideOptions { crop, stride, scale }).unwrap().0;
+    let json = serde_json::json!({"inputs": base64(&bytes), "parameters": {"mode": "slide", "crop": [32, 32], "stride": 16, "scale": [96, 64]}});
+    let a = http.post("/segment", "application/json", json.to_string().into_bytes()).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(painted_ids(&a.json(), &pipe, img.dimensions()), want((32, 32), (16, 16), Some((96, 64))));
+    // The query string, defaults from the model: crop = image_size 32, stride two thirds of it.
+    let a = http.post("/segment?mode=slide&scale=80,48", "image/png", bytes.clone()).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(painted_ids(&a.json(), &pipe, img.dimensions()), want((32, 32), (21, 21), Some((80, 48))));
+    let (ct, body) = multipart("file", "chelsea.png", &bytes, &[("mode", "slide"), ("crop", "24,32"), ("scale", "64")]);
+    let a = http.post("/segment", &ct, body).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(painted_ids(&a.json(), &pipe, img.dimensions()), want((24, 32), (16, 21), Some((64, 64))));
+    for (path, params, status, says) in [
+        ("/segment", serde_json::json!({"crop": 32}), 400, "need `mode`"),
+        ("/segment", serde_json::json!({"mode": "tiles"}), 400, "`mode` must be"),
+        ("/segment", serde_json::json!({"mode": "slide", "crop": [0, 3]}), 400, "`crop` must be"),
+        (
+            "/segment",
+            serde_json::json!({"mode": "slide", "crop": 16, "stride": 20, "scale": 64}),
+            400,
+            "stride of at most",
+        ),
+        ("/embed", serde_json::json!({"mode": "slide"}), 400, "/segment's parameters"),
+    ] {
+        let json = serde_json::json!({"inputs": base64(&bytes), "parameters": params});
+        let a = http.post(path, "application/json", json.to_string().into_bytes()).await;
+        assert_eq!(a.status, status, "{params}: {}", a.text());
+        assert!(a.text().contains(says), "{params}: {}", a.text());
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embed_answers_the_pooled_vector() {
     let model = model_dir("cls_single");

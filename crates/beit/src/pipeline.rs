@@ -14,6 +14,8 @@ use crate::processor::{BeitImageProcessor, SegmentationMap};
 
 mod slide;
 
+pub use slide::{rescaled_size, SlideOptions};
+
 /// One class and its score.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Prediction {

@@ -13,7 +13,7 @@ mod exif;
 mod jpeg;
 mod load;
 pub mod loader;
-mod postprocess;
+pub(crate) mod postprocess;
 mod preprocess;
 mod simd;
 pub mod resample;

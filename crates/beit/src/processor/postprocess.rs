@@ -77,7 +77,7 @@ impl BeitImageProcessor {
 
 /// Argmax over `c` planes of `plane` values each, at position `p`: the first maximum wins and NaN
 /// counts as the maximum, as in `torch.argmax`.
-fn argmax_at(data: &[f32], c: usize, plane: usize, p: usize) -> u32 {
+pub(crate) fn argmax_at(data: &[f32], c: usize, plane: usize, p: usize) -> u32 {
     let mut best = 0usize;
     for k in 1..c {
         let (v, b) = (data[k * plane + p], data[best * plane + p]);
@@ -95,7 +95,7 @@ fn argmax_channels(data: &[f32], c: usize, plane: usize) -> Vec<u32> {
 /// Per output index `(i0, i1, lambda0, lambda1)` as ATen's CPU `compute_source_index_and_lambda`:
 /// the scale is `in / out` (or `(in - 1) / (out - 1)` with `align_corners`) in float32, the source
 /// index `scale * (dst + 0.5) - 0.5` clamped at 0; equal sizes copy.
-fn bilinear_taps(input: usize, output: usize, align_corners: bool) -> Vec<(usize, usize, f32, f32)> {
+pub(crate) fn bilinear_taps(input: usize, output: usize, align_corners: bool) -> Vec<(usize, usize, f32, f32)> {
     let scale: f32 = match (align_corners, output > 1) {
         (true, true) => (input - 1) as f32 / (output - 1) as f32,
         (true, false) => 0.0,
