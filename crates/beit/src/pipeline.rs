@@ -37,6 +37,23 @@ pub struct Pipeline {
     pub device: Device,
 }
 
+/// An image through the processor, ready for the model: what loading threads hand the model's thread, so that
+/// resizing and normalizing run beside the model instead of before it ([`Pipeline::preparer`]).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// CHW float32 values.
+    pub pixels: Vec<f32>,
+    /// `[3, height, width]` of `pixels`.
+    pub shape: [usize; 3],
+    /// The image's own (height, width), where segmentation maps are resized back to.
+    pub original: (usize, usize),
+}
+
+fn prepare(processor: &BeitImageProcessor, image: &RgbImage) -> crate::processor::Result<Prepared> {
+    let (pixels, shape) = processor.preprocess_image(image)?;
+    Ok(Prepared { pixels, shape, original: (image.height() as usize, image.width() as usize) })
+}
+
 /// A masked-image-modeling prediction: which patches were masked and the visual token predicted for each.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MimPrediction {
@@ -65,13 +82,52 @@ impl Pipeline {
         Ok(Tensor::from_vec(pv.data, pv.shape.to_vec(), &self.device)?)
     }
 
+    /// The processor as a function another thread can run (owning a copy of it): image to [`Prepared`].
+    pub fn preparer(&self) -> impl Fn(&RgbImage) -> Result<Prepared> + Send + Sync + 'static {
+        let processor = self.processor.clone();
+        move |image| Ok(prepare(&processor, image)?)
+    }
+
+    fn prepare_all(&self, images: &[RgbImage]) -> Result<Vec<Prepared>> {
+        let item = |i: usize, e: crate::processor::ProcessorError| e.for_item(&format!("image {i}"));
+        Ok(images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| prepare(&self.processor, img).map_err(|e| item(i, e)))
+            .collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Prepared images as one input tensor; they must share a shape (always true when the processor resizes).
+    fn batch(&self, prepared: &[Prepared]) -> Result<Tensor> {
+        let Some(first) = prepared.first() else {
+            return Err(BeitError::invalid_input("images", "at least one image"));
+        };
+        let mut data = Vec::with_capacity(prepared.len() * first.pixels.len());
+        for (i, p) in prepared.iter().enumerate() {
+            if p.shape != first.shape {
+                return Err(BeitError::invalid_input(
+                    format!("image {i}"),
+                    format!("pixel values of shape {:?} like image 0, found {:?}", first.shape, p.shape),
+                ));
+            }
+            data.extend_from_slice(&p.pixels);
+        }
+        let [c, h, w] = first.shape;
+        Ok(Tensor::from_vec(data, (prepared.len(), c, h, w), &self.device)?)
+    }
+
     /// Softmax scores of the `top_k` best classes for each image, best first (as the image-classification
     /// pipeline; sigmoid when the config says multi-label).
     pub fn classify(&self, images: &[RgbImage], top_k: usize) -> Result<Vec<Vec<Prediction>>> {
+        self.classify_prepared(&self.prepare_all(images)?, top_k)
+    }
+
+    /// [`classify`](Self::classify) of images already through the processor.
+    pub fn classify_prepared(&self, prepared: &[Prepared], top_k: usize) -> Result<Vec<Vec<Prediction>>> {
         let AnyBeitModel::ImageClassification(m) = &self.pretrained.model else {
             return Err(self.wrong_class("image classification", "an image-classification"));
         };
-        let logits = m.forward(&self.pixel_values(images)?, &ForwardOptions::default(), None)?.logits;
+        let logits = m.forward(&self.batch(prepared)?, &ForwardOptions::default(), None)?.logits;
         let probs = if self.pretrained.config.problem_type.as_deref() == Some("multi_label_classification")
             || self.pretrained.config.num_labels() == 1
         {
@@ -99,20 +155,30 @@ impl Pipeline {
 
     /// Class ids per pixel at each image's own size (post_process_semantic_segmentation with target sizes).
     pub fn segment(&self, images: &[RgbImage]) -> Result<Vec<SegmentationMap>> {
+        self.segment_prepared(&self.prepare_all(images)?)
+    }
+
+    /// [`segment`](Self::segment) of images already through the processor.
+    pub fn segment_prepared(&self, prepared: &[Prepared]) -> Result<Vec<SegmentationMap>> {
         let AnyBeitModel::SemanticSegmentation(m) = &self.pretrained.model else {
             return Err(self.wrong_class("semantic segmentation", "a semantic-segmentation"));
         };
-        let logits = m.forward(&self.pixel_values(images)?, &ForwardOptions::default(), None)?.logits;
+        let logits = m.forward(&self.batch(prepared)?, &ForwardOptions::default(), None)?.logits;
         let dims: [usize; 4] = logits.dims4()?.into();
         let data = logits.flatten_all()?.to_vec1::<f32>()?;
-        let sizes: Vec<(usize, usize)> = images.iter().map(|i| (i.height() as usize, i.width() as usize)).collect();
+        let sizes: Vec<(usize, usize)> = prepared.iter().map(|p| p.original).collect();
         Ok(self.processor.post_process_semantic_segmentation(&data, dims, Some(&sizes))?)
     }
 
     /// The backbone's output for each image: the pooled vector (batch, hidden) or every token
     /// (batch, 1 + patches, hidden).
     pub fn embed(&self, images: &[RgbImage], tokens: bool) -> Result<Tensor> {
-        let x = self.pixel_values(images)?;
+        self.embed_prepared(&self.prepare_all(images)?, tokens)
+    }
+
+    /// [`embed`](Self::embed) of images already through the processor.
+    pub fn embed_prepared(&self, prepared: &[Prepared], tokens: bool) -> Result<Tensor> {
+        let x = self.batch(prepared)?;
         let o = ForwardOptions::default();
         let base: BeitModelOutput = match &self.pretrained.model {
             AnyBeitModel::Model(m) => m.forward(&x, &o)?,
@@ -157,7 +223,10 @@ impl Pipeline {
         for &i in &masked {
             flags[i] = 1;
         }
-        let o = ForwardOptions { bool_masked_pos: Some(Tensor::from_vec(flags, (1, n), &self.device)?), ..Default::default() };
+        let o = ForwardOptions {
+            bool_masked_pos: Some(Tensor::from_vec(flags, (1, n), &self.device)?),
+            ..Default::default()
+        };
         let logits = m.forward(&x, &o, None)?.logits.squeeze(0)?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
         let tokens = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
@@ -173,7 +242,11 @@ impl Pipeline {
     fn wrong_class(&self, task: &str, class: &str) -> BeitError {
         BeitError::unsupported(
             task,
-            format!("{} is a {} checkpoint, not {class} one", self.model_dir.display(), self.pretrained.model.architecture().name()),
+            format!(
+                "{} is a {} checkpoint, not {class} one",
+                self.model_dir.display(),
+                self.pretrained.model.architecture().name()
+            ),
         )
     }
 }

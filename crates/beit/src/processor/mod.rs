@@ -110,7 +110,7 @@ impl ProcessorError {
     }
 
     /// The same error with `prefix: ` before an [`ProcessorError::Input`]'s `what` (which image of a batch).
-    fn for_item(self, prefix: &str) -> ProcessorError {
+    pub(crate) fn for_item(self, prefix: &str) -> ProcessorError {
         match self {
             ProcessorError::Input { what, expected, found } => input_err(format!("{prefix}: {what}"), expected, found),
             other => other,
