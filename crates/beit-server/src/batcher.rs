@@ -1,7 +1,7 @@
 //! Dynamic batching: one OS thread owns the model and runs the requests that arrive together as one batch.
 //!
-//! Handlers send a `Job` (a decoded image and a oneshot reply) into a bounded channel. The model thread takes the
-//! first job, then keeps taking jobs until it has `max_batch_size` of them or `max_batch_delay` has passed since
+//! Handlers send a `Job` (an image decoded, resized and normalized on the blocking pool, and a oneshot reply) into a
+//! bounded channel. The model thread takes the first job, then keeps taking jobs until it has `max_batch_size` of them or `max_batch_delay` has passed since
 //! the first — waiting only while other admitted requests are still being read or decoded, so a lone request is
 //! not delayed — drops those whose client has gone, groups the rest by task and runs each group as one call. The
 //! async runtime's threads never run the model.
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use beit::pipeline::{Pipeline, Prediction, SlideOptions};
+use beit::pipeline::{Pipeline, Prediction, Prepared, SlideOptions};
 use beit::processor::{SegmentationMap, SizeDict};
 use beit::{AnyBeitModel, Architecture, BeitConfig, BeitError};
 use image::RgbImage;
@@ -68,9 +68,23 @@ impl SlideRequest {
     }
 }
 
+/// The model's image processor as a function the request handlers run on the blocking pool, so that resizing
+/// and normalizing happen beside the model thread (in parallel across requests), not on it.
+#[derive(Clone)]
+pub struct Preparer(pub Arc<dyn Fn(&RgbImage) -> BackendResult<Prepared> + Send + Sync>);
+
+impl std::fmt::Debug for Preparer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Preparer")
+    }
+}
+
 /// What the server says about its model on /info.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
+    /// How images are prepared for [`Backend`]'s calls (not shown on /info).
+    #[serde(skip)]
+    pub preparer: Preparer,
     pub model_dir: String,
     pub architecture: String,
     pub tasks: Vec<Task>,
@@ -102,11 +116,11 @@ pub trait Backend {
     /// What /info says, and which tasks the server routes to this backend.
     fn info(&self) -> ModelInfo;
     /// The `top_k` best classes per image, best first.
-    fn classify(&self, images: &[RgbImage], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>>;
+    fn classify(&self, images: &[Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>>;
     /// Class ids per pixel at each image's size.
-    fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>>;
+    fn segment(&self, images: &[Prepared]) -> BackendResult<Vec<SegmentationMap>>;
     /// The pooled vector per image.
-    fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>>;
+    fn embed(&self, images: &[Prepared]) -> BackendResult<Vec<Vec<f32>>>;
     /// Class ids per pixel at the image's size by the sliding window (one image: windows are the batch).
     fn segment_slide(&self, _image: &RgbImage, _slide: &SlideRequest) -> BackendResult<SegmentationMap> {
         Err(BeitError::unsupported("sliding-window segmentation", "this backend segments whole images only"))
@@ -124,7 +138,9 @@ impl Backend for Pipeline {
             _ => vec![Task::Embed],
         };
         let p = &self.processor;
+        let prepare = self.preparer();
         ModelInfo {
+            preparer: Preparer(Arc::new(prepare)),
             model_dir: self.model_dir.display().to_string(),
             architecture: arch.name().to_string(),
             tasks,
@@ -152,16 +168,16 @@ impl Backend for Pipeline {
         }
     }
 
-    fn classify(&self, images: &[RgbImage], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
-        Pipeline::classify(self, images, top_k)
+    fn classify(&self, images: &[Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
+        Pipeline::classify_prepared(self, images, top_k)
     }
 
-    fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>> {
-        Pipeline::segment(self, images)
+    fn segment(&self, images: &[Prepared]) -> BackendResult<Vec<SegmentationMap>> {
+        Pipeline::segment_prepared(self, images)
     }
 
-    fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>> {
-        Ok(Pipeline::embed(self, images, false)?.to_vec2::<f32>()?)
+    fn embed(&self, images: &[Prepared]) -> BackendResult<Vec<Vec<f32>>> {
+        Ok(Pipeline::embed_prepared(self, images, false)?.to_vec2::<f32>()?)
     }
 
     fn segment_slide(&self, image: &RgbImage, slide: &SlideRequest) -> BackendResult<SegmentationMap> {
@@ -196,12 +212,19 @@ pub struct Answer {
 /// Where the model thread sends one image's answer.
 pub type Reply = oneshot::Sender<BackendResult<Answer>>;
 
+/// A job's image: through the processor already, or as decoded for a sliding window (which normalizes window
+/// by window).
+pub enum JobImage {
+    Prepared(Prepared),
+    Decoded(RgbImage),
+}
+
 /// One image waiting for the model.
 pub struct Job {
     /// What to do with it.
     pub task: Task,
-    /// The decoded image.
-    pub image: RgbImage,
+    /// The image.
+    pub image: JobImage,
     /// Classification only.
     pub top_k: usize,
     /// Segmentation only: the sliding window instead of the whole image resized.
@@ -390,7 +413,7 @@ fn run_batch<B: Backend>(backend: &B, info: &ModelInfo, batch: Vec<Job>, metrics
         groups.entry((job.task, job.slide)).or_default().push(job);
     }
     for ((task, slide), jobs) in groups {
-        let (images, rest): (Vec<RgbImage>, Vec<(usize, Reply)>) =
+        let (images, rest): (Vec<JobImage>, Vec<(usize, Reply)>) =
             jobs.into_iter().map(|j| (j.image, (j.top_k, j.reply))).unzip();
         let top_k = rest.iter().map(|r| r.0).max().unwrap_or(1);
         let started = Instant::now();
@@ -448,22 +471,32 @@ fn run_task<B: Backend>(
     info: &ModelInfo,
     task: Task,
     slide: Option<&SlideRequest>,
-    images: &[RgbImage],
+    images: &[JobImage],
     top_k: usize,
 ) -> BackendResult<Vec<Output>> {
     if !info.tasks.contains(&task) {
         return Err(BeitError::unsupported(task.as_str(), info.cannot(task)));
     }
     let r = catch_unwind(AssertUnwindSafe(|| -> BackendResult<Vec<Output>> {
+        if let (Task::Segment, Some(s)) = (task, slide) {
+            let decoded = |i: &JobImage| match i {
+                JobImage::Decoded(img) => backend.segment_slide(img, s).map(Output::Segment),
+                JobImage::Prepared(_) => Err(fault("a sliding-window job came without its decoded image")),
+            };
+            return images.iter().map(decoded).collect();
+        }
+        // The pipeline copies the batch into one tensor anyway; these copies are small beside the model.
+        let prepared: Vec<Prepared> = images
+            .iter()
+            .map(|i| match i {
+                JobImage::Prepared(p) => Ok(p.clone()),
+                JobImage::Decoded(_) => Err(fault("a job came without its prepared image")),
+            })
+            .collect::<BackendResult<_>>()?;
         Ok(match task {
-            Task::Classify => backend.classify(images, top_k)?.into_iter().map(Output::Classify).collect(),
-            Task::Segment => match slide {
-                Some(s) => {
-                    images.iter().map(|i| backend.segment_slide(i, s).map(Output::Segment)).collect::<Result<_, _>>()?
-                }
-                None => backend.segment(images)?.into_iter().map(Output::Segment).collect(),
-            },
-            Task::Embed => backend.embed(images)?.into_iter().map(Output::Embed).collect(),
+            Task::Classify => backend.classify(&prepared, top_k)?.into_iter().map(Output::Classify).collect(),
+            Task::Segment => backend.segment(&prepared)?.into_iter().map(Output::Segment).collect(),
+            Task::Embed => backend.embed(&prepared)?.into_iter().map(Output::Embed).collect(),
         })
     }));
     match r {

@@ -36,7 +36,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 pub use auth::{ApiKeys, CorsOrigins};
-pub use batcher::{Backend, BackendResult, ModelInfo, Task};
+pub use batcher::{Backend, BackendResult, ModelInfo, Preparer, Task};
 pub use error::{ApiError, ErrorType, RequestId, ServerError};
 pub use metrics::Metrics;
 

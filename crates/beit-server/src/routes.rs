@@ -19,7 +19,7 @@ use image::{GrayImage, ImageFormat};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::batcher::{Answer, BackendResult, Batcher, Job, ModelInfo, Output, SlideRequest, Task};
+use crate::batcher::{Answer, BackendResult, Batcher, Job, JobImage, ModelInfo, Output, SlideRequest, Task};
 use crate::decode::decode_rgb;
 use crate::error::{ApiError, ErrorType, RequestId, REQUEST_ID_HEADER};
 use crate::input::SegmentParams;
@@ -229,10 +229,20 @@ async fn infer(state: &AppState, task: Task, req: Request) -> Result<(Output, Do
     let arriving = Counting::new(&state.metrics, |m| &m.arriving);
     let max_pixels = state.config.max_image_pixels;
     let bytes = input.image;
-    let image = tokio::task::spawn_blocking(move || decode_rgb(&bytes, max_pixels))
-        .await
-        .unwrap_or_else(|e| Err(BeitError::internal("decoding the request's image", e.to_string())))
-        .map_err(|e| ApiError::from_beit(&e, &id))?;
+    // Decoded and, but for a sliding window, resized and normalized here: on the blocking pool, beside the model.
+    let prepare = state.info.preparer.clone();
+    let sliding = slide.is_some();
+    let image = tokio::task::spawn_blocking(move || {
+        let img = decode_rgb(&bytes, max_pixels)?;
+        if sliding {
+            Ok(JobImage::Decoded(img))
+        } else {
+            (prepare.0)(&img).map(JobImage::Prepared)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Err(BeitError::internal("decoding the request's image", e.to_string())))
+    .map_err(|e| ApiError::from_beit(&e, &id))?;
     let _admitted = admit(state)?;
     let (tx, rx) = oneshot::channel();
     let claim = Arc::new(AtomicBool::new(false));

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use beit::pipeline::{Pipeline, Prediction};
+use beit::pipeline::{Pipeline, Prediction, Prepared};
 use beit::processor::{load_image_bytes, SegmentationMap};
 use beit::BeitError;
 use beit_server::{Backend, BackendResult, ModelInfo, ServerConfig};
@@ -28,9 +28,9 @@ const FAULT_CAUSE: &str = "the fault this test provokes";
 struct Faulty(Pipeline);
 
 impl Faulty {
-    fn check(images: &[RgbImage]) -> BackendResult<()> {
+    fn check(images: &[Prepared]) -> BackendResult<()> {
         for (i, img) in images.iter().enumerate() {
-            match img.width() {
+            match img.original.1 as u32 {
                 FAULT_WIDTH => return Err(BeitError::internal("the faulty test backend", FAULT_CAUSE)),
                 PANIC_WIDTH => panic!("the faulty test backend panics on purpose"),
                 REFUSE_WIDTH => {
@@ -51,15 +51,15 @@ impl Backend for Faulty {
     fn info(&self) -> ModelInfo {
         self.0.info()
     }
-    fn classify(&self, images: &[RgbImage], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
+    fn classify(&self, images: &[Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
         Self::check(images)?;
         Backend::classify(&self.0, images, top_k)
     }
-    fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>> {
+    fn segment(&self, images: &[Prepared]) -> BackendResult<Vec<SegmentationMap>> {
         Self::check(images)?;
         Backend::segment(&self.0, images)
     }
-    fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>> {
+    fn embed(&self, images: &[Prepared]) -> BackendResult<Vec<Vec<f32>>> {
         Self::check(images)?;
         Backend::embed(&self.0, images)
     }

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::{Mutex, Once};
 
 use beit::hub::HubOptions;
-use beit::pipeline::{Pipeline, Prediction};
+use beit::pipeline::{Pipeline, Prediction, Prepared};
 use beit::processor::SegmentationMap;
 use beit::LoadOptions;
 use beit_server::{Backend, BackendResult, ModelInfo, Server, ServerConfig};
@@ -18,7 +18,6 @@ use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use image::RgbImage;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../beit/tests/fixtures")
@@ -179,15 +178,15 @@ impl Backend for Slow {
     fn info(&self) -> ModelInfo {
         self.inner.info()
     }
-    fn classify(&self, images: &[RgbImage], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
+    fn classify(&self, images: &[Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
         std::thread::sleep(self.delay);
         Backend::classify(&self.inner, images, top_k)
     }
-    fn segment(&self, images: &[RgbImage]) -> BackendResult<Vec<SegmentationMap>> {
+    fn segment(&self, images: &[Prepared]) -> BackendResult<Vec<SegmentationMap>> {
         std::thread::sleep(self.delay);
         Backend::segment(&self.inner, images)
     }
-    fn embed(&self, images: &[RgbImage]) -> BackendResult<Vec<Vec<f32>>> {
+    fn embed(&self, images: &[Prepared]) -> BackendResult<Vec<Vec<f32>>> {
         std::thread::sleep(self.delay);
         Backend::embed(&self.inner, images)
     }
