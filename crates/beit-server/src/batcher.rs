@@ -1,9 +1,9 @@
 //! Dynamic batching: one OS thread owns the model and runs the requests that arrive together as one batch.
 //!
 //! Handlers send a `Job` (an image decoded, resized and normalized on the blocking pool, and a oneshot reply) into a
-//! bounded channel. The model thread takes the first job, then keeps taking jobs until it has `max_batch_size` of them or `max_batch_delay` has passed since
-//! the first — waiting only while other admitted requests are still being read or decoded, so a lone request is
-//! not delayed — drops those whose client has gone, groups the rest by task and runs each group as one call. The
+//! bounded channel. The model thread takes the first job, then keeps taking jobs until it has `max_batch_size` of
+//! them or `max_batch_delay` has passed since the first — waiting only while other admitted requests are still
+//! being read or decoded, so a lone request is not delayed — drops those whose client has gone, groups the rest by task and runs each group as one call. The
 //! async runtime's threads never run the model.
 
 use std::collections::BTreeMap;
