@@ -111,12 +111,15 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs `f` on batches of decoded images, in order, while worker threads decode the next ones (a queue of
-/// two batches). An image that fails to decode, or a batch that fails, is reported for its images and the
-/// others go on. Returns how many images failed.
-pub fn for_each_batch<F>(paths: &[PathBuf], batch_size: usize, max_pixels: u64, mut f: F) -> usize
+/// Runs `f` on batches of images, in order, while worker threads decode the next ones and run `prepare` on each
+/// (the processor's resize and normalize, so that they overlap the model; a queue of two batches). An image that
+/// fails to load, or a batch that fails, is reported for its images and the others go on. Returns how many images
+/// failed.
+pub fn for_each_batch<T, P, F>(paths: &[PathBuf], batch_size: usize, max_pixels: u64, prepare: P, mut f: F) -> usize
 where
-    F: FnMut(&[PathBuf], &[RgbImage]) -> Result<()>,
+    T: Send + 'static,
+    P: Fn(RgbImage) -> beit::processor::Result<T> + Send + Sync + 'static,
+    F: FnMut(&[PathBuf], &[T]) -> Result<()>,
 {
     let bar = if paths.len() > 4 {
         let b = ProgressBar::new(paths.len() as u64);
@@ -131,7 +134,7 @@ where
     let mut failed = 0;
     let batch_size = batch_size.max(1);
     let options = LoaderOptions { workers: 0, queue: 2 * batch_size, max_pixels: Some(max_pixels) };
-    let mut loaded = load_ordered(paths.iter().cloned().map(ImageSource::Path).collect(), &options, Ok);
+    let mut loaded = load_ordered(paths.iter().cloned().map(ImageSource::Path).collect(), &options, prepare);
     for chunk in paths.chunks(batch_size) {
         let mut ok_paths = Vec::with_capacity(chunk.len());
         let mut images = Vec::with_capacity(chunk.len());

@@ -37,11 +37,18 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let paths = collect_images(&a.images)?;
     let mut parts: Vec<Tensor> = Vec::new();
     let mut done: Vec<String> = Vec::new();
-    let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
-        parts.push(pipe.embed(images, a.tokens)?);
-        done.extend(batch_paths.iter().map(|p| p.display().to_string()));
-        Ok(())
-    });
+    let prepare = pipe.preparer();
+    let failed = for_each_batch(
+        &paths,
+        a.batch_size,
+        a.limits.max_image_pixels,
+        move |i| prepare(&i),
+        |batch_paths, images| {
+            parts.push(pipe.embed_prepared(images, a.tokens)?);
+            done.extend(batch_paths.iter().map(|p| p.display().to_string()));
+            Ok(())
+        },
+    );
     if !parts.is_empty() {
         // Token counts differ between image sizes; the processor makes them equal for one model.
         let all = Tensor::cat(&parts, 0).context("joining the batches")?;

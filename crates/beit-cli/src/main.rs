@@ -74,7 +74,24 @@ fn init_logging(command: &Command) {
     }
 }
 
+/// glibc hands every large freed block back to the kernel (mmap/munmap, trimming the heap top), and its dynamic
+/// threshold does not settle when megabyte images are decoded, resized and freed on several loading threads: over
+/// 500 photos that tripled the system time (0.36 -> 1.16 s) and made `beit classify` 5-15% slower. Keeping such
+/// blocks in the heap is what a tool that streams images wants; peak memory stays bounded by the loading queue.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only sets the allocator's parameters; it runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

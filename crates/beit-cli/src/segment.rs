@@ -119,12 +119,16 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     if a.mode == Mode::Whole && (a.crop.is_some() || a.stride.is_some() || a.scale.is_some()) {
         anyhow::bail!("--crop, --stride and --scale are for --mode slide");
     }
-    let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
+    // The overlay needs each image; whole images are also prepared on the loading threads.
+    let prepare = pipe.preparer();
+    let whole = a.mode == Mode::Whole;
+    let load = move |i: RgbImage| Ok(((whole).then(|| prepare(&i)).transpose()?, i));
+    let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, load, |batch_paths, loaded| {
         let maps = match a.mode {
-            Mode::Whole => pipe.segment(images)?,
-            Mode::Slide => images.iter().map(|i| pipe.segment_slide(i, &slide)).collect::<beit::Result<_>>()?,
+            Mode::Whole => pipe.segment_prepared(&loaded.iter().filter_map(|(p, _)| p.clone()).collect::<Vec<_>>())?,
+            Mode::Slide => loaded.iter().map(|(_, i)| pipe.segment_slide(i, &slide)).collect::<beit::Result<_>>()?,
         };
-        for ((p, image), (ids, (h, w))) in batch_paths.iter().zip(images).zip(maps) {
+        for ((p, (_, image)), (ids, (h, w))) in batch_paths.iter().zip(loaded).zip(maps) {
             let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
             let (w32, h32) = (w as u32, h as u32);
             let ids_path = a.out.join(format!("{stem}.png"));

@@ -140,7 +140,7 @@ impl Backend for Pipeline {
         let p = &self.processor;
         let prepare = self.preparer();
         ModelInfo {
-            preparer: Preparer(Arc::new(prepare)),
+            preparer: Preparer(Arc::new(move |image| Ok(prepare(image)?))),
             model_dir: self.model_dir.display().to_string(),
             architecture: arch.name().to_string(),
             tasks,

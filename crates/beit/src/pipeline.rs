@@ -83,9 +83,9 @@ impl Pipeline {
     }
 
     /// The processor as a function another thread can run (owning a copy of it): image to [`Prepared`].
-    pub fn preparer(&self) -> impl Fn(&RgbImage) -> Result<Prepared> + Send + Sync + 'static {
+    pub fn preparer(&self) -> impl Fn(&RgbImage) -> crate::processor::Result<Prepared> + Send + Sync + 'static {
         let processor = self.processor.clone();
-        move |image| Ok(prepare(&processor, image)?)
+        move |image| prepare(&processor, image)
     }
 
     fn prepare_all(&self, images: &[RgbImage]) -> Result<Vec<Prepared>> {
