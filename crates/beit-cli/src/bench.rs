@@ -96,9 +96,83 @@ pub struct BenchArgs {
     /// Seed of the fresh weights and the pixel batch.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also time the path from files (image files or folders, with --model): the front end alone on one core
+    /// (decode; decode + the model's processor) over the files read into memory, and the whole path as `beit
+    /// classify` runs it (loading threads decoding and preparing, batches of --batch-size through the model).
+    #[arg(long, num_args = 1..)]
+    files: Vec<std::path::PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// What `--files` measured: images per second.
+struct FileTimes {
+    images: usize,
+    decode_per_core: f64,
+    prepare_per_core: f64,
+    whole: f64,
+}
+
+/// The front end on one thread over `paths` read into memory, then the whole path from disk (see `--files`).
+fn time_files(
+    paths: &[std::path::PathBuf],
+    processor: &beit::BeitImageProcessor,
+    model: &AnyBeitModel,
+    inputs: &ModelInputs,
+    batch_size: usize,
+) -> Result<FileTimes> {
+    use beit::processor::loader::{load_ordered, ImageSource, LoaderOptions};
+    use beit::processor::{load_image_bytes, PIL_MAX_IMAGE_PIXELS};
+    let files = crate::common::collect_images(paths)?;
+    if files.is_empty() {
+        bail!("--files: no images found");
+    }
+    let bytes: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|p| Ok((p.display().to_string(), std::fs::read(p).with_context(|| p.display().to_string())?)))
+        .collect::<Result<_>>()?;
+    let n = bytes.len() as f64;
+    let limit = Some(PIL_MAX_IMAGE_PIXELS);
+    let t = Instant::now();
+    for (name, b) in &bytes {
+        load_image_bytes(b, limit, name)?;
+    }
+    let decode_per_core = n / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for (name, b) in &bytes {
+        processor.preprocess_image(&load_image_bytes(b, limit, name)?)?;
+    }
+    let prepare_per_core = n / t.elapsed().as_secs_f64();
+    drop(bytes);
+    // The whole path, as `beit classify` runs it: files from disk on the loading threads, batches to the model.
+    let p = processor.clone();
+    let t = Instant::now();
+    let options = LoaderOptions { queue: 2 * batch_size, ..LoaderOptions::default() };
+    let mut loaded =
+        load_ordered(files.iter().cloned().map(ImageSource::Path).collect(), &options, move |i| p.preprocess_image(&i));
+    let mut batch: Vec<f32> = Vec::new();
+    let mut count = 0usize;
+    let mut shape = [0usize; 3];
+    let run = |batch: &mut Vec<f32>, count: &mut usize, shape: [usize; 3]| -> Result<()> {
+        if *count > 0 {
+            let x = Tensor::from_vec(std::mem::take(batch), (*count, shape[0], shape[1], shape[2]), &Device::Cpu)?;
+            model.forward_named(&x, inputs).context("forward pass over --files")?;
+            *count = 0;
+        }
+        Ok(())
+    };
+    for (name, r) in loaded.by_ref() {
+        let (values, s) = r.with_context(|| name.clone())?;
+        shape = s;
+        batch.extend(values);
+        count += 1;
+        if count == batch_size {
+            run(&mut batch, &mut count, shape)?;
+        }
+    }
+    run(&mut batch, &mut count, shape)?;
+    Ok(FileTimes { images: files.len(), decode_per_core, prepare_per_core, whole: n / t.elapsed().as_secs_f64() })
 }
 
 fn positive(s: &str) -> std::result::Result<usize, String> {
@@ -108,7 +182,6 @@ fn positive(s: &str) -> std::result::Result<usize, String> {
         Err(_) => Err(format!("expected a positive integer, found {s:?}")),
     }
 }
-
 
 /// The config.json of microsoft/beit-base-patch16-224 (and -large-): the training preset of that size as a
 /// fine-tuned ImageNet-1k classifier with mean pooling and drop path 0.1. The label names are placeholders (only
@@ -195,6 +268,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     if !(a.ceiling_gflops.is_finite() && a.ceiling_gflops > 0.0) {
         bail!("--ceiling-gflops: must be a positive number, found {}", a.ceiling_gflops);
+    }
+    if !a.files.is_empty() && a.model.is_none() {
+        bail!("--files needs --model: a checkpoint whose image processor prepares the files");
     }
     let device = Device::Cpu;
     let architecture = a.architecture.as_deref().map(Architecture::from_name).transpose()?;
@@ -286,6 +362,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let gflop = gflop_per_image(&config, height, width, arch);
     let ceiling_share = images_per_s * gflop / a.ceiling_gflops;
     let rss = peak_rss_mb();
+    let files = match (&a.files[..], &a.model) {
+        ([], _) | (_, None) => None,
+        (paths, Some(spec)) => {
+            let dir = resolve_model(spec, &beit::hub::HubOptions::from_env())?.dir;
+            let processor = beit::pipeline::processor_for(&dir)?;
+            Some(time_files(paths, &processor, &model, &inputs, a.batch_size)?)
+        }
+    };
 
     if a.json {
         let out = serde_json::json!({
@@ -309,6 +393,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "warmup": a.warmup,
             "runs": a.runs,
             "times_s": times,
+            "files": files.as_ref().map(|f| serde_json::json!({
+                "images": f.images,
+                "decode_per_core_images_per_s": f.decode_per_core,
+                "decode_prepare_per_core_images_per_s": f.prepare_per_core,
+                "whole_path_images_per_s": f.whole,
+                "whole_path_share_of_model": f.whole / images_per_s,
+            })),
         });
         println!("{out}");
     } else {
@@ -338,6 +429,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ceiling_share * 100.0,
             a.ceiling_gflops
         );
+        if let Some(f) = &files {
+            println!(
+                "{} files: decode {:.1} images/s per core, decode + processor {:.1} per core; whole path {:.2} images/s \
+                 ({:.0}% of the model's)",
+                f.images,
+                f.decode_per_core,
+                f.prepare_per_core,
+                f.whole,
+                f.whole / images_per_s * 100.0
+            );
+        }
     }
     Ok(())
 }

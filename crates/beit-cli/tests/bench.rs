@@ -32,15 +32,30 @@ fn beit(args: &[&str]) -> Output {
 fn json_report_has_every_field() {
     let config = tiny_config("json");
     let out = beit(&[
-        "bench", "--config", config.to_str().unwrap(), "--batch-size", "2", "--runs", "2", "--warmup", "1",
-        "--threads", "1", "--json",
+        "bench",
+        "--config",
+        config.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "beit bench failed: {stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     for field in [
-        "images_per_s", "images_per_s_min", "images_per_s_max", "ms_per_batch", "load_s", "gflop_per_image",
+        "images_per_s",
+        "images_per_s_min",
+        "images_per_s_max",
+        "ms_per_batch",
+        "load_s",
+        "gflop_per_image",
         "ceiling_share",
     ] {
         let x = v[field].as_f64().unwrap_or_else(|| panic!("{field} is not a number: {v}"));
@@ -72,7 +87,8 @@ fn json_report_has_every_field() {
 #[test]
 fn text_report_and_other_image_size() {
     let config = tiny_config("text");
-    let out = beit(&["bench", "--config", config.to_str().unwrap(), "--image-size", "48", "--runs", "1", "--warmup", "0"]);
+    let out =
+        beit(&["bench", "--config", config.to_str().unwrap(), "--image-size", "48", "--runs", "1", "--warmup", "0"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("images/s") && stdout.contains("48x48"), "{stdout}");
@@ -131,4 +147,40 @@ fn unknown_architecture_names_the_choices() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("BeitForNothing") && stderr.contains("BeitForImageClassification"), "{stderr}");
+}
+
+/// `--files`: the front end alone and the whole path over image files, beside the model's own speed.
+#[test]
+fn files_time_the_front_end_and_the_whole_path() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let model = format!("{root}/models/beit-digits");
+    let images = format!("{root}/data/digits/3");
+    let out = beit(&[
+        "bench",
+        "--model",
+        &model,
+        "--batch-size",
+        "4",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--files",
+        &images,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let f = &v["files"];
+    assert_eq!(f["images"], 183, "{v}");
+    for field in ["decode_per_core_images_per_s", "decode_prepare_per_core_images_per_s", "whole_path_images_per_s"] {
+        assert!(f[field].as_f64().is_some_and(|x| x.is_finite() && x > 0.0), "{field}: {v}");
+    }
+    // --files needs a checkpoint (its image processor), and names what it could not read.
+    let out = beit(&["bench", "--config", "tiny", "--files", &images]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--files needs --model"));
+    let out = beit(&["bench", "--model", &model, "--runs", "1", "--warmup", "0", "--files", "/nonexistent-dir"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-dir"));
 }
