@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::common::{collect_images, finish, for_each_batch, ImageArgs, ModelArgs};
+use crate::common::{collect_images, finish, for_each_prepared, ImageArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct ClassifyArgs {
@@ -29,25 +29,18 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     let pipe = a.model.pipeline()?;
     let paths = collect_images(&a.images)?;
     let mut results: Vec<serde_json::Value> = Vec::new();
-    let prepare = pipe.preparer();
-    let failed = for_each_batch(
-        &paths,
-        a.batch_size,
-        a.limits.max_image_pixels,
-        move |i| prepare(&i),
-        |batch_paths, images| {
-            let preds = pipe.classify_prepared(images, a.top_k)?;
-            for (p, pred) in batch_paths.iter().zip(preds) {
-                if a.json {
-                    results.push(serde_json::to_value(&pred)?);
-                } else {
-                    let best: Vec<String> = pred.iter().map(|q| format!("{} ({:.4})", q.label, q.score)).collect();
-                    println!("{}: {}", p.display(), best.join(", "));
-                }
+    let failed = for_each_prepared(&paths, a.batch_size, a.limits.max_image_pixels, &pipe, |batch_paths, images| {
+        let preds = pipe.classify_prepared(images, a.top_k)?;
+        for (p, pred) in batch_paths.iter().zip(preds) {
+            if a.json {
+                results.push(serde_json::to_value(&pred)?);
+            } else {
+                let best: Vec<String> = pred.iter().map(|q| format!("{} ({:.4})", q.label, q.score)).collect();
+                println!("{}: {}", p.display(), best.join(", "));
             }
-            Ok(())
-        },
-    );
+        }
+        Ok(())
+    });
     if a.json {
         let out =
             if paths.len() == 1 && results.len() == 1 { results.remove(0) } else { serde_json::Value::Array(results) };

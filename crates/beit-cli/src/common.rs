@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use beit::checkpoint::WeightsFormat;
 use beit::hub::HubOptions;
-use beit::pipeline::Pipeline;
+use beit::pipeline::{Pipeline, Prepared};
 use beit::processor::loader::{load_ordered, ImageSource, LoaderOptions};
 use beit::{InferenceDtype, LoadOptions};
 use clap::Args;
@@ -160,6 +160,15 @@ where
     }
     bar.finish_and_clear();
     failed
+}
+
+/// [`for_each_batch`] with the pipeline's processor run on the loading threads.
+pub fn for_each_prepared<F>(paths: &[PathBuf], batch_size: usize, max_pixels: u64, pipe: &Pipeline, f: F) -> usize
+where
+    F: FnMut(&[PathBuf], &[Prepared]) -> Result<()>,
+{
+    let prepare = pipe.preparer();
+    for_each_batch(paths, batch_size, max_pixels, move |i| prepare(&i), f)
 }
 
 /// The exit status of a command over many images: an error when any failed.

@@ -8,7 +8,7 @@ use beit::npy::write_npy_f32;
 use candle_core::Tensor;
 use clap::Args;
 
-use crate::common::{collect_images, finish, for_each_batch, ImageArgs, ModelArgs};
+use crate::common::{collect_images, finish, for_each_prepared, ImageArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -37,18 +37,11 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let paths = collect_images(&a.images)?;
     let mut parts: Vec<Tensor> = Vec::new();
     let mut done: Vec<String> = Vec::new();
-    let prepare = pipe.preparer();
-    let failed = for_each_batch(
-        &paths,
-        a.batch_size,
-        a.limits.max_image_pixels,
-        move |i| prepare(&i),
-        |batch_paths, images| {
-            parts.push(pipe.embed_prepared(images, a.tokens)?);
-            done.extend(batch_paths.iter().map(|p| p.display().to_string()));
-            Ok(())
-        },
-    );
+    let failed = for_each_prepared(&paths, a.batch_size, a.limits.max_image_pixels, &pipe, |batch_paths, images| {
+        parts.push(pipe.embed_prepared(images, a.tokens)?);
+        done.extend(batch_paths.iter().map(|p| p.display().to_string()));
+        Ok(())
+    });
     if !parts.is_empty() {
         // Token counts differ between image sizes; the processor makes them equal for one model.
         let all = Tensor::cat(&parts, 0).context("joining the batches")?;
