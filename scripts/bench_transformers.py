@@ -6,6 +6,7 @@ transformers on it, so that `beit forward` can be timed on the same files.
 writes /tmp/beit-base/{config.json, model.safetensors, pixel_values_b{N}.npy} and prints images/s.
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -21,6 +22,8 @@ p.add_argument("--image-size", type=int, default=224)
 p.add_argument("--runs", type=int, default=5)
 p.add_argument("--attn", default="sdpa")
 p.add_argument("--task", choices=["classification", "segmentation"], default="classification")
+p.add_argument("--dtype", choices=["fp32", "bf16", "autocast"], default="fp32",
+               help="bf16: weights and input cast (model.to(torch.bfloat16)); autocast: torch.autocast('cpu', bf16)")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -43,10 +46,15 @@ with torch.no_grad():
         prm.copy_(torch.randn_like(prm) * 0.02 + (1.0 if "layernorm" in n and n.endswith("weight") else 0.0))
 if not os.path.exists(os.path.join(a.out, "model.safetensors")):
     model.save_pretrained(a.out)
+if a.dtype == "bf16":
+    model = model.to(torch.bfloat16)
+amp = torch.autocast("cpu", dtype=torch.bfloat16) if a.dtype == "autocast" else contextlib.nullcontext()
 for b in a.batch:
     x = torch.randn(b, 3, a.image_size, a.image_size)
     np.save(os.path.join(a.out, f"pixel_values_b{b}.npy"), x.numpy())
-    with torch.no_grad():
+    if a.dtype == "bf16":
+        x = x.to(torch.bfloat16)
+    with torch.no_grad(), amp:
         model(pixel_values=x)
         times = []
         for _ in range(a.runs):
@@ -56,4 +64,4 @@ for b in a.batch:
     med = sorted(times)[len(times) // 2]
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {rss:.0f} MB; transformers {torch.__version__} {a.attn} {a.task} batch {b}: {med:.3f} s/batch, {b / med:.2f} images/s")
+    print(f"peak RSS {rss:.0f} MB; transformers {torch.__version__} {a.attn} {a.dtype} {a.task} batch {b}: {med:.3f} s/batch, {b / med:.2f} images/s")
