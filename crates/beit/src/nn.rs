@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::config::HiddenAct;
 use crate::error::{BeitError, Result};
 use crate::kernels::bf16::PackedBf16;
-use crate::kernels::conv::{ConvGeometry, PackedConv2d, PackedConvTranspose2d};
+use crate::kernels::conv::{ConvGeometry, PackedConv2d, PackedConvTranspose2d, Precision};
 use crate::kernels::f32::PackedF32;
 use crate::kernels::int8::QuantizedLinear;
 use crate::kernels::math::gelu_erf_par;
@@ -287,17 +287,17 @@ impl Conv2d {
         }
     }
 
-    /// CPU inference: the weight is packed once for the f32 GEMM ([`PackedConv2d`]) and the dense copy is
-    /// released. Only for models that will not be trained or saved.
-    pub fn prepare_inference(&mut self) -> Result<()> {
-        self.prepare_inference_scaled(None)
+    /// CPU inference: the weight is packed once for the GEMM of `precision` ([`PackedConv2d`]) and the dense
+    /// copy is released. Only for models that will not be trained or saved.
+    pub fn prepare_inference(&mut self, precision: Precision) -> Result<()> {
+        self.prepare_inference_scaled(None, precision)
     }
 
     /// [`prepare_inference`](Self::prepare_inference) with a per-output-channel affine map folded in
     /// (`scale[o] · conv(x)[o] + shift[o]`, e.g. an inference BatchNorm that follows): the weight rows are
     /// scaled and the bias becomes `scale · bias + shift`. `weight()` and `bias` then describe the folded
     /// convolution.
-    pub fn prepare_inference_scaled(&mut self, affine: Option<(&[f32], &[f32])>) -> Result<()> {
+    pub fn prepare_inference_scaled(&mut self, affine: Option<(&[f32], &[f32])>, precision: Precision) -> Result<()> {
         let Some(w) = &self.weight else { return Ok(()) };
         if !w.device().is_cpu() {
             return Ok(());
@@ -319,7 +319,7 @@ impl Conv2d {
             None => None,
         };
         let packed = match affine {
-            None => with_f32(w, |wv| PackedConv2d::pack(wv, bias.as_deref(), geometry))?,
+            None => with_f32(w, |wv| PackedConv2d::pack_with(wv, bias.as_deref(), geometry, precision))?,
             Some((scale, shift)) => {
                 if scale.len() != cout || shift.len() != cout {
                     return Err(BeitError::invalid_input(
@@ -335,7 +335,7 @@ impl Conv2d {
                 let b: Vec<f32> = (0..cout).map(|o| bias.as_ref().map_or(0.0, |b| b[o]) * scale[o] + shift[o]).collect();
                 self.bias = Some(Tensor::from_slice(&b, cout, &candle_core::Device::Cpu)?);
                 bias = Some(b);
-                PackedConv2d::pack(&wv, bias.as_deref(), geometry)?
+                PackedConv2d::pack_with(&wv, bias.as_deref(), geometry, precision)?
             }
         };
         self.packed = Some(Arc::new(packed));
@@ -448,14 +448,14 @@ impl ConvTranspose2d {
         }
     }
 
-    /// CPU inference: the weight packed once for the f32 GEMM, the dense copy released.
-    pub fn prepare_inference(&mut self) -> Result<()> {
-        self.prepare_inference_scaled(None)
+    /// CPU inference: the weight packed once for the GEMM of `precision`, the dense copy released.
+    pub fn prepare_inference(&mut self, precision: Precision) -> Result<()> {
+        self.prepare_inference_scaled(None, precision)
     }
 
     /// [`prepare_inference`](Self::prepare_inference) with a per-output-channel affine map folded in, as
     /// [`Conv2d::prepare_inference_scaled`].
-    pub fn prepare_inference_scaled(&mut self, affine: Option<(&[f32], &[f32])>) -> Result<()> {
+    pub fn prepare_inference_scaled(&mut self, affine: Option<(&[f32], &[f32])>, precision: Precision) -> Result<()> {
         let Some(w) = &self.weight else { return Ok(()) };
         if !w.device().is_cpu() {
             return Ok(());
@@ -471,7 +471,7 @@ impl ConvTranspose2d {
         }
         let mut bias = with_f32(&self.bias, |b| Ok(b.to_vec()))?;
         let packed = match affine {
-            None => with_f32(w, |wv| PackedConvTranspose2d::pack(wv, &bias, cin, cout, self.stride))?,
+            None => with_f32(w, |wv| PackedConvTranspose2d::pack_with(wv, &bias, cin, cout, self.stride, precision))?,
             Some((scale, shift)) => {
                 if scale.len() != cout || shift.len() != cout || bias.len() != cout {
                     return Err(BeitError::invalid_input(
@@ -493,7 +493,7 @@ impl ConvTranspose2d {
                     *b = *b * s + t;
                 }
                 self.bias = Tensor::from_slice(&bias, cout, &candle_core::Device::Cpu)?;
-                PackedConvTranspose2d::pack(&wv, &bias, cin, cout, self.stride)?
+                PackedConvTranspose2d::pack_with(&wv, &bias, cin, cout, self.stride, precision)?
             }
         };
         self.packed = Some(Arc::new(packed));

@@ -13,7 +13,7 @@ use beit::checkpoint::read_safetensors;
 use beit::internals::cpu;
 use beit::train::data::ImageFolder;
 use beit::train::eval_processor;
-use beit::{load_pretrained, ForwardOptions, InferenceDtype, LoadOptions, ModelInputs};
+use beit::{load_pretrained, Architecture, ForwardOptions, InferenceDtype, LoadOptions, ModelInputs};
 use candle_core::{DType, Device, Tensor};
 
 fn root() -> &'static Path {
@@ -25,9 +25,15 @@ const MIN_AGREEMENT: f64 = 0.99;
 /// Largest |bf16 - f32| logit on the held-out digits: measured 0.0104 (2026-12-03, both kernels), asserted
 /// with margin.
 const MAX_LOGIT_DRIFT_DIGITS: f32 = 0.03;
-/// Largest |bf16 - transformers f32| over the logits of every parity fixture that has logits: measured
-/// 0.0585 (mim_abspos_nolabels; the others 0.007-0.037; 2026-12-03, both kernels), asserted with margin.
+/// Largest |bf16 - transformers f32| over the logits of every parity fixture that has logits but the
+/// segmentation ones: measured 0.0585 (mim_abspos_nolabels; the others 0.007-0.037; 2026-12-03, both
+/// kernels), asserted with margin.
 const MAX_LOGIT_ERR_FIXTURES: f32 = 0.08;
+/// The same for the segmentation fixtures, whose UperNet/FCN convolutions run in bf16 too (4-5 GEMMs deep
+/// after the encoder): measured 0.146 (seg_noaux_scales, logits up to 13.5; seg_uper_aux1 0.076,
+/// seg_aux2_concat 0.056; 2026-12-03, both kernels). torch's bf16 on the same fixtures: 0.231 / 0.084 / 0.091
+/// with the model cast, 0.205 / 0.109 / 0.069 under autocast.
+const MAX_LOGIT_ERR_SEG_FIXTURES: f32 = 0.2;
 
 fn bf16() -> LoadOptions {
     LoadOptions { inference: Some(InferenceDtype::Bf16), ..Default::default() }
@@ -100,7 +106,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 /// Every parity fixture's logits (where it has them) in bf16, flattened in fixture order; with the bound
 /// against transformers' f32 logits when `check`.
 fn fixture_logits(check: bool) -> Vec<f32> {
-    let (mut worst, mut cases, mut all) = (0f32, 0usize, Vec::new());
+    let (mut worst, mut worst_seg, mut cases, mut all) = (0f32, 0f32, 0usize, Vec::new());
     for dir in fixtures() {
         let inputs = read(&dir.join("inputs.safetensors"));
         let expected = read(&dir.join("outputs.safetensors"));
@@ -126,17 +132,26 @@ fn fixture_logits(check: bool) -> Vec<f32> {
         if check {
             println!("{:40} bf16 logits max abs err {err:.2e}", dir.file_name().unwrap().to_string_lossy());
         }
-        worst = worst.max(err);
+        if loaded.model.architecture() == Architecture::BeitForSemanticSegmentation {
+            worst_seg = worst_seg.max(err);
+        } else {
+            worst = worst.max(err);
+        }
         cases += 1;
         all.extend(g);
     }
     if check {
         assert!(cases >= 10, "only {cases} fixtures with logits");
         println!(
-            "bf16 logits of {cases} parity fixtures: max abs err {worst:.3e} (CPU features {:?})",
+            "bf16 logits of {cases} parity fixtures: max abs err {worst:.3e}, segmentation {worst_seg:.3e} \
+             (CPU features {:?})",
             cpu::features()
         );
         assert!(worst <= MAX_LOGIT_ERR_FIXTURES, "bf16 logits differ from transformers' by {worst}");
+        assert!(
+            worst_seg <= MAX_LOGIT_ERR_SEG_FIXTURES,
+            "bf16 segmentation logits differ from transformers' by {worst_seg}"
+        );
     }
     all
 }

@@ -7,7 +7,8 @@ use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
 use crate::heads::loss::cross_entropy;
 use crate::model::{BeitModel, BeitModelOutput, ForwardOptions};
-use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, ConvTranspose2d, Mode};
+use crate::kernels::conv::Precision;
+use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, ConvTranspose2d, InferenceDtype, Mode};
 use crate::ops::{adaptive_avg_pool2d, interpolate_bilinear};
 use crate::weights::Weights;
 
@@ -60,14 +61,14 @@ impl BeitFeaturePyramid {
 
     /// CPU inference: the upsampling weights packed once (see [`ConvTranspose2d::prepare_inference`]),
     /// the BatchNorm folded into the transposed convolution before it.
-    pub fn prepare_inference(&mut self) -> Result<()> {
+    pub fn prepare_inference(&mut self, precision: Precision) -> Result<()> {
         if !self.fused && self.fpn1_0.packed.is_none() {
             let (scale, shift) = batch_norm_affine(&self.fpn1_1)?;
-            self.fpn1_0.prepare_inference_scaled(Some((&scale, &shift)))?;
+            self.fpn1_0.prepare_inference_scaled(Some((&scale, &shift)), precision)?;
             self.fused = self.fpn1_0.packed.is_some();
         }
-        self.fpn1_3.prepare_inference()?;
-        self.fpn2_0.prepare_inference()
+        self.fpn1_3.prepare_inference(precision)?;
+        self.fpn2_0.prepare_inference(precision)
     }
 }
 
@@ -123,12 +124,12 @@ impl BeitConvModule {
 
     /// CPU inference: the BatchNorm (running statistics) folded into the convolution's weight and bias,
     /// packed once; saves two passes over each output map. `conv` then holds the folded convolution.
-    pub fn prepare_inference(&mut self) -> Result<()> {
+    pub fn prepare_inference(&mut self, precision: Precision) -> Result<()> {
         if self.fused || self.conv.packed.is_some() {
             return Ok(());
         }
         let (scale, shift) = batch_norm_affine(&self.bn)?;
-        self.conv.prepare_inference_scaled(Some((&scale, &shift)))?;
+        self.conv.prepare_inference_scaled(Some((&scale, &shift)), precision)?;
         self.fused = self.conv.packed.is_some();
         Ok(())
     }
@@ -205,13 +206,13 @@ impl BeitUperHead {
 
     /// CPU inference: every convolution packed once, BatchNorms folded (see
     /// [`BeitConvModule::prepare_inference`]).
-    pub fn prepare_inference(&mut self) -> Result<()> {
+    pub fn prepare_inference(&mut self, precision: Precision) -> Result<()> {
         for m in self.psp_modules.iter_mut().chain(&mut self.lateral_convs).chain(&mut self.fpn_convs) {
-            m.prepare_inference()?;
+            m.prepare_inference(precision)?;
         }
-        self.bottleneck.prepare_inference()?;
-        self.fpn_bottleneck.prepare_inference()?;
-        self.classifier.prepare_inference()
+        self.bottleneck.prepare_inference(precision)?;
+        self.fpn_bottleneck.prepare_inference(precision)?;
+        self.classifier.prepare_inference(precision)
     }
 }
 
@@ -261,11 +262,11 @@ impl BeitFCNHead {
     }
 
     /// CPU inference: as [`BeitUperHead::prepare_inference`].
-    pub fn prepare_inference(&mut self) -> Result<()> {
+    pub fn prepare_inference(&mut self, precision: Precision) -> Result<()> {
         for m in self.convs.iter_mut().chain(&mut self.conv_cat) {
-            m.prepare_inference()?;
+            m.prepare_inference(precision)?;
         }
-        self.classifier.prepare_inference()
+        self.classifier.prepare_inference(precision)
     }
 }
 
@@ -338,14 +339,17 @@ impl BeitForSemanticSegmentation {
     }
 
     /// CPU inference: the encoder as `inference` asks (see [`BeitModel::prepare_inference`]), and
-    /// the pyramid's and heads' convolutions packed once for the f32 kernel (f32 for either dtype), with
-    /// their BatchNorms folded in. The model can then no longer be trained or saved.
+    /// the pyramid's and heads' convolutions packed once, with their BatchNorms folded in: bf16 GEMMs under
+    /// bf16, f32 otherwise (int8 has no convolution kernel; the heads stay f32 there). The model can then no
+    /// longer be trained or saved.
     pub fn prepare_inference(&mut self, inference: impl Into<crate::model::Inference>) -> Result<()> {
+        let inference = inference.into();
+        let precision = if inference.dtype == InferenceDtype::Bf16 { Precision::Bf16 } else { Precision::F32 };
         self.beit.prepare_inference(inference)?;
-        self.pyramid.prepare_inference()?;
-        self.decode_head.prepare_inference()?;
+        self.pyramid.prepare_inference(precision)?;
+        self.decode_head.prepare_inference(precision)?;
         if let Some(aux) = &mut self.auxiliary_head {
-            aux.prepare_inference()?;
+            aux.prepare_inference(precision)?;
         }
         Ok(())
     }

@@ -259,7 +259,14 @@ impl PackedBf16 {
     /// `out = x Wᵀ + b` for `x` of `rows × in_features` (row-major) into `out` of `rows × out_features`,
     /// with the fastest kernel this CPU has, on rayon's current thread pool.
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
-        self.forward_impl(cpu::features(), x, rows, out, self.out_features, &|_, _, _| {})
+        self.forward_impl(cpu::features(), x, None, rows, out, self.out_features, &|_, _, _| {})
+    }
+
+    /// [`forward`](Self::forward) of the rows of `x` at stride `ldx` (`≥ in_features`; only the first
+    /// `in_features` of each row are read) into rows of `out` at stride `ldo`: a GEMM on part of a wider
+    /// buffer, as the convolutions' Winograd positions are.
+    pub fn forward_strided(&self, x: &[f32], ldx: usize, rows: usize, out: &mut [f32], ldo: usize) -> Result<()> {
+        self.forward_impl(cpu::features(), x, Some(ldx), rows, out, ldo, &|_, _, _| {})
     }
 
     /// Like [`forward`](Self::forward), but row `r` of the output goes to `out[r · ldo..]` (`ldo ≥
@@ -271,25 +278,43 @@ impl PackedBf16 {
     where
         F: Fn(usize, usize, &mut [f32]) + Sync,
     {
-        self.forward_impl(cpu::features(), x, rows, out, ldo, &epilogue)
+        self.forward_impl(cpu::features(), x, None, rows, out, ldo, &epilogue)
     }
 
     /// [`forward`](Self::forward) with the code `kernel` selects (AVX-512 BF16 where it has `avx512_bf16`;
     /// for benchmarks and tests); fails if this CPU lacks one of its features.
     pub fn forward_using(&self, kernel: CpuFeatures, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
         kernel.check("PackedBf16")?;
-        self.forward_impl(kernel, x, rows, out, self.out_features, &|_, _, _| {})
+        self.forward_impl(kernel, x, None, rows, out, self.out_features, &|_, _, _| {})
     }
 
-    fn check_shapes(&self, x_len: usize, rows: usize, out_len: usize, ldo: usize) -> Result<()> {
+    /// `ldx`: None for rows packed end to end (exactly `rows · in_features` values), else their stride.
+    fn check_shapes(&self, x_len: usize, ldx: Option<usize>, rows: usize, out_len: usize, ldo: usize) -> Result<()> {
         let (k, n) = (self.in_features, self.out_features);
-        let want_x =
-            rows.checked_mul(k).ok_or_else(|| shape_error("input", format!("{rows} rows x {k} overflows usize")))?;
-        if x_len != want_x {
-            return Err(shape_error(
-                "input",
-                format!("expected {want_x} values ({rows} rows x {k} in_features), found {x_len}"),
-            ));
+        match ldx {
+            None => {
+                let want_x = rows
+                    .checked_mul(k)
+                    .ok_or_else(|| shape_error("input", format!("{rows} rows x {k} overflows usize")))?;
+                if x_len != want_x {
+                    return Err(shape_error(
+                        "input",
+                        format!("expected {want_x} values ({rows} rows x {k} in_features), found {x_len}"),
+                    ));
+                }
+            }
+            Some(ldx) => {
+                let want_x = match rows {
+                    0 => Some(0),
+                    _ => (rows - 1).checked_mul(ldx).and_then(|v| v.checked_add(k)),
+                };
+                if ldx < k || want_x.is_none_or(|w| x_len < w) {
+                    return Err(shape_error(
+                        "input",
+                        format!("{rows} rows of {k} in_features at stride {ldx} do not fit in {x_len} values"),
+                    ));
+                }
+            }
         }
         if ldo < n {
             return Err(shape_error("output", format!("row stride {ldo} is below out_features {n}")));
@@ -316,6 +341,7 @@ impl PackedBf16 {
         &self,
         kernel: CpuFeatures,
         x: &[f32],
+        ldx: Option<usize>,
         rows: usize,
         out: &mut [f32],
         ldo: usize,
@@ -324,12 +350,12 @@ impl PackedBf16 {
     where
         F: Fn(usize, usize, &mut [f32]) + Sync,
     {
-        self.check_shapes(x.len(), rows, out.len(), ldo)?;
+        self.check_shapes(x.len(), ldx, rows, out.len(), ldo)?;
         if rows == 0 {
             return Ok(());
         }
         let mut scratch = SCRATCH.with(Cell::take);
-        self.convert_activations(kernel, x, rows, &mut scratch);
+        self.convert_activations(kernel, x, ldx.unwrap_or(self.in_features), rows, &mut scratch);
         let g = Gemm {
             k_pairs: self.k_pairs,
             lda: self.lda(),
@@ -353,7 +379,7 @@ impl PackedBf16 {
         self.in_features.next_multiple_of(32)
     }
 
-    fn convert_activations(&self, kernel: CpuFeatures, x: &[f32], rows: usize, s: &mut AlignedU16) {
+    fn convert_activations(&self, kernel: CpuFeatures, x: &[f32], ldx: usize, rows: usize, s: &mut AlignedU16) {
         let (k, lda) = (self.in_features, self.lda());
         s.ensure(rows.next_multiple_of(MR) * lda);
         let values = s.as_mut_slice();
@@ -361,11 +387,11 @@ impl PackedBf16 {
         tail.fill(0);
         if rows * k >= 1 << 17 && rayon::current_num_threads() > 1 {
             head.par_chunks_mut(lda)
-                .zip(x.par_chunks(k))
+                .zip(x.par_chunks(ldx))
                 .with_min_len((16384 / k).max(1))
-                .for_each(|(d, s)| convert_row(kernel, s, d));
+                .for_each(|(d, s)| convert_row(kernel, &s[..k], d));
         } else {
-            head.chunks_mut(lda).zip(x.chunks(k)).for_each(|(d, s)| convert_row(kernel, s, d));
+            head.chunks_mut(lda).zip(x.chunks(ldx)).for_each(|(d, s)| convert_row(kernel, &s[..k], d));
         }
     }
 
