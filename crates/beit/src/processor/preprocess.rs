@@ -2,6 +2,8 @@
 //! padding) -> rescale (float64 multiply, float32 cast) -> normalize (float32) to NCHW pixel values; and
 //! segmentation maps to int64 labels (label reduction, resize, crop).
 
+use std::borrow::Cow;
+
 use image::{DynamicImage, GrayImage, RgbImage};
 
 use super::load::{to_rgb_like_pil, PIL_MAX_IMAGE_PIXELS};
@@ -66,7 +68,7 @@ impl BeitImageProcessor {
     /// Preprocesses one RGB image: CHW float32 values and `[3, height, width]`.
     pub fn preprocess_image(&self, image: &RgbImage) -> Result<(Vec<f32>, [usize; 3])> {
         let (w, h) = (image.width() as usize, image.height() as usize);
-        let (pixels, h, w) = self.resize_and_crop(image.as_raw().clone(), h, w, 3)?;
+        let (pixels, h, w) = self.resize_and_crop(Cow::Borrowed(image.as_raw()), h, w, 3)?;
         let scale = if self.do_rescale {
             Some(
                 self.rescale_factor
@@ -111,8 +113,15 @@ impl BeitImageProcessor {
     }
 
     /// Resize (Pillow, uint8) then center crop, as `_preprocess` does before rescaling.
-    /// `pixels` is HWC with `ch` channels; returns the new buffer, height and width.
-    fn resize_and_crop(&self, pixels: Vec<u8>, h: usize, w: usize, ch: usize) -> Result<(Vec<u8>, usize, usize)> {
+    /// `pixels` is HWC with `ch` channels (borrowed: a resize reads it and copies nothing); returns the new
+    /// buffer, height and width.
+    fn resize_and_crop<'a>(
+        &self,
+        pixels: Cow<'a, [u8]>,
+        h: usize,
+        w: usize,
+        ch: usize,
+    ) -> Result<(Cow<'a, [u8]>, usize, usize)> {
         let (mut pixels, mut h, mut w) = (pixels, h, w);
         if self.do_resize {
             let (oh, ow) = self.size.height_width("size")?;
@@ -122,14 +131,16 @@ impl BeitImageProcessor {
                 return Err(input_err("resize", "a non-empty image", format!("{w}x{h}")));
             }
             check_area("size", oh, ow)?;
-            pixels = resample::resize(&pixels, w, h, ch, ow, oh, filter)
-                .map_err(|e| input_err("resize", "a consistent image buffer", e.to_string()))?;
+            pixels = Cow::Owned(
+                resample::resize(&pixels, w, h, ch, ow, oh, filter)
+                    .map_err(|e| input_err("resize", "a consistent image buffer", e.to_string()))?,
+            );
             (h, w) = (oh, ow);
         }
         if self.do_center_crop {
             let (ch_h, ch_w) = self.crop_size.height_width("crop_size")?;
             check_area("crop_size", ch_h, ch_w)?;
-            pixels = center_crop(&pixels, h, w, ch, ch_h, ch_w);
+            pixels = Cow::Owned(center_crop(&pixels, h, w, ch, ch_h, ch_w));
             (h, w) = (ch_h, ch_w);
         }
         Ok((pixels, h, w))
@@ -157,7 +168,7 @@ impl BeitImageProcessor {
                 Self::reduce_labels(&mut px);
             }
             let (px, h, w) = self
-                .resize_and_crop(px, map.height() as usize, map.width() as usize, 1)
+                .resize_and_crop(Cow::Owned(px), map.height() as usize, map.width() as usize, 1)
                 .map_err(|e| e.for_item(&format!("segmentation map {i}")))?;
             match shape {
                 Some(first) if first != [h, w] => {
