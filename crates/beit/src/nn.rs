@@ -1,6 +1,6 @@
 //! The few torch.nn layers BEiT is built from, loaded under PyTorch's parameter names (`weight`, `bias`).
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, Var, D};
 
 use std::sync::Arc;
 
@@ -332,7 +332,8 @@ impl Conv2d {
                 for (row, s) in wv.chunks_exact_mut(k.max(1)).zip(scale) {
                     row.iter_mut().for_each(|v| *v *= s);
                 }
-                let b: Vec<f32> = (0..cout).map(|o| bias.as_ref().map_or(0.0, |b| b[o]) * scale[o] + shift[o]).collect();
+                let b: Vec<f32> =
+                    (0..cout).map(|o| bias.as_ref().map_or(0.0, |b| b[o]) * scale[o] + shift[o]).collect();
                 self.bias = Some(Tensor::from_slice(&b, cout, &candle_core::Device::Cpu)?);
                 bias = Some(b);
                 PackedConv2d::pack_with(&wv, bias.as_deref(), geometry, precision)?
@@ -362,7 +363,10 @@ impl Conv2d {
         if let (Some(p), true) = (&self.packed, xs.iter().all(|x| x.device().is_cpu())) {
             let dims = |x: &Tensor| {
                 x.dims4().map_err(|_| {
-                    BeitError::invalid_input("conv input", format!("shape {:?}, expected (batch, channels, height, width)", x.dims()))
+                    BeitError::invalid_input(
+                        "conv input",
+                        format!("shape {:?}, expected (batch, channels, height, width)", x.dims()),
+                    )
                 })
             };
             let (b, _, h, w) = dims(first)?;
@@ -444,7 +448,9 @@ impl ConvTranspose2d {
                 let (cin, cout, s) = (p.in_channels(), p.out_channels(), self.stride);
                 Ok(Tensor::from_vec(p.weight(), (cin, cout, s, s), &candle_core::Device::Cpu)?)
             }
-            None => Err(BeitError::invalid_input("conv transpose weight", "neither a dense nor a packed weight is held")),
+            None => {
+                Err(BeitError::invalid_input("conv transpose weight", "neither a dense nor a packed weight is held"))
+            }
         }
     }
 
@@ -511,7 +517,10 @@ impl ConvTranspose2d {
     pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         if let (Some(p), true) = (&self.packed, x.device().is_cpu()) {
             let (b, c, h, w) = x.dims4().map_err(|_| {
-                BeitError::invalid_input("conv transpose input", format!("shape {:?}, expected (batch, channels, height, width)", x.dims()))
+                BeitError::invalid_input(
+                    "conv transpose input",
+                    format!("shape {:?}, expected (batch, channels, height, width)", x.dims()),
+                )
             })?;
             if c != p.in_channels() {
                 return Err(BeitError::invalid_input(
@@ -534,42 +543,109 @@ impl ConvTranspose2d {
     }
 }
 
-/// BatchNorm2d at inference: the running statistics, never the batch's.
+/// torch.nn.BatchNorm2d (momentum 0.1, running statistics tracked): the running statistics at inference, the
+/// batch's in training, which then also update the running ones in place (so that what is saved follows).
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
     /// The weight.
     pub weight: Tensor,
     /// The bias, when the layer has one.
     pub bias: Tensor,
-    /// Running mean (inference statistics).
-    pub running_mean: Tensor,
-    /// Running variance (inference statistics).
-    pub running_var: Tensor,
+    /// Running mean (inference statistics); a Var only to be updated in place, never trained.
+    pub running_mean: Var,
+    /// Running variance (unbiased, as torch keeps it).
+    pub running_var: Var,
+    /// How many training batches updated the statistics (kept in the checkpoint's dtype).
+    pub num_batches_tracked: Var,
     /// Added to the variance.
     pub eps: f64,
+    /// Weight of the batch's statistics in the running ones (torch's default 0.1).
+    pub momentum: f64,
 }
 
 impl BatchNorm2d {
     /// Builds the module from `w`, initializing it (as transformers' `_init_weights`) when the checkpoint lacks it.
     pub fn load_head(w: &Weights, channels: usize, eps: f64) -> Result<Self> {
-        w.passthrough_counter("num_batches_tracked")?;
         Ok(BatchNorm2d {
             weight: w.get_or_init(channels, "weight", Init::Const(1.0))?,
             bias: w.get_or_init(channels, "bias", Init::Zeros)?,
-            running_mean: w.get_or_init(channels, "running_mean", Init::Zeros)?,
-            running_var: w.get_or_init(channels, "running_var", Init::Const(1.0))?,
+            running_mean: w.buffer(channels, "running_mean", Init::Zeros)?,
+            running_var: w.buffer(channels, "running_var", Init::Const(1.0))?,
+            num_batches_tracked: w.passthrough_counter("num_batches_tracked")?,
             eps,
+            momentum: 0.1,
         })
     }
 
-    /// The layer applied to `x`, as its torch.nn counterpart.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The running statistics `(mean, var)`, detached: reading them records nothing for backprop.
+    pub fn running_stats(&self) -> (Tensor, Tensor) {
+        (self.running_mean.as_tensor().detach(), self.running_var.as_tensor().detach())
+    }
+
+    /// The layer applied to `x` `(batch, channels, height, width)`, as its torch.nn counterpart in `mode`.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let c = self.weight.elem_count();
         let shape = (1, c, 1, 1);
+        if mode.train {
+            return self.forward_train(x);
+        }
+        let (mean, var) = self.running_stats();
         // Folded into one scale and shift per channel: (x - mean) / sqrt(var + eps) * w + b.
-        let scale = (self.weight.clone() / (self.running_var.clone() + self.eps)?.sqrt()?)?;
-        let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+        let scale = (self.weight.clone() / (var + self.eps)?.sqrt()?)?;
+        let shift = (&self.bias - (&mean * &scale)?)?;
         Ok(x.broadcast_mul(&scale.reshape(shape)?)?.broadcast_add(&shift.reshape(shape)?)?)
+    }
+
+    /// Training: normalized by the batch's mean and biased variance over (N, H, W), in composite ops that candle
+    /// differentiates; the running statistics move by `momentum` towards the batch's (variance unbiased).
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.weight.elem_count();
+        let (b, xc, h, w) = x.dims4().map_err(|_| {
+            BeitError::invalid_input(
+                "batch norm input",
+                format!("shape {:?}, expected (batch, channels, height, width)", x.dims()),
+            )
+        })?;
+        if xc != c {
+            return Err(BeitError::invalid_input("batch norm input", format!("{xc} channels, expected {c}")));
+        }
+        let n = b * h * w;
+        // torch raises here too: one value per channel has no variance (its unbiased estimate would be NaN).
+        if n < 2 {
+            return Err(BeitError::invalid_input(
+                "batch norm input",
+                format!(
+                    "expected more than 1 value per channel when training, got input size {:?} (a batch of one \
+                     image cannot train this head: use a batch of at least 2)",
+                    x.dims()
+                ),
+            ));
+        }
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+        let normalized = centered.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
+        let shape = (1, c, 1, 1);
+        let y = normalized.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)?;
+        self.update_running(&mean, &var, n)?;
+        Ok(y)
+    }
+
+    /// torch's update, in f64 as its CPU kernel computes it: `running = (1 - m) · running + m · batch`, the
+    /// variance unbiased (· n / (n - 1)); `num_batches_tracked += 1`.
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        let m = self.momentum;
+        let mix = |running: &Var, batch: &Tensor, factor: f64| -> Result<()> {
+            let batch = batch.detach().flatten_all()?.to_dtype(DType::F64)?;
+            let old = running.as_tensor().detach().to_dtype(DType::F64)?;
+            let new = ((old * (1.0 - m))? + (batch * (m * factor))?)?.to_dtype(running.dtype())?;
+            Ok(running.set(&new)?)
+        };
+        mix(&self.running_mean, mean, 1.0)?;
+        mix(&self.running_var, var, n as f64 / (n as f64 - 1.0))?;
+        let count = self.num_batches_tracked.as_tensor().detach().to_dtype(DType::F64)?;
+        self.num_batches_tracked.set(&(count + 1.0)?.to_dtype(self.num_batches_tracked.dtype())?)?;
+        Ok(())
     }
 }
 
@@ -647,4 +723,3 @@ pub fn drop_path(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     shape[0] = x.dim(0)?;
     Ok(x.broadcast_mul(&keep_mask(&shape, 1.0 - p, x.device())?)?)
 }
-

@@ -32,7 +32,10 @@ fn cubic_taps(in_size: usize, out_size: usize) -> Vec<([usize; 4], [f32; 4])> {
 pub fn interpolate_bicubic(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
-        return Err(BeitError::invalid_input("bicubic interpolation", format!("empty size {h}x{w} -> {out_h}x{out_w}")));
+        return Err(BeitError::invalid_input(
+            "bicubic interpolation",
+            format!("empty size {h}x{w} -> {out_h}x{out_w}"),
+        ));
     }
     let src = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let (ty, tx) = (cubic_taps(h, out_h), cubic_taps(w, out_w));
@@ -66,6 +69,65 @@ pub fn interpolate_bilinear(x: &Tensor, out_h: usize, out_w: usize, align_corner
     Ok(x.contiguous()?.upsample_bilinear2d(out_h, out_w, align_corners)?)
 }
 
+/// torch's bilinear weights as an `(out, in)` matrix: row i holds `1 - l` at `i0` and `l` at `i1`
+/// (upsample_bilinear2d's source index, clamped as its CPU kernel does).
+fn bilinear_matrix(in_size: usize, out_size: usize, align_corners: bool) -> Vec<f32> {
+    let mut m = vec![0f32; out_size * in_size];
+    let scale = if align_corners {
+        if out_size > 1 {
+            (in_size as f32 - 1.0) / (out_size as f32 - 1.0)
+        } else {
+            0.0
+        }
+    } else {
+        in_size as f32 / out_size as f32
+    };
+    for i in 0..out_size {
+        let src = if align_corners { scale * i as f32 } else { (scale * (i as f32 + 0.5) - 0.5).max(0.0) };
+        let i0 = (src as usize).min(in_size - 1);
+        let i1 = if i0 + 1 < in_size { i0 + 1 } else { i0 };
+        let l = src - i0 as f32;
+        m[i * in_size + i0] += 1.0 - l;
+        m[i * in_size + i1] += l;
+    }
+    m
+}
+
+/// [`interpolate_bilinear`] as two matrix products (rows, then columns), which candle can differentiate: its
+/// `upsample_bilinear2d` has no backward pass. Equal to torch's kernel up to float rounding; for training.
+pub fn interpolate_bilinear_differentiable(
+    x: &Tensor,
+    out_h: usize,
+    out_w: usize,
+    align_corners: bool,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
+        return Err(BeitError::invalid_input("interpolate", format!("{h}x{w} to {out_h}x{out_w}: an empty size")));
+    }
+    let mh = Tensor::from_vec(bilinear_matrix(h, out_h, align_corners), (out_h, h), x.device())?.to_dtype(x.dtype())?;
+    let mw = Tensor::from_vec(bilinear_matrix(w, out_w, align_corners), (out_w, w), x.device())?.to_dtype(x.dtype())?;
+    // (.., h, w) · (w, out_w), then (out_h, h) · (.., h, out_w).
+    let y = x.contiguous()?.broadcast_matmul(&mw.t()?)?;
+    Ok(mh.broadcast_matmul(&y)?)
+}
+
+/// `max_pool2d(x, k, stride=k)` (floor mode) from reductions candle differentiates as torch does: its own
+/// max_pool2d backward scales the gradient by the maxima's share of the window (1/k² for one maximum) where torch
+/// passes it whole to the maximum. For training.
+pub fn max_pool2d_differentiable(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / k.max(1), w / k.max(1));
+    if k == 0 || oh == 0 || ow == 0 {
+        return Err(BeitError::invalid_input("max_pool2d", format!("a {h}x{w} map is too small for {k}x{k} pooling")));
+    }
+    let x = x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)?.contiguous()?;
+    Ok(x.reshape((b, c, oh, k, ow, k))?.max(5)?.max(3)?)
+}
+
 /// `adaptive_avg_pool2d(x, out)` as torch: output cell i covers [floor(i*in/out), ceil((i+1)*in/out)). Built from
 /// differentiable ops; works for outputs larger than the input too, as torch's does.
 pub fn adaptive_avg_pool2d(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
@@ -97,7 +159,10 @@ mod tests {
     fn bicubic_identity_and_constant() {
         let x = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((1, 1, 3, 4)).unwrap();
         let y = interpolate_bicubic(&x, 3, 4).unwrap();
-        assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         let c = Tensor::ones((1, 2, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let y = interpolate_bicubic(&c, 7, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(y.iter().all(|v| (v - 1.0).abs() < 1e-6));
@@ -112,12 +177,15 @@ mod tests {
         let check = |name: &str, got: Tensor| {
             let want = &t[name];
             assert_eq!(got.dims(), want.dims(), "{name}");
-            let err = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let err =
+                (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(err <= 1e-5, "{name}: {err}");
         };
         for (h, w) in [(14, 20), (3, 4), (7, 10), (11, 5), (1, 1)] {
             for ac in [false, true] {
                 check(&format!("bilinear_{h}x{w}_{}", ac as u8), interpolate_bilinear(x, h, w, ac).unwrap());
+                let diff = interpolate_bilinear_differentiable(x, h, w, ac).unwrap();
+                check(&format!("bilinear_{h}x{w}_{}", ac as u8), diff);
             }
             check(&format!("bicubic_{h}x{w}"), interpolate_bicubic(x, h, w).unwrap());
         }
@@ -125,6 +193,7 @@ mod tests {
             check(&format!("adaptive_avg_{h}x{w}"), adaptive_avg_pool2d(x, h, w).unwrap());
         }
         check("max_pool_2", x.max_pool2d_with_stride(2, 2).unwrap());
+        check("max_pool_2", max_pool2d_differentiable(x, 2).unwrap());
         let ct = crate::nn::ConvTranspose2d::new(t["conv_transpose_w"].clone(), t["conv_transpose_b"].clone(), 2);
         check("conv_transpose", ct.forward(x).unwrap());
     }

@@ -139,8 +139,8 @@ impl Weights {
 
     /// A buffer the model does not compute with but a checkpoint carries (BatchNorm's num_batches_tracked):
     /// kept as it is, or a 0 scalar of int64 when absent, so that saved checkpoints load in transformers
-    /// without warnings.
-    pub fn passthrough_counter(&self, name: &str) -> Result<()> {
+    /// without warnings. A Var, so that training can count in place what is saved; never a trainable one.
+    pub fn passthrough_counter(&self, name: &str) -> Result<Var> {
         let full = self.full_name(name);
         let found = lock(&self.inner.tensors).get(&full).cloned();
         let t = match found {
@@ -150,21 +150,34 @@ impl Weights {
             }
             None => Tensor::zeros((), DType::I64, &self.inner.device)?,
         };
-        lock(&self.inner.params).push((full, t));
-        Ok(())
+        let var = Var::from_tensor(&t)?;
+        lock(&self.inner.params).push((full, var.as_tensor().clone()));
+        Ok(var)
+    }
+
+    /// A buffer that training updates in place (BatchNorm's running statistics), initialized (and reported)
+    /// when the checkpoint lacks it. A Var so that the saved tensor follows the updates, but not among
+    /// [`vars`](Self::vars): the optimizer never sees it.
+    pub fn buffer(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Var> {
+        let t = self.get_impl(shape.into(), name, init, true, false)?;
+        let var = Var::from_tensor(&t)?;
+        lock(&self.inner.params).push((self.full_name(name), var.as_tensor().clone()));
+        Ok(var)
     }
 
     /// A backbone parameter: missing from a checkpoint is an error.
     pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
-        self.get_impl(shape.into(), name, init, self.inner.source == Source::Fresh)
+        self.get_impl(shape.into(), name, init, self.inner.source == Source::Fresh, true)
     }
 
     /// A head or pooler parameter: initialized (and reported) when the checkpoint lacks it, as transformers does.
     pub fn get_or_init(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
-        self.get_impl(shape.into(), name, init, true)
+        self.get_impl(shape.into(), name, init, true, true)
     }
 
-    fn get_impl(&self, shape: Shape, name: &str, init: Init, may_init: bool) -> Result<Tensor> {
+    /// `param`: a parameter, made a Var when training and listed in what is saved; otherwise the tensor alone
+    /// (the caller keeps and lists it).
+    fn get_impl(&self, shape: Shape, name: &str, init: Init, may_init: bool, param: bool) -> Result<Tensor> {
         let full = self.full_name(name);
         let found = lock(&self.inner.tensors).get(&full).cloned();
         let tensor = match found {
@@ -186,6 +199,9 @@ impl Weights {
             }
             None => return Err(BeitError::MissingTensor { path: self.inner.path.clone(), name: full }),
         };
+        if !param {
+            return Ok(tensor);
+        }
         let tensor = match &self.inner.vars {
             Some(vars) => {
                 let var = Var::from_tensor(&tensor)?;

@@ -81,7 +81,9 @@ impl BeitBackbone {
         let hidden = out.hidden_states.unwrap_or_default();
         let mut maps = Vec::with_capacity(self.stages.len());
         for &s in &self.stages {
-            let x = hidden.get(s).ok_or_else(|| BeitError::internal("out_indices", format!("stage {s} was not computed")))?;
+            let x = hidden
+                .get(s)
+                .ok_or_else(|| BeitError::internal("out_indices", format!("stage {s} was not computed")))?;
             maps.push(if self.config.reshape_hidden_states {
                 let n = x.dim(1)?;
                 x.narrow(1, 1, n - 1)?.transpose(1, 2)?.reshape((b, (), gh, gw))?
@@ -90,7 +92,7 @@ impl BeitBackbone {
             });
         }
         if let Some(p) = &self.pyramid {
-            maps = p.forward(&maps)?;
+            maps = p.forward(&maps, o.mode)?;
         }
         Ok(BackboneOutput {
             feature_maps: maps,

@@ -9,8 +9,33 @@ use crate::heads::loss::cross_entropy;
 use crate::model::{BeitModel, BeitModelOutput, ForwardOptions};
 use crate::kernels::conv::Precision;
 use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, ConvTranspose2d, InferenceDtype, Mode};
-use crate::ops::{adaptive_avg_pool2d, interpolate_bilinear};
+use crate::ops::{
+    adaptive_avg_pool2d, interpolate_bilinear, interpolate_bilinear_differentiable, max_pool2d_differentiable,
+};
 use crate::weights::Weights;
+
+/// `interpolate(x, (h, w), mode="bilinear", align_corners=False)`: candle's kernel at inference, the
+/// differentiable form in training (candle's has no backward pass).
+fn resize(x: &Tensor, h: usize, w: usize, mode: Mode) -> Result<Tensor> {
+    if mode.train {
+        interpolate_bilinear_differentiable(x, h, w, false)
+    } else {
+        interpolate_bilinear(x, h, w, false)
+    }
+}
+
+/// A model prepared for inference has its BatchNorms folded into the convolutions: it cannot normalize by a
+/// batch's statistics.
+fn refuse_training_when_fused(fused: bool, mode: Mode) -> Result<()> {
+    if fused && mode.train {
+        return Err(BeitError::unsupported(
+            "training",
+            "this model was prepared for inference (its BatchNorms are folded into the convolutions); load it \
+             without preparing it to train it",
+        ));
+    }
+    Ok(())
+}
 
 /// fpn1 (4x up: ConvTranspose2d, BatchNorm, GELU, ConvTranspose2d), fpn2 (2x up), fpn3 (identity),
 /// fpn4 (2x down: MaxPool2d), applied to the four feature maps in order.
@@ -41,22 +66,27 @@ impl BeitFeaturePyramid {
         })
     }
 
-    /// The four maps at 4x, 2x, 1x and 1/2x the patch grid.
-    pub fn forward(&self, features: &[Tensor]) -> Result<Vec<Tensor>> {
+    /// The four maps at 4x, 2x, 1x and 1/2x the patch grid; `mode` decides fpn1.1's statistics.
+    pub fn forward(&self, features: &[Tensor], mode: Mode) -> Result<Vec<Tensor>> {
+        refuse_training_when_fused(self.fused, mode)?;
         let [f1, f2, f3, f4] = features else {
             return Err(BeitError::invalid_input("features", format!("{} feature maps, expected 4", features.len())));
         };
         let (_, _, h, w) = f4.dims4()?;
         if h < 2 || w < 2 {
-            return Err(BeitError::invalid_input("fpn4", format!("a {h}x{w} feature map is too small for 2x2 max pooling")));
+            return Err(BeitError::invalid_input(
+                "fpn4",
+                format!("a {h}x{w} feature map is too small for 2x2 max pooling"),
+            ));
         }
         let up2 = if self.fused {
             self.fpn1_0.forward_act(f1, true)?
         } else {
-            self.fpn1_1.forward(&self.fpn1_0.forward(f1)?)?.gelu_erf()?
+            self.fpn1_1.forward(&self.fpn1_0.forward(f1)?, mode)?.gelu_erf()?
         };
         let up4 = self.fpn1_3.forward(&up2)?;
-        Ok(vec![up4, self.fpn2_0.forward(f2)?, f3.clone(), f4.max_pool2d_with_stride(2, 2)?])
+        let down = if mode.train { max_pool2d_differentiable(f4, 2)? } else { f4.max_pool2d_with_stride(2, 2)? };
+        Ok(vec![up4, self.fpn2_0.forward(f2)?, f3.clone(), down])
     }
 
     /// CPU inference: the upsampling weights packed once (see [`ConvTranspose2d::prepare_inference`]),
@@ -77,7 +107,8 @@ impl BeitFeaturePyramid {
 fn batch_norm_affine(bn: &BatchNorm2d) -> Result<(Vec<f32>, Vec<f32>)> {
     let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
     let (w, b) = (f32s(&bn.weight)?, f32s(&bn.bias)?);
-    let (mean, var) = (f32s(&bn.running_mean)?, f32s(&bn.running_var)?);
+    let (mean, var) = bn.running_stats();
+    let (mean, var) = (f32s(&mean)?, f32s(&var)?);
     let eps = bn.eps as f32;
     let scale: Vec<f32> = w.iter().zip(&var).map(|(w, v)| w / (v + eps).sqrt()).collect();
     let shift: Vec<f32> = b.iter().zip(&mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
@@ -98,7 +129,14 @@ pub struct BeitConvModule {
 
 impl BeitConvModule {
     /// Builds the module from `w` (`conv.weight`, `bn.*`).
-    pub fn load(w: &Weights, in_channels: usize, out_channels: usize, kernel: usize, padding: usize, std: f64) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        padding: usize,
+        std: f64,
+    ) -> Result<Self> {
         let spec = ConvSpec { in_channels, out_channels, kernel, padding, dilation: 1, bias: false };
         Ok(BeitConvModule {
             conv: Conv2d::load_head(&w.pp("conv"), spec, std)?,
@@ -107,19 +145,20 @@ impl BeitConvModule {
         })
     }
 
-    /// Conv, BatchNorm, ReLU.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_cat(std::slice::from_ref(x))
+    /// Conv, BatchNorm (on the batch's statistics when `mode.train`), ReLU.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_cat(std::slice::from_ref(x), mode)
     }
 
     /// [`forward`](Self::forward) on the concatenation of `xs` along the channels; once prepared, the
     /// convolution reads the parts in place (for fpn_bottleneck, 4 · 768 channels at 160×160: 314 MB not
     /// built).
-    pub fn forward_cat(&self, xs: &[Tensor]) -> Result<Tensor> {
+    pub fn forward_cat(&self, xs: &[Tensor], mode: Mode) -> Result<Tensor> {
+        refuse_training_when_fused(self.fused, mode)?;
         if self.fused {
             return self.conv.forward_cat_act(xs, true);
         }
-        Ok(self.bn.forward(&self.conv.forward_cat_act(xs, false)?)?.relu()?)
+        Ok(self.bn.forward(&self.conv.forward_cat_act(xs, false)?, mode)?.relu()?)
     }
 
     /// CPU inference: the BatchNorm (running statistics) folded into the convolution's weight and bias,
@@ -159,49 +198,54 @@ impl BeitUperHead {
     pub fn load(w: &Weights, c: &BeitConfig) -> Result<Self> {
         let (d, std) = (c.hidden_size, c.initializer_range);
         let psp = w.pp("psp_modules");
-        let spec = ConvSpec { in_channels: d, out_channels: c.num_labels(), kernel: 1, padding: 0, dilation: 1, bias: true };
+        let spec =
+            ConvSpec { in_channels: d, out_channels: c.num_labels(), kernel: 1, padding: 0, dilation: 1, bias: true };
         Ok(BeitUperHead {
             pool_scales: c.pool_scales.clone(),
             psp_modules: (0..c.pool_scales.len())
                 .map(|i| BeitConvModule::load(&psp.pp(format!("{i}.1")), d, d, 1, 0, std))
                 .collect::<Result<_>>()?,
             bottleneck: BeitConvModule::load(&w.pp("bottleneck"), d + c.pool_scales.len() * d, d, 3, 1, std)?,
-            lateral_convs: (0..3).map(|i| BeitConvModule::load(&w.pp(format!("lateral_convs.{i}")), d, d, 1, 0, std)).collect::<Result<_>>()?,
-            fpn_convs: (0..3).map(|i| BeitConvModule::load(&w.pp(format!("fpn_convs.{i}")), d, d, 3, 1, std)).collect::<Result<_>>()?,
+            lateral_convs: (0..3)
+                .map(|i| BeitConvModule::load(&w.pp(format!("lateral_convs.{i}")), d, d, 1, 0, std))
+                .collect::<Result<_>>()?,
+            fpn_convs: (0..3)
+                .map(|i| BeitConvModule::load(&w.pp(format!("fpn_convs.{i}")), d, d, 3, 1, std))
+                .collect::<Result<_>>()?,
             fpn_bottleneck: BeitConvModule::load(&w.pp("fpn_bottleneck"), 4 * d, d, 3, 1, std)?,
             classifier: Conv2d::load_head(&w.pp("classifier"), spec, std)?,
         })
     }
 
-    fn psp_forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn psp_forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let mut outs = vec![x.clone()];
         for (scale, conv) in self.pool_scales.iter().zip(&self.psp_modules) {
-            let pooled = conv.forward(&adaptive_avg_pool2d(x, *scale, *scale)?)?;
-            outs.push(interpolate_bilinear(&pooled, h, w, false)?);
+            let pooled = conv.forward(&adaptive_avg_pool2d(x, *scale, *scale)?, mode)?;
+            outs.push(resize(&pooled, h, w, mode)?);
         }
-        self.bottleneck.forward_cat(&outs)
+        self.bottleneck.forward_cat(&outs, mode)
     }
 
-    /// Logits from the feature maps, at the resolution of the first.
-    pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
+    /// Logits from the feature maps, at the resolution of the first; `mode` decides the BatchNorms' statistics.
+    pub fn forward(&self, features: &[Tensor], mode: Mode) -> Result<Tensor> {
         let mut laterals: Vec<Tensor> =
-            self.lateral_convs.iter().zip(features).map(|(conv, f)| conv.forward(f)).collect::<Result<_>>()?;
+            self.lateral_convs.iter().zip(features).map(|(conv, f)| conv.forward(f, mode)).collect::<Result<_>>()?;
         let last = features.last().ok_or_else(|| BeitError::invalid_input("features", "no feature maps"))?;
-        laterals.push(self.psp_forward(last)?);
+        laterals.push(self.psp_forward(last, mode)?);
         for i in (1..laterals.len()).rev() {
             let (_, _, h, w) = laterals[i - 1].dims4()?;
-            laterals[i - 1] = (&laterals[i - 1] + interpolate_bilinear(&laterals[i], h, w, false)?)?;
+            laterals[i - 1] = (&laterals[i - 1] + resize(&laterals[i], h, w, mode)?)?;
         }
         let n = laterals.len();
         let mut outs: Vec<Tensor> =
-            self.fpn_convs.iter().zip(&laterals).map(|(conv, l)| conv.forward(l)).collect::<Result<_>>()?;
+            self.fpn_convs.iter().zip(&laterals).map(|(conv, l)| conv.forward(l, mode)).collect::<Result<_>>()?;
         outs.push(laterals[n - 1].clone());
         let (_, _, h, w) = outs[0].dims4()?;
         for o in outs.iter_mut().skip(1) {
-            *o = interpolate_bilinear(o, h, w, false)?;
+            *o = resize(o, h, w, mode)?;
         }
-        self.classifier.forward(&self.fpn_bottleneck.forward_cat(&outs)?)
+        self.classifier.forward(&self.fpn_bottleneck.forward_cat(&outs, mode)?)
     }
 
     /// CPU inference: every convolution packed once, BatchNorms folded (see
@@ -236,7 +280,8 @@ impl BeitFCNHead {
         let convs = (0..c.auxiliary_num_convs)
             .map(|i| BeitConvModule::load(&w.pp(format!("convs.{i}")), if i == 0 { d } else { ch }, ch, 3, 1, std))
             .collect::<Result<_>>()?;
-        let spec = ConvSpec { in_channels: ch, out_channels: c.num_labels(), kernel: 1, padding: 0, dilation: 1, bias: true };
+        let spec =
+            ConvSpec { in_channels: ch, out_channels: c.num_labels(), kernel: 1, padding: 0, dilation: 1, bias: true };
         Ok(BeitFCNHead {
             convs,
             conv_cat: if c.auxiliary_concat_input {
@@ -248,15 +293,17 @@ impl BeitFCNHead {
         })
     }
 
-    /// Logits from the feature maps, at the resolution of the first.
-    pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
-        let x = features.get(Self::IN_INDEX).ok_or_else(|| BeitError::invalid_input("features", "fewer than 3 feature maps"))?;
+    /// Logits from the feature maps, at the resolution of the first; `mode` decides the BatchNorms' statistics.
+    pub fn forward(&self, features: &[Tensor], mode: Mode) -> Result<Tensor> {
+        let x = features
+            .get(Self::IN_INDEX)
+            .ok_or_else(|| BeitError::invalid_input("features", "fewer than 3 feature maps"))?;
         let mut y = x.clone();
         for conv in &self.convs {
-            y = conv.forward(&y)?;
+            y = conv.forward(&y, mode)?;
         }
         if let Some(cat) = &self.conv_cat {
-            y = cat.forward_cat(&[x.clone(), y])?;
+            y = cat.forward_cat(&[x.clone(), y], mode)?;
         }
         self.classifier.forward(&y)
     }
@@ -286,6 +333,7 @@ pub struct BeitForSemanticSegmentation {
     feature_indices: Vec<usize>,
     auxiliary_loss_weight: f64,
     ignore_index: i64,
+    num_labels: usize,
 }
 
 /// SemanticSegmenterOutput: logits at a quarter of the input resolution.
@@ -307,7 +355,10 @@ impl BeitForSemanticSegmentation {
         if c.out_indices.len() != 4 {
             return Err(BeitError::config(
                 "out_indices",
-                format!("BeitForSemanticSegmentation needs 4 out_indices (e.g. [3, 5, 7, 11] for base), found {:?}", c.out_indices),
+                format!(
+                    "BeitForSemanticSegmentation needs 4 out_indices (e.g. [3, 5, 7, 11] for base), found {:?}",
+                    c.out_indices
+                ),
             ));
         }
         let feature_indices: Vec<usize> =
@@ -331,10 +382,15 @@ impl BeitForSemanticSegmentation {
             beit: BeitModel::load(&w.pp("beit"), c, false)?,
             pyramid: BeitFeaturePyramid::load(w, c, 1e-5)?,
             decode_head: BeitUperHead::load(&w.pp("decode_head"), c)?,
-            auxiliary_head: if c.use_auxiliary_head { Some(BeitFCNHead::load(&w.pp("auxiliary_head"), c)?) } else { None },
+            auxiliary_head: if c.use_auxiliary_head {
+                Some(BeitFCNHead::load(&w.pp("auxiliary_head"), c)?)
+            } else {
+                None
+            },
             feature_indices,
             auxiliary_loss_weight: c.auxiliary_loss_weight,
             ignore_index: c.semantic_loss_ignore_index,
+            num_labels: c.num_labels(),
         })
     }
 
@@ -355,7 +411,21 @@ impl BeitForSemanticSegmentation {
     }
 
     /// `labels`: (batch, height, width) class ids at any resolution (semantic_loss_ignore_index is skipped).
-    pub fn forward(&self, pixel_values: &Tensor, o: &ForwardOptions, labels: Option<&Tensor>) -> Result<SemanticSegmentationOutput> {
+    /// With `o.mode.train` the BatchNorms normalize by the batch's statistics and update their running ones, as
+    /// torch's `model.train()`.
+    pub fn forward(
+        &self,
+        pixel_values: &Tensor,
+        o: &ForwardOptions,
+        labels: Option<&Tensor>,
+    ) -> Result<SemanticSegmentationOutput> {
+        if labels.is_some() && self.num_labels == 1 {
+            // transformers' check: a single class has no cross-entropy to train.
+            return Err(BeitError::config(
+                "num_labels",
+                "the number of labels should be greater than one to compute a loss",
+            ));
+        }
         let keep_hidden = o.output_hidden_states;
         let o = ForwardOptions { output_hidden_states: true, ..o.clone() };
         let mut base = self.beit.forward(pixel_values, &o)?;
@@ -373,10 +443,10 @@ impl BeitForSemanticSegmentation {
                 Ok(x.narrow(1, 1, n - 1)?.transpose(1, 2)?.reshape((b, (), gh, gw))?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let features = self.pyramid.forward(&features)?;
-        let logits = self.decode_head.forward(&features)?;
+        let features = self.pyramid.forward(&features, o.mode)?;
+        let logits = self.decode_head.forward(&features, o.mode)?;
         let auxiliary_logits = match &self.auxiliary_head {
-            Some(head) => Some(head.forward(&features)?),
+            Some(head) => Some(head.forward(&features, o.mode)?),
             None => None,
         };
         let loss = match labels {
@@ -389,8 +459,10 @@ impl BeitForSemanticSegmentation {
         Ok(SemanticSegmentationOutput { loss, logits, auxiliary_logits, base })
     }
 
-    /// Cross-entropy on logits upsampled (bilinear) to the labels' size, plus the weighted auxiliary loss.
-    pub fn loss(&self, logits: &Tensor, auxiliary: Option<&Tensor>, labels: &Tensor, _mode: Mode) -> Result<Tensor> {
+    /// transformers' `compute_loss`: cross-entropy (ignoring `semantic_loss_ignore_index`) on logits upsampled
+    /// (bilinear, align_corners=False) to the labels' size, plus `auxiliary_loss_weight` times the auxiliary
+    /// head's. In training mode the upsampling is the differentiable form.
+    pub fn loss(&self, logits: &Tensor, auxiliary: Option<&Tensor>, labels: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, h, w) = labels.dims3().map_err(|_| {
             BeitError::invalid_input("labels", format!("shape {:?}, expected (batch, height, width)", labels.dims()))
         })?;
@@ -399,7 +471,7 @@ impl BeitForSemanticSegmentation {
         }
         let labels = labels.to_dtype(DType::I64)?.flatten_all()?;
         let ce = |l: &Tensor| -> Result<Tensor> {
-            let up = interpolate_bilinear(l, h, w, false)?;
+            let up = resize(l, h, w, mode)?;
             let c = up.dim(1)?;
             cross_entropy(&up.permute((0, 2, 3, 1))?.reshape(((), c))?, &labels, self.ignore_index)
         };
@@ -431,7 +503,8 @@ mod tests {
         let e = BeitForSemanticSegmentation::load(&w, &config(r#", "out_indices": [1, 2, 3]"#).unwrap()).unwrap_err();
         assert!(e.to_string().contains("4 out_indices"), "{e}");
         // Index 0 would take hidden state -1: transformers silently builds three features and then fails.
-        let e = BeitForSemanticSegmentation::load(&w, &config(r#", "out_indices": [0, 1, 2, 3]"#).unwrap()).unwrap_err();
+        let e =
+            BeitForSemanticSegmentation::load(&w, &config(r#", "out_indices": [0, 1, 2, 3]"#).unwrap()).unwrap_err();
         assert!(e.to_string().contains("selects 3"), "{e}");
         let e = config(r#", "out_indices": [1, 2, 3, 4], "pool_scales": [1, 0]"#).unwrap_err().to_string();
         assert!(e.contains("pool_scales"), "{e}");
@@ -440,19 +513,77 @@ mod tests {
     #[test]
     fn prepared_inference_matches_the_loaded_model() {
         // conv_cat and two auxiliary convs: every conv path (Winograd 3x3, 1x1, concatenated input).
-        let c = config(r#", "out_indices": [1, 2, 3, 4], "auxiliary_num_convs": 2, "auxiliary_concat_input": true"#).unwrap();
+        let c = config(r#", "out_indices": [1, 2, 3, 4], "auxiliary_num_convs": 2, "auxiliary_concat_input": true"#)
+            .unwrap();
         let m = BeitForSemanticSegmentation::load(&Weights::fresh(&Device::Cpu, 3), &c).unwrap();
         let mut p = m.clone();
         p.prepare_inference(crate::nn::InferenceDtype::F32).unwrap();
         assert!(p.decode_head.fpn_bottleneck.conv.packed.is_some() && p.pyramid.fpn1_3.packed.is_some());
         let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 48), &Device::Cpu).unwrap();
-        let (a, b) = (m.forward(&x, &ForwardOptions::default(), None).unwrap(), p.forward(&x, &ForwardOptions::default(), None).unwrap());
-        let diff = |x: &Tensor, y: &Tensor| (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let (a, b) = (
+            m.forward(&x, &ForwardOptions::default(), None).unwrap(),
+            p.forward(&x, &ForwardOptions::default(), None).unwrap(),
+        );
+        let diff = |x: &Tensor, y: &Tensor| {
+            (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
         assert!(diff(&a.logits, &b.logits) < 1e-5, "logits {}", diff(&a.logits, &b.logits));
         let (aa, ba) = (a.auxiliary_logits.unwrap(), b.auxiliary_logits.unwrap());
         assert!(diff(&aa, &ba) < 1e-5, "auxiliary logits {}", diff(&aa, &ba));
         // The folded weight is still readable.
         assert_eq!(p.decode_head.fpn_bottleneck.conv.weight().unwrap().dims(), &[16, 64, 3, 3]);
+    }
+
+    fn train() -> ForwardOptions {
+        ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() }
+    }
+
+    #[test]
+    fn training_updates_the_running_statistics_that_are_saved() {
+        let c = config(r#", "out_indices": [1, 2, 3, 4], "use_auxiliary_head": true"#).unwrap();
+        let w =
+            Weights::build(Default::default(), "<fresh>".into(), crate::weights::Source::Fresh, &Device::Cpu, true, 5);
+        let m = BeitForSemanticSegmentation::load(&w, &c).unwrap();
+        // Running statistics are saved but never handed to the optimizer.
+        assert!(w.vars().iter().all(|(n, _)| !n.contains("running_") && !n.contains("num_batches")));
+        let saved = |name: &str| w.params().into_iter().find(|(n, _)| n == name).unwrap().1;
+        let before = saved("fpn1.1.running_mean").to_vec1::<f32>().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let labels = Tensor::zeros((2, 32, 32), DType::I64, &Device::Cpu).unwrap();
+        let eval = m.forward(&x, &ForwardOptions::default(), None).unwrap().logits;
+        let out = m.forward(&x, &train(), Some(&labels)).unwrap();
+        assert!(out.loss.unwrap().backward().is_ok());
+        let after = saved("fpn1.1.running_mean").to_vec1::<f32>().unwrap();
+        assert!(before.iter().zip(&after).any(|(a, b)| a != b), "fpn1.1.running_mean did not move");
+        assert_eq!(saved("decode_head.bottleneck.bn.num_batches_tracked").to_scalar::<i64>().unwrap(), 1);
+        // Evaluation reads the updated statistics.
+        let eval2 = m.forward(&x, &ForwardOptions::default(), None).unwrap().logits;
+        let d = (eval - eval2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0);
+    }
+
+    #[test]
+    fn training_refuses_one_value_per_channel_and_prepared_models() {
+        let c = config(r#", "out_indices": [1, 2, 3, 4]"#).unwrap();
+        let m = BeitForSemanticSegmentation::load(&Weights::fresh(&Device::Cpu, 0), &c).unwrap();
+        // One image: pool scale 1 gives psp_modules.0 a 1x1 map, one value per channel (torch raises too).
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 32, 32), &Device::Cpu).unwrap();
+        let e = m.forward(&x, &train(), None).unwrap_err();
+        assert!(
+            matches!(e, BeitError::InvalidInput { .. }) && e.to_string().contains("more than 1 value per channel"),
+            "{e}"
+        );
+        let mut p = m.clone();
+        p.prepare_inference(crate::nn::InferenceDtype::F32).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let e = p.forward(&x, &train(), None).unwrap_err();
+        assert!(matches!(e, BeitError::Unsupported { .. }), "{e}");
+        let bn = &m.pyramid.fpn1_1;
+        let e = bn.forward(
+            &Tensor::zeros((1, 16, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+            Mode { train: true, uncached: true },
+        );
+        assert!(e.unwrap_err().to_string().contains("[1, 16, 1, 1]"));
     }
 
     #[test]
@@ -472,7 +603,7 @@ mod tests {
             let x = Tensor::zeros((1, 3, 32, 48), DType::F32, &Device::Cpu).unwrap();
             let out = m.forward(&x, &ForwardOptions::default(), None).unwrap();
             assert_eq!(out.logits.dims(), &[1, 3, 16, 24]); // 4x the 4x6 patch grid
-            // The smallest map fpn4 takes: 2x2 patches, pooled to 1x1.
+                                                            // The smallest map fpn4 takes: 2x2 patches, pooled to 1x1.
             let x = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
             assert_eq!(m.forward(&x, &ForwardOptions::default(), None).unwrap().logits.dims(), &[1, 3, 8, 8]);
         }
