@@ -44,6 +44,9 @@ const NATURAL: [usize; 64] = [
 /// Bits of lookahead in [`Huffman::lut`]: most codes in photos are at most this long.
 const LOOKAHEAD: u32 = 9;
 
+/// The flag of [`Huffman::fast_ac`] entries for codes without a value: EOB and ZRL.
+const FAST_NO_VALUE: i32 = 1 << 12;
+
 #[derive(Clone)]
 struct Huffman {
     maxcode: [i32; 18],
@@ -54,7 +57,8 @@ struct Huffman {
     /// ([`Bits::decode_slow`]) finds within those bits, 0 when it needs more.
     lut: Vec<u16>,
     /// For each `LOOKAHEAD`-bit prefix holding an AC code and all of its extra bits: the extended value
-    /// `<< 16`, the run `<< 8`, and the bits used (code and extra bits); 0 otherwise (also for EOB/ZRL).
+    /// `<< 16`, the run `<< 8`, and the bits used (code and extra bits); for EOB (run 0) and ZRL (run 15)
+    /// codes [`FAST_NO_VALUE`] is set too (the value is 0); 0 for other prefixes.
     fast_ac: Vec<i32>,
 }
 
@@ -95,6 +99,8 @@ impl Huffman {
             if e != 0 && size > 0 && len + size <= LOOKAHEAD {
                 let extra = (p >> (LOOKAHEAD - len - size)) & ((1 << size) - 1);
                 h.fast_ac[p as usize] = extend(extra, size) << 16 | r << 8 | (len + size) as i32;
+            } else if e != 0 && size == 0 && (r == 0 || r == 15) {
+                h.fast_ac[p as usize] = FAST_NO_VALUE | r << 8 | len as i32;
             }
         }
         h
@@ -575,7 +581,15 @@ fn scan(
                             let used = (f & 0xFF) as u32;
                             bits.acc <<= used;
                             bits.n -= used;
-                            i += ((f >> 8) & 0xFF) as usize;
+                            let r = ((f >> 8) & 15) as usize;
+                            if f & FAST_NO_VALUE != 0 {
+                                if r == 0 {
+                                    break; // EOB (an end-of-band run of 1 when progressive: eobrun stays 0)
+                                }
+                                i += 16; // ZRL
+                                continue;
+                            }
+                            i += r;
                             coef[NATURAL[i.min(63)]] = ((f >> 16) << al) as i16;
                             i += 1;
                             continue;
@@ -1124,15 +1138,39 @@ mod tests {
         counts[2] = 3;
         counts[8] = 4;
         counts[11] = 30;
-        let values: Vec<u8> = (0..39).collect();
-        let h = Huffman::new(&counts, values);
-        for p in 0u32..1 << 16 {
-            let data: Vec<u8> = vec![(p >> 8) as u8, p as u8, 0x12, 0x34, 0x56, 0x78, 0x9A, 0xBC, 0, 0, 0, 0];
-            let data: Vec<u8> = data.iter().flat_map(|&b| if b == 0xFF { vec![0xFF, 0] } else { vec![b] }).collect();
-            let mut a = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
-            let mut b = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
-            assert_eq!(a.decode(&h).unwrap(), b.decode_slow(&h).unwrap(), "{p:016b}");
-            assert_eq!((a.acc, a.n), (b.acc, b.n), "{p:016b}");
+        // Symbols 0..39, then AC symbols with EOB, ZRL and extra bits of every size up to 8.
+        let tables = [
+            (0..39).collect::<Vec<u8>>(),
+            (0..39).map(|k| [0xF0, 0x00, 0x01, 0x12, 0x23, 0x34, 0x45, 0x56, 0x67, 0x78, 0x08, 0xF1][k % 12]).collect(),
+        ];
+        let mut fast = 0;
+        for values in tables {
+            let h = Huffman::new(&counts, values);
+            for p in 0u32..1 << 16 {
+                let data: Vec<u8> = vec![(p >> 8) as u8, p as u8, 0x12, 0x34, 0x56, 0x78, 0x9A, 0xBC, 0, 0, 0, 0];
+                let data: Vec<u8> =
+                    data.iter().flat_map(|&b| if b == 0xFF { vec![0xFF, 0] } else { vec![b] }).collect();
+                let mut a = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
+                let mut b = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
+                let rs = b.decode_slow(&h).unwrap();
+                assert_eq!(a.decode(&h).unwrap(), rs, "{p:016b}");
+                assert_eq!((a.acc, a.n), (b.acc, b.n), "{p:016b}");
+                // The combined AC entry: what `decode` then `bits` read, and as many bits.
+                let f = h.fast_ac[(p >> (16 - LOOKAHEAD)) as usize];
+                if f != 0 {
+                    fast += 1;
+                    let (r, size) = ((rs >> 4) as i32, (rs & 15) as u32);
+                    let v = extend(b.bits(size).unwrap(), size);
+                    assert_eq!(((f >> 8) & 15, f & FAST_NO_VALUE != 0, f >> 16), (r, size == 0, v), "{p:016b}");
+                    assert!(size > 0 || r == 0 || r == 15, "{p:016b}");
+                    let mut c = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
+                    c.fill().unwrap();
+                    c.acc <<= f & 0xFF;
+                    c.n -= (f & 0xFF) as u32;
+                    assert_eq!((c.acc, c.n), (b.acc, b.n), "{p:016b}");
+                }
+            }
         }
+        assert!(fast > 10_000, "{fast}");
     }
 }

@@ -201,7 +201,7 @@ fn horizontal_blocks_i32<const CH: usize, const L: usize>(
     taps: &[(usize, Vec<i32>)],
     out: &mut [u8],
 ) {
-    debug_assert_eq!(L, HROWS * CH);
+    debug_assert!(L == HROWS * CH && L % 16 == 0);
     let out_w = taps.len();
     let (row_bytes, out_row_bytes) = (width * CH, out_w * CH);
     // The source columns the taps read.
@@ -229,15 +229,19 @@ fn horizontal_blocks_i32<const CH: usize, const L: usize>(
             }
         }
         for ((xmin, k), o) in taps.iter().zip(sums.chunks_exact_mut(L)) {
-            let mut acc = [1i32 << (PRECISION_BITS - 1); L];
             let first = &cols[(xmin - x_lo) * L..][..k.len() * L];
-            for (col, &w) in first.chunks_exact(L).zip(k) {
-                for j in 0..L {
-                    acc[j] = acc[j].wrapping_add((col[j] as i32).wrapping_mul(w));
+            // 16 lanes at a time: few enough for the sums to stay in registers over the taps.
+            for (g, o) in o.chunks_exact_mut(16).enumerate() {
+                let mut acc = [1i32 << (PRECISION_BITS - 1); 16];
+                for (col, &w) in first.chunks_exact(L).zip(k) {
+                    let col: &[u8; 16] = col[g * 16..][..16].try_into().unwrap();
+                    for j in 0..16 {
+                        acc[j] = acc[j].wrapping_add((col[j] as i32).wrapping_mul(w));
+                    }
                 }
-            }
-            for j in 0..L {
-                o[j] = clip8_i32(acc[j]);
+                for j in 0..16 {
+                    o[j] = clip8_i32(acc[j]);
+                }
             }
         }
         let first_out = (y - rows.start) * out_row_bytes;
