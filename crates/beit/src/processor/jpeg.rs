@@ -44,6 +44,9 @@ const NATURAL: [usize; 64] = [
 /// Bits of lookahead in [`Huffman::lut`]: most codes in photos are at most this long.
 const LOOKAHEAD: u32 = 9;
 
+/// The flag of [`Huffman::fast_ac`] entries for codes without a value: EOB and ZRL.
+const FAST_NO_VALUE: i32 = 1 << 12;
+
 #[derive(Clone)]
 struct Huffman {
     maxcode: [i32; 18],
@@ -53,12 +56,22 @@ struct Huffman {
     /// For each `LOOKAHEAD`-bit prefix: `length << 8 | value` of the code the bit-by-bit search
     /// ([`Bits::decode_slow`]) finds within those bits, 0 when it needs more.
     lut: Vec<u16>,
+    /// For each `LOOKAHEAD`-bit prefix holding an AC code and all of its extra bits: the extended value
+    /// `<< 16`, the run `<< 8`, and the bits used (code and extra bits); for EOB (run 0) and ZRL (run 15)
+    /// codes [`FAST_NO_VALUE`] is set too (the value is 0); 0 for other prefixes.
+    fast_ac: Vec<i32>,
 }
 
 impl Huffman {
     fn new(counts: &[u8; 16], values: Vec<u8>) -> Huffman {
-        let mut h =
-            Huffman { maxcode: [0; 18], valptr: [0; 17], mincode: [0; 17], values, lut: vec![0; 1 << LOOKAHEAD] };
+        let mut h = Huffman {
+            maxcode: [0; 18],
+            valptr: [0; 17],
+            mincode: [0; 17],
+            values,
+            lut: vec![0; 1 << LOOKAHEAD],
+            fast_ac: vec![0; 1 << LOOKAHEAD],
+        };
         let (mut code, mut k) = (0i32, 0i32);
         for len in 1..=16 {
             let n = counts[len - 1] as i32;
@@ -79,6 +92,15 @@ impl Huffman {
                     h.lut[p as usize] = (len as u16) << 8 | h.values.get(i).copied().unwrap_or(0) as u16;
                     break;
                 }
+            }
+            let e = h.lut[p as usize];
+            let (len, rs) = ((e >> 8) as u32, e as u8);
+            let (r, size) = ((rs >> 4) as i32, (rs & 15) as u32);
+            if e != 0 && size > 0 && len + size <= LOOKAHEAD {
+                let extra = (p >> (LOOKAHEAD - len - size)) & ((1 << size) - 1);
+                h.fast_ac[p as usize] = extend(extra, size) << 16 | r << 8 | (len + size) as i32;
+            } else if e != 0 && size == 0 && (r == 0 || r == 15) {
+                h.fast_ac[p as usize] = FAST_NO_VALUE | r << 8 | len as i32;
             }
         }
         h
@@ -483,33 +505,35 @@ fn scan(
     if sc.len() > 1 && sc.iter().map(|s| comps[s.0].h * comps[s.0].v).sum::<usize>() > 10 {
         return corrupt("sampling factors too large for an interleaved scan"); // libjpeg's limit
     }
-    // Block positions (scan component, block x, block y) in decoding order, per MCU.
-    let mcus: Vec<Vec<(usize, usize, usize)>> = if sc.len() == 1 {
+    // Block positions (scan component, block x, block y) in decoding order: one block an MCU in a
+    // single-component scan, else each component's h x v blocks.
+    let single = sc.len() == 1;
+    let (bw, bh) = if single {
         let c = &comps[sc[0].0];
-        let (bw, bh) = ((width * c.h).div_ceil(hmax).div_ceil(8), (height * c.v).div_ceil(vmax).div_ceil(8));
-        (0..bh).flat_map(|by| (0..bw).map(move |bx| vec![(0, bx, by)])).collect()
+        ((width * c.h).div_ceil(hmax).div_ceil(8), (height * c.v).div_ceil(vmax).div_ceil(8))
     } else {
-        let (mcux, mcuy) = (width.div_ceil(8 * hmax), height.div_ceil(8 * vmax));
-        let sc2: Vec<(usize, usize, usize)> =
-            sc.iter().enumerate().map(|(k, s)| (k, comps[s.0].h, comps[s.0].v)).collect();
-        (0..mcuy)
-            .flat_map(|my| {
-                let sc2 = sc2.clone();
-                (0..mcux).map(move |mx| {
-                    sc2.iter()
-                        .flat_map(|&(k, h, v)| {
-                            (0..v).flat_map(move |y| (0..h).map(move |x| (k, mx * h + x, my * v + y)))
-                        })
-                        .collect()
-                })
-            })
-            .collect()
+        (width.div_ceil(8 * hmax), height.div_ceil(8 * vmax))
     };
+    let sc2: Vec<(usize, usize, usize)> = sc.iter().enumerate().map(|(k, s)| (k, comps[s.0].h, comps[s.0].v)).collect();
+    let mut blocks: Vec<(usize, usize, usize)> = Vec::with_capacity(16);
     let mut bits = Bits { data: d, pos: start, acc: 0, n: 0, at_marker: false };
     let mut pred = vec![0i32; sc.len()];
     let mut eobrun = 0u32;
     let (p1, m1) = (1i32 << al, -1i32 << al);
-    for (m, blocks) in mcus.iter().enumerate() {
+    for m in 0..bw * bh {
+        let (mx, my) = (m % bw, m / bw);
+        blocks.clear();
+        if single {
+            blocks.push((0, mx, my));
+        } else {
+            for &(k, h, v) in &sc2 {
+                for y in 0..v {
+                    for x in 0..h {
+                        blocks.push((k, mx * h + x, my * v + y));
+                    }
+                }
+            }
+        }
         if restart > 0 && m > 0 && m % restart == 0 {
             if !bits.restart()? {
                 return corrupt("missing restart marker");
@@ -517,7 +541,7 @@ fn scan(
             pred.iter_mut().for_each(|p| *p = 0);
             eobrun = 0;
         }
-        for &(k, bx, by) in blocks {
+        for &(k, bx, by) in &blocks {
             let (ci, dct, act) = (&sc[k].0, &sc[k].1, &sc[k].2);
             let c = &mut comps[*ci];
             let Some(coef) = c.coefs.get_mut(by * c.bstride + bx) else { return corrupt("block outside the frame") };
@@ -547,6 +571,30 @@ fn scan(
                     continue;
                 }
                 while i <= se {
+                    if bits.n < LOOKAHEAD {
+                        let _ = bits.fill(); // as in `Bits::decode`
+                    }
+                    if bits.n >= LOOKAHEAD {
+                        // A short code with its extra bits: what `decode` then `bits` read, in one look-up.
+                        let f = act.fast_ac[(bits.acc >> (64 - LOOKAHEAD)) as usize];
+                        if f != 0 {
+                            let used = (f & 0xFF) as u32;
+                            bits.acc <<= used;
+                            bits.n -= used;
+                            let r = ((f >> 8) & 15) as usize;
+                            if f & FAST_NO_VALUE != 0 {
+                                if r == 0 {
+                                    break; // EOB (an end-of-band run of 1 when progressive: eobrun stays 0)
+                                }
+                                i += 16; // ZRL
+                                continue;
+                            }
+                            i += r;
+                            coef[NATURAL[i.min(63)]] = ((f >> 16) << al) as i16;
+                            i += 1;
+                            continue;
+                        }
+                    }
                     let rs = bits.decode(act)?;
                     let (r, s) = ((rs >> 4) as usize, (rs & 15) as u32);
                     if s > 0 {
@@ -768,11 +816,40 @@ fn butterfly8(s: &[[i32; 8]; 8]) -> [[i32; 8]; 8] {
     o
 }
 
+/// libjpeg-turbo's range limit of a descaled IDCT output `x` (`(x + 128) & 1023` into its table), without the table.
+#[inline(always)]
+fn range_limit(x: i32) -> u8 {
+    let t = ((x + 128) & 1023) as u32;
+    if t < 256 {
+        t as u8
+    } else if t < 640 {
+        255
+    } else {
+        0
+    }
+}
+
 /// [`idct_islow`] in i32, 8 lanes at a time; `false` (nothing written) when an input is too large for
 /// i32 to be exact, which only corrupt or adversarial data reaches. Equal to `idct_islow` otherwise: its
 /// all-zero-AC shortcuts give what the full butterfly gives.
 #[inline(always)]
 fn idct_islow_i32(coef: &[i16; 64], q: &[u16; 64], out: &mut [u8], stride: usize) -> bool {
+    // All AC zero (common in chroma): the two butterflies below give one value, computed the same way.
+    if coef[1..].iter().fold(0, |a, &c| a | c) == 0 {
+        let v = coef[0] as i32 * q[0] as i32;
+        if v.abs() > I32_SAFE {
+            return false;
+        }
+        let w = ((v << 13) + (1 << 10)) >> 11; // pass 1: every row of column 0
+        if w.abs() > I32_SAFE {
+            return false;
+        }
+        let px = range_limit(((w << 13) + (1 << 17)) >> 18); // pass 2: every output
+        for r in 0..8 {
+            out[r * stride..][..8].fill(px);
+        }
+        return true;
+    }
     let mut s = [[0i32; 8]; 8];
     let mut m = 0i32;
     for r in 0..8 {
@@ -803,15 +880,7 @@ fn idct_islow_i32(coef: &[i16; 64], q: &[u16; 64], out: &mut [u8], stride: usize
     for r in 0..8 {
         let o = &mut out[r * stride..][..8];
         for c in 0..8 {
-            // libjpeg-turbo's range limit on `(x >> 18) & 1023`, without the table.
-            let t = ((((z[c][r] + (1 << 17)) >> 18) + 128) & 1023) as u32;
-            o[c] = if t < 256 {
-                t as u8
-            } else if t < 640 {
-                255
-            } else {
-                0
-            };
+            o[c] = range_limit((z[c][r] + (1 << 17)) >> 18);
         }
     }
     true
@@ -1069,15 +1138,39 @@ mod tests {
         counts[2] = 3;
         counts[8] = 4;
         counts[11] = 30;
-        let values: Vec<u8> = (0..39).collect();
-        let h = Huffman::new(&counts, values);
-        for p in 0u32..1 << 16 {
-            let data: Vec<u8> = vec![(p >> 8) as u8, p as u8, 0x12, 0x34, 0x56, 0x78, 0x9A, 0xBC, 0, 0, 0, 0];
-            let data: Vec<u8> = data.iter().flat_map(|&b| if b == 0xFF { vec![0xFF, 0] } else { vec![b] }).collect();
-            let mut a = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
-            let mut b = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
-            assert_eq!(a.decode(&h).unwrap(), b.decode_slow(&h).unwrap(), "{p:016b}");
-            assert_eq!((a.acc, a.n), (b.acc, b.n), "{p:016b}");
+        // Symbols 0..39, then AC symbols with EOB, ZRL and extra bits of every size up to 8.
+        let tables = [
+            (0..39).collect::<Vec<u8>>(),
+            (0..39).map(|k| [0xF0, 0x00, 0x01, 0x12, 0x23, 0x34, 0x45, 0x56, 0x67, 0x78, 0x08, 0xF1][k % 12]).collect(),
+        ];
+        let mut fast = 0;
+        for values in tables {
+            let h = Huffman::new(&counts, values);
+            for p in 0u32..1 << 16 {
+                let data: Vec<u8> = vec![(p >> 8) as u8, p as u8, 0x12, 0x34, 0x56, 0x78, 0x9A, 0xBC, 0, 0, 0, 0];
+                let data: Vec<u8> =
+                    data.iter().flat_map(|&b| if b == 0xFF { vec![0xFF, 0] } else { vec![b] }).collect();
+                let mut a = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
+                let mut b = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
+                let rs = b.decode_slow(&h).unwrap();
+                assert_eq!(a.decode(&h).unwrap(), rs, "{p:016b}");
+                assert_eq!((a.acc, a.n), (b.acc, b.n), "{p:016b}");
+                // The combined AC entry: what `decode` then `bits` read, and as many bits.
+                let f = h.fast_ac[(p >> (16 - LOOKAHEAD)) as usize];
+                if f != 0 {
+                    fast += 1;
+                    let (r, size) = ((rs >> 4) as i32, (rs & 15) as u32);
+                    let v = extend(b.bits(size).unwrap(), size);
+                    assert_eq!(((f >> 8) & 15, f & FAST_NO_VALUE != 0, f >> 16), (r, size == 0, v), "{p:016b}");
+                    assert!(size > 0 || r == 0 || r == 15, "{p:016b}");
+                    let mut c = Bits { data: &data, pos: 0, acc: 0, n: 0, at_marker: false };
+                    c.fill().unwrap();
+                    c.acc <<= f & 0xFF;
+                    c.n -= (f & 0xFF) as u32;
+                    assert_eq!((c.acc, c.n), (b.acc, b.n), "{p:016b}");
+                }
+            }
         }
+        assert!(fast > 10_000, "{fast}");
     }
 }

@@ -154,10 +154,6 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, 
 struct Taps {
     /// `(first source index, fixed-point weights)` per output pixel.
     taps: Vec<(usize, Vec<i32>)>,
-    /// The weights alone, for the gray kernel.
-    gray: Vec<Vec<i32>>,
-    /// The weights repeated 3 times each, for interleaved RGB: one multiply per byte of the source run.
-    rgb: Vec<Vec<i32>>,
     /// Whether `255 * sum |weight|` plus the rounding fits i32, as Pillow's `int` accumulators assume; the
     /// i32 kernels are exact then (any order of additions), otherwise the i64 code runs.
     fits_i32: bool,
@@ -173,11 +169,9 @@ fn taps(in_size: usize, out_size: usize, filter: Filter) -> Arc<Taps> {
         return t.clone();
     }
     let taps = coefficients(in_size, out_size, filter);
-    let rgb = taps.iter().map(|(_, k)| k.iter().flat_map(|&w| [w; 3]).collect()).collect();
     let worst = taps.iter().map(|(_, k)| k.iter().map(|&w| (w as i64).abs()).sum::<i64>()).max().unwrap_or(0);
     let fits_i32 = 255 * worst + (1 << PRECISION_BITS) < i32::MAX as i64;
-    let gray = taps.iter().map(|(_, k)| k.clone()).collect();
-    let t = Arc::new(Taps { taps, gray, rgb, fits_i32 });
+    let t = Arc::new(Taps { taps, fits_i32 });
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if cache.len() >= CAPACITY {
         cache.pop_front();
@@ -192,73 +186,121 @@ fn clip8_i32(ss: i32) -> u8 {
     (ss >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One output row of the horizontal pass for `CH` interleaved channels, accumulating `L` (a multiple of
-/// `CH`) lanes at a time in i32, then each channel's lanes.
+/// Source rows per block of the horizontal pass.
+const HROWS: usize = 16;
+
+/// The horizontal pass over source rows `rows` for `CH` interleaved channels, `L = HROWS * CH` lanes, in
+/// i32 (exact when [`Taps::fits_i32`]). Blocks of [`HROWS`] rows are transposed so that a source column's
+/// `L` values lie together; each output column is then `L` independent sums, one broadcast weight per tap,
+/// which vectorizes without any horizontal reduction. The result is transposed back into `out`.
 #[inline(always)]
-fn horizontal_rows_i32<const CH: usize, const L: usize>(
+fn horizontal_blocks_i32<const CH: usize, const L: usize>(
     src: &[u8],
     width: usize,
-    y0: usize,
+    rows: std::ops::Range<usize>,
     taps: &[(usize, Vec<i32>)],
-    weights: &[Vec<i32>],
     out: &mut [u8],
 ) {
+    debug_assert!(L == HROWS * CH && L % 16 == 0);
     let out_w = taps.len();
-    for (out_row, y) in out.chunks_exact_mut(out_w * CH).zip(y0..) {
-        let in_row = &src[y * width * CH..][..width * CH];
-        for ((px, (xmin, _)), k) in out_row.chunks_exact_mut(CH).zip(taps).zip(weights) {
-            let s = &in_row[xmin * CH..][..k.len()];
-            let mut acc = [0i32; L];
-            let (mut sc, mut kc) = (s.chunks_exact(L), k.chunks_exact(L));
-            for (a, b) in (&mut sc).zip(&mut kc) {
-                for j in 0..L {
-                    acc[j] = acc[j].wrapping_add((a[j] as i32).wrapping_mul(b[j]));
+    let (row_bytes, out_row_bytes) = (width * CH, out_w * CH);
+    // The source columns the taps read.
+    let x_lo = taps.iter().map(|t| t.0).min().unwrap_or(0);
+    let x_hi = taps.iter().map(|t| t.0 + t.1.len()).max().unwrap_or(0).max(x_lo);
+    // Lanes of rows past the end of a short last block hold stale values; their sums are dropped.
+    let mut cols = vec![0u8; (x_hi - x_lo) * L];
+    let mut sums = vec![0u8; out_w * L];
+    let mut y = rows.start;
+    while y < rows.end {
+        let n = HROWS.min(rows.end - y);
+        let block: [&[u8]; HROWS] =
+            std::array::from_fn(|i| &src[(y + i.min(n - 1)) * row_bytes..][x_lo * CH..x_hi * CH]);
+        if n == HROWS {
+            for (x, col) in cols.chunks_exact_mut(L).enumerate() {
+                for (i, r) in block.iter().enumerate() {
+                    col[i * CH..][..CH].copy_from_slice(&r[x * CH..][..CH]);
                 }
             }
-            for (j, (&a, &b)) in sc.remainder().iter().zip(kc.remainder()).enumerate() {
-                acc[j] = acc[j].wrapping_add((a as i32).wrapping_mul(b));
-            }
-            let mut ss = [1i32 << (PRECISION_BITS - 1); CH];
-            for (j, a) in acc.iter().enumerate() {
-                ss[j % CH] = ss[j % CH].wrapping_add(*a);
-            }
-            for (o, s) in px.iter_mut().zip(ss) {
-                *o = clip8_i32(s);
+        } else {
+            for (x, col) in cols.chunks_exact_mut(L).enumerate() {
+                for (i, r) in block.iter().enumerate().take(n) {
+                    col[i * CH..][..CH].copy_from_slice(&r[x * CH..][..CH]);
+                }
             }
         }
+        for ((xmin, k), o) in taps.iter().zip(sums.chunks_exact_mut(L)) {
+            let first = &cols[(xmin - x_lo) * L..][..k.len() * L];
+            // 16 lanes at a time: few enough for the sums to stay in registers over the taps.
+            for (g, o) in o.chunks_exact_mut(16).enumerate() {
+                let mut acc = [1i32 << (PRECISION_BITS - 1); 16];
+                for (col, &w) in first.chunks_exact(L).zip(k) {
+                    let col: &[u8; 16] = col[g * 16..][..16].try_into().unwrap();
+                    for j in 0..16 {
+                        acc[j] = acc[j].wrapping_add((col[j] as i32).wrapping_mul(w));
+                    }
+                }
+                for j in 0..16 {
+                    o[j] = clip8_i32(acc[j]);
+                }
+            }
+        }
+        let first_out = (y - rows.start) * out_row_bytes;
+        for (i, orow) in out[first_out..].chunks_exact_mut(out_row_bytes).take(n).enumerate() {
+            for (px, o) in orow.chunks_exact_mut(CH).zip(sums.chunks_exact(L)) {
+                px.copy_from_slice(&o[i * CH..][..CH]);
+            }
+        }
+        y += n;
     }
 }
 
 #[inline(always)]
-fn horizontal_rgb_generic(src: &[u8], width: usize, y0: usize, t: &Taps, out: &mut [u8]) {
-    horizontal_rows_i32::<3, 48>(src, width, y0, &t.taps, &t.rgb, out)
+fn horizontal_rgb_generic(src: &[u8], width: usize, rows: std::ops::Range<usize>, t: &Taps, out: &mut [u8]) {
+    horizontal_blocks_i32::<3, { 3 * HROWS }>(src, width, rows, &t.taps, out)
 }
 
 #[inline(always)]
-fn horizontal_gray_generic(src: &[u8], width: usize, y0: usize, t: &Taps, out: &mut [u8]) {
-    horizontal_rows_i32::<1, 16>(src, width, y0, &t.taps, &t.gray, out)
+fn horizontal_gray_generic(src: &[u8], width: usize, rows: std::ops::Range<usize>, t: &Taps, out: &mut [u8]) {
+    horizontal_blocks_i32::<1, HROWS>(src, width, rows, &t.taps, out)
 }
 
-/// The vertical pass in i32 (see [`vertical`]).
+/// Output columns per block of the vertical pass: the sums stay in registers over all taps.
+const VCOLS: usize = 64;
+
+/// The vertical pass in i32 (see [`vertical`]), [`VCOLS`] columns at a time.
 #[inline(always)]
 fn vertical_generic(src: &[u8], stride: usize, t: &Taps, y0: usize, out: &mut [u8]) {
-    let mut acc = vec![0i32; stride];
     for (out_row, (ymin, k)) in out.chunks_exact_mut(stride).zip(&t.taps) {
-        acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
-        for (y, &ky) in k.iter().enumerate() {
-            let row = &src[(y + ymin - y0) * stride..][..stride];
-            for (a, &p) in acc.iter_mut().zip(row) {
-                *a = a.wrapping_add((p as i32).wrapping_mul(ky));
+        let first = &src[(ymin - y0) * stride..];
+        let mut x = 0;
+        while x < stride {
+            let n = VCOLS.min(stride - x);
+            let mut acc = [1i32 << (PRECISION_BITS - 1); VCOLS];
+            if n == VCOLS {
+                for (y, &ky) in k.iter().enumerate() {
+                    let row = &first[y * stride + x..][..VCOLS];
+                    for j in 0..VCOLS {
+                        acc[j] = acc[j].wrapping_add((row[j] as i32).wrapping_mul(ky));
+                    }
+                }
+            } else {
+                for (y, &ky) in k.iter().enumerate() {
+                    let row = &first[y * stride + x..][..n];
+                    for (a, &p) in acc.iter_mut().zip(row) {
+                        *a = a.wrapping_add((p as i32).wrapping_mul(ky));
+                    }
+                }
             }
-        }
-        for (o, &a) in out_row.iter_mut().zip(&acc) {
-            *o = clip8_i32(a);
+            for (o, &a) in out_row[x..x + n].iter_mut().zip(&acc) {
+                *o = clip8_i32(a);
+            }
+            x += n;
         }
     }
 }
 
-simd_variants! { fn horizontal_rgb(src: &[u8], width: usize, y0: usize, t: &Taps, out: &mut [u8]) = horizontal_rgb_generic; }
-simd_variants! { fn horizontal_gray(src: &[u8], width: usize, y0: usize, t: &Taps, out: &mut [u8]) = horizontal_gray_generic; }
+simd_variants! { fn horizontal_rgb(src: &[u8], width: usize, rows: std::ops::Range<usize>, t: &Taps, out: &mut [u8]) = horizontal_rgb_generic; }
+simd_variants! { fn horizontal_gray(src: &[u8], width: usize, rows: std::ops::Range<usize>, t: &Taps, out: &mut [u8]) = horizontal_gray_generic; }
 simd_variants! { fn vertical_i32(src: &[u8], stride: usize, t: &Taps, y0: usize, out: &mut [u8]) = vertical_generic; }
 
 /// `clip8`: Pillow looks up `ss >> PRECISION_BITS` in a table that clamps to 0..=255.
@@ -348,8 +390,8 @@ fn horizontal(
     let out_w = t.taps.len();
     let mut out = vec![0u8; out_w * rows.len() * ch];
     match (level, ch) {
-        (Some(level), 3) if t.fits_i32 => horizontal_rgb(level, src, width, rows.start, t, &mut out),
-        (Some(level), 1) if t.fits_i32 => horizontal_gray(level, src, width, rows.start, t, &mut out),
+        (Some(level), 3) if t.fits_i32 => horizontal_rgb(level, src, width, rows, t, &mut out),
+        (Some(level), 1) if t.fits_i32 => horizontal_gray(level, src, width, rows, t, &mut out),
         _ => horizontal_reference(src, width, ch, rows, &t.taps, &mut out),
     }
     out
@@ -498,6 +540,10 @@ mod tests {
             (300, 500, 3, 224, 224),
             (33, 200, 3, 40, 20),
             (200, 30, 1, 7, 60),
+            // Fewer rows than a block of the horizontal pass, and a short last block.
+            (50, 5, 3, 20, 3),
+            (41, 9, 1, 13, 7),
+            (640, 37, 3, 100, 35),
         ];
         for (w, h, ch, ow, oh) in cases {
             let src: Vec<u8> = (0..w * h * ch).map(|_| byte()).collect();
