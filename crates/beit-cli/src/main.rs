@@ -42,11 +42,13 @@ enum Command {
     Preprocess(preprocess::PreprocessArgs),
     /// Run a model on float32 NCHW pixel values and write every output tensor to a safetensors file.
     Forward(forward::ForwardArgs),
-    /// Fine-tune (or train from scratch) an image classifier on an image folder.
+    /// Fine-tune (or train from scratch) an image classifier on an image folder, or (--task semantic-segmentation)
+    /// a segmentation model on images with masks.
     Train(train::TrainArgs),
     /// Pre-train a masked-image-modeling model (BEiT) on an image folder, with DALL-E visual tokens as targets.
     Pretrain(pretrain::PretrainArgs),
-    /// Evaluate an image classifier on an image folder: top-1, top-5, confusion matrix.
+    /// Evaluate an image classifier (top-1, top-5, confusion matrix) or a segmentation model (per-class IoU and
+    /// accuracy, mIoU, mAcc, aAcc).
     Eval(train::EvalArgs),
     /// Convert a checkpoint (.bin, msgpack, Hub id) to config.json + model.safetensors.
     Convert(convert::ConvertArgs),

@@ -77,7 +77,7 @@ fn config(spec: &str) -> Result<PretrainConfig> {
 pub fn run(a: PretrainArgs) -> Result<()> {
     let c = &a.common;
     // The paper's learning rate scales with the batch, and the final one with it.
-    let lr = c.lr.unwrap_or_else(|| paper_lr(c.batch_size));
+    let lr = c.lr.unwrap_or_else(|| paper_lr(c.batch_size.unwrap_or(PretrainOptions::default().run.batch_size)));
     let defaults = RunOptions { lr, min_lr: paper_min_lr(lr), ..PretrainOptions::default().run };
     let opts = PretrainOptions {
         run: c.run_options(defaults)?,

@@ -19,29 +19,31 @@ pub struct CommonTrainArgs {
     /// pretrain.png, and the final model itself).
     #[arg(long)]
     pub out: PathBuf,
-    /// Epochs of the schedule [default: train 30, pretrain 800].
+    /// Epochs of the schedule [default: train 30 (semantic segmentation 127), pretrain 800].
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Images per batch.
-    #[arg(long, default_value_t = RunOptions::default().batch_size)]
-    pub batch_size: usize,
-    /// Peak learning rate [default: train 0.004; pretrain the paper's 1.5e-3 at batch 2048, scaled linearly to
-    /// --batch-size].
+    /// Images per batch [default: 64; semantic segmentation 16].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [default: train 0.004 (semantic segmentation 7e-4); pretrain the paper's 1.5e-3 at
+    /// batch 2048, scaled linearly to --batch-size].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Final learning rate of the cosine [default: train 1e-6; pretrain lr / 150, unilm's 1e-5 against 1.5e-3].
+    /// Final learning rate of the cosine or poly [default: train 1e-6 (semantic segmentation 0); pretrain
+    /// lr / 150, unilm's 1e-5 against 1.5e-3].
     #[arg(long)]
     pub min_lr: Option<f64>,
     /// AdamW's weight decay (biases, norms, tokens and position tables have none).
     #[arg(long, default_value_t = RunOptions::default().weight_decay)]
     pub weight_decay: f64,
-    /// Epochs of linear warmup [default: train 5, pretrain 10].
+    /// Epochs of linear warmup [default: train 5 (semantic segmentation 1.2), pretrain 10].
     #[arg(long)]
     pub warmup_epochs: Option<f64>,
     /// Seed of fresh weights, shuffles, augmentation, dropout and drop path.
     #[arg(long, default_value_t = RunOptions::default().seed)]
     pub seed: u64,
-    /// Stochastic depth rate, overriding the config's drop_path_rate [default: train the config's, pretrain 0.1].
+    /// Stochastic depth rate, overriding the config's drop_path_rate [default: train the config's, semantic
+    /// segmentation and pretrain 0.1].
     #[arg(long)]
     pub drop_path: Option<f64>,
     /// RandomResizedCrop's smallest area share.
@@ -73,7 +75,7 @@ impl CommonTrainArgs {
     pub fn run_options(&self, defaults: RunOptions) -> Result<RunOptions> {
         let o = RunOptions {
             epochs: self.epochs.unwrap_or(defaults.epochs),
-            batch_size: self.batch_size,
+            batch_size: self.batch_size.unwrap_or(defaults.batch_size),
             lr: self.lr.unwrap_or(defaults.lr),
             min_lr: self.min_lr.unwrap_or(defaults.min_lr),
             weight_decay: self.weight_decay,
@@ -85,6 +87,7 @@ impl CommonTrainArgs {
             image_size: self.image_size,
             patch_size: self.patch_size,
             val_split: self.val_split,
+            schedule: defaults.schedule,
         };
         if o.batch_size == 0 || o.epochs == 0 {
             bail!("--batch-size and --epochs must be positive");

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{augment, ImageFolder};
 use super::run::{
-    eval_processor, read_checkpoint, resume_dir, Best, EpochRecord, EpochStats, Observer, Run, RunCore, RunOptions,
-    Task,
+    eval_processor, read_checkpoint, resume_dir, unshare_relative_bias, Best, EpochRecord, EpochStats, Observer, Run,
+    RunCore, RunOptions, Task,
 };
 use crate::checkpoint::align_prefix;
 use crate::config::BeitConfig;
@@ -118,27 +118,6 @@ pub fn evaluate(
     }
     let n = labels.len().max(1) as f64;
     Ok(Evaluation { loss: loss_sum / n, top1: top1 as f64 / n, top5: top5 as f64 / n, confusion, count: labels.len() })
-}
-
-/// BEiT fine-tunes pre-trained checkpoints with per-layer relative bias: the shared table is copied into every
-/// layer (unilm's run_class_finetuning does the same).
-fn unshare_relative_bias(config: &mut BeitConfig, tensors: &mut HashMap<String, Tensor>) {
-    if !config.use_shared_relative_position_bias {
-        return;
-    }
-    let key = "beit.encoder.relative_position_bias.relative_position_bias_table";
-    if let Some(table) = tensors.remove(key) {
-        for i in 0..config.num_hidden_layers {
-            tensors.insert(
-                format!(
-                    "beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
-                ),
-                table.clone(),
-            );
-        }
-    }
-    config.use_shared_relative_position_bias = false;
-    config.use_relative_position_bias = true;
 }
 
 /// The fine-tuning task: a classifier and its image folder.

@@ -1,5 +1,6 @@
-//! Training: fine-tuning an image classifier ([`finetune`]) and BEiT's masked-image-modeling pre-training
-//! ([`pretrain`]), both on the loop, checkpoints and --resume of [`run`].
+//! Training: fine-tuning an image classifier ([`finetune`]), BEiT's masked-image-modeling pre-training
+//! ([`pretrain`]) and fine-tuning semantic segmentation ([`segmentation`]), all on the loop, checkpoints and
+//! --resume of [`run`].
 
 pub mod data;
 pub mod finetune;
@@ -10,12 +11,14 @@ pub mod pretrain_data;
 pub mod run;
 pub mod seg_data;
 pub mod seg_metrics;
+pub mod segmentation;
 
 pub use finetune::{
     accuracy, evaluate, ClassificationMetrics, EpochMetrics, Evaluation, FineTuning, ModelSource, TrainOptions, Trainer,
 };
+pub use run::{eval_processor, scheduled_lr, EpochRecord, Run, RunOptions, Schedule, Task, TrainObserver};
 pub use seg_metrics::{MeanIou, SegMetrics};
-pub use run::{eval_processor, scheduled_lr, EpochRecord, Run, RunOptions, Task, TrainObserver};
+pub use segmentation::{SegEpochMetrics, SegEvaluation, SegFineTuning, SegOptions, SegTrainer, SegmentationMetrics};
 
 use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
@@ -27,7 +30,12 @@ pub fn preset(name: &str) -> Result<BeitConfig> {
         "small" => (384, 12, 6),
         "base" => (768, 12, 12),
         "large" => (1024, 24, 16),
-        other => return Err(BeitError::invalid_input("preset", format!("unknown preset {other:?}; expected tiny, small, base or large"))),
+        other => {
+            return Err(BeitError::invalid_input(
+                "preset",
+                format!("unknown preset {other:?}; expected tiny, small, base or large"),
+            ))
+        }
     };
     Ok(BeitConfig {
         hidden_size: hidden,

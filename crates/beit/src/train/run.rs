@@ -54,6 +54,53 @@ pub struct RunOptions {
     pub patch_size: Option<usize>,
     /// Share of each class of DIR/<class>/* held out for validation (pre-training leaves it out).
     pub val_split: Option<f64>,
+    /// The decay after the warmup (runs saved before it existed were cosine).
+    #[serde(default)]
+    pub schedule: Schedule,
+}
+
+/// How the learning rate decays after the linear warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine down to `min_lr` (unilm's classification and pre-training recipes).
+    #[default]
+    Cosine,
+    /// mmseg's `poly`: `(lr - min_lr) * (1 - step / total) ^ power + min_lr` over the whole run, the warmup
+    /// scaling it linearly (BEiT's ADE20K recipe: power 1, min_lr 0).
+    Poly {
+        /// The exponent (1: linear decay).
+        power: f64,
+    },
+}
+
+impl Schedule {
+    /// The learning rate of optimizer step `step` in a run of `epochs` epochs of `steps_per_epoch` steps.
+    pub fn lr(
+        &self,
+        step: usize,
+        steps_per_epoch: usize,
+        epochs: usize,
+        warmup_epochs: f64,
+        lr: f64,
+        min_lr: f64,
+    ) -> f64 {
+        match *self {
+            Schedule::Cosine => scheduled_lr(step, steps_per_epoch, epochs, warmup_epochs, lr, min_lr),
+            Schedule::Poly { power } => {
+                let total = (steps_per_epoch * epochs).max(1);
+                let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
+                let progress = (step as f64 / total as f64).min(1.0);
+                let poly = (lr - min_lr) * (1.0 - progress).powf(power) + min_lr;
+                // mmcv's linear warmup (warmup_ratio ~ 0) scales the regular learning rate.
+                if step < warmup {
+                    poly * step as f64 / warmup as f64
+                } else {
+                    poly
+                }
+            }
+        }
+    }
 }
 
 impl Default for RunOptions {
@@ -72,6 +119,7 @@ impl Default for RunOptions {
             image_size: None,
             patch_size: None,
             val_split: None,
+            schedule: Schedule::Cosine,
         }
     }
 }
@@ -335,7 +383,7 @@ impl<T: Task> RunCore<T> {
                 if let Some(max) = clip {
                     clip_grad_norm(&mut grads, max)?;
                 }
-                lr = scheduled_lr(self.optimizer.step, steps_per_epoch, o.epochs, o.warmup_epochs, o.lr, o.min_lr);
+                lr = o.schedule.lr(self.optimizer.step, steps_per_epoch, o.epochs, o.warmup_epochs, o.lr, o.min_lr);
                 self.optimizer.step(&grads, lr)?;
                 grads.clear();
             }
@@ -461,7 +509,8 @@ fn processor_config(size: usize) -> serde_json::Value {
 
 /// The processor evaluation uses during training: the one the checkpoint will ship.
 pub fn eval_processor(size: usize) -> BeitImageProcessor {
-    BeitImageProcessor::from_json_value(&processor_config(size), "<training>").unwrap_or_default() // ok: a fixed valid config
+    BeitImageProcessor::from_json_value(&processor_config(size), "<training>").unwrap_or_default()
+    // ok: a fixed valid config
 }
 
 fn processor_json(size: usize) -> String {
@@ -502,6 +551,27 @@ pub fn scheduled_lr(
 ) -> f64 {
     let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
     cosine_lr(step, steps_per_epoch * epochs, warmup, lr, min_lr)
+}
+
+/// BEiT fine-tunes pre-trained checkpoints with per-layer relative bias: the shared table is copied into every
+/// layer (unilm's run_class_finetuning and its segmentation backbone do the same).
+pub fn unshare_relative_bias(config: &mut BeitConfig, tensors: &mut HashMap<String, Tensor>) {
+    if !config.use_shared_relative_position_bias {
+        return;
+    }
+    let key = "beit.encoder.relative_position_bias.relative_position_bias_table";
+    if let Some(table) = tensors.remove(key) {
+        for i in 0..config.num_hidden_layers {
+            tensors.insert(
+                format!(
+                    "beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
+                ),
+                table.clone(),
+            );
+        }
+    }
+    config.use_shared_relative_position_bias = false;
+    config.use_relative_position_bias = true;
 }
 
 /// A diverged loss stops the run with the place it happened, instead of writing NaN weights.
@@ -585,6 +655,25 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Diverged);
         assert!(e.to_string().contains("epoch 3, batch 4"), "{e}");
         assert!(check_loss(f64::INFINITY, 1, 0).is_err());
+    }
+
+    #[test]
+    fn poly_decays_linearly_to_min_lr_after_a_scaled_warmup() {
+        let poly = Schedule::Poly { power: 1.0 };
+        // 10 steps per epoch, 10 epochs, 1 epoch of warmup.
+        assert_eq!(poly.lr(0, 10, 10, 1.0, 1.0, 0.0), 0.0);
+        assert!((poly.lr(5, 10, 10, 1.0, 1.0, 0.0) - 0.5 * 0.95).abs() < 1e-12);
+        assert!((poly.lr(50, 10, 10, 1.0, 1.0, 0.0) - 0.5).abs() < 1e-12);
+        assert_eq!(poly.lr(100, 10, 10, 1.0, 1.0, 0.0), 0.0);
+        assert_eq!(Schedule::Cosine.lr(50, 10, 10, 1.0, 1.0, 0.0), scheduled_lr(50, 10, 10, 1.0, 1.0, 0.0));
+        // Saved options without a schedule read as cosine; poly round-trips.
+        let o: RunOptions = serde_json::from_value(serde_json::json!({"epochs": 1, "batch_size": 1, "lr": 1.0,
+            "min_lr": 0.0, "weight_decay": 0.0, "warmup_epochs": 0.0, "seed": 0, "drop_path": null, "scale_min": 0.1,
+            "hflip": true, "image_size": null, "patch_size": null, "val_split": null}))
+        .unwrap();
+        assert_eq!(o.schedule, Schedule::Cosine);
+        let text = serde_json::to_string(&poly).unwrap();
+        assert_eq!(serde_json::from_str::<Schedule>(&text).unwrap(), poly);
     }
 
     #[test]
