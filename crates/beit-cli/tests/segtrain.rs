@@ -90,7 +90,6 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
 const FIELDS: [&str; 6] = ["train_loss", "val_loss", "mean_iou", "mean_accuracy", "overall_accuracy", "lr"];
 
 #[test]
-
 fn trains_evaluates_and_resumes_bit_for_bit() {
     let root = common::temp_dir("segtrain", "run");
     let data = dataset(&root);
