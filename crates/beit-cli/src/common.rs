@@ -73,26 +73,47 @@ impl ModelArgs {
 
 use beit::train::data::IMAGE_EXTENSIONS;
 
-/// The given files, and the image files inside given directories (sorted, recursively).
-pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// The given files, the image files inside given directories (sorted, recursively), and every row's image of the
+/// given parquet datasets (a Hugging Face dataset directory or one .parquet file), named "FILE row N".
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<ImageSource>> {
     let mut out = Vec::new();
     for p in inputs {
-        if p.is_dir() {
+        if beit::train::parquet::is_parquet_dataset(p) {
+            let (sources, skipped) = beit::train::parquet::image_sources(p)?;
+            for (row, why) in skipped {
+                tracing::warn!("{row}: skipped: {why}");
+            }
+            if sources.is_empty() {
+                tracing::warn!("{}: no images found", p.display());
+            }
+            out.extend(sources);
+        } else if p.is_dir() {
             let mut found = Vec::new();
             walk(p, &mut found).with_context(|| format!("reading directory {}", p.display()))?;
             found.sort();
             if found.is_empty() {
                 tracing::warn!("{}: no image files found", p.display());
             }
-            out.extend(found);
+            out.extend(found.into_iter().map(ImageSource::Path));
         } else {
-            out.push(p.clone());
+            out.push(ImageSource::Path(p.clone()));
         }
     }
     if out.is_empty() {
         anyhow::bail!("no images given");
     }
     Ok(out)
+}
+
+/// A file name for what is written about an image: its file stem, or `FILE_rowN` for a parquet row.
+pub fn output_stem(name: &str) -> String {
+    if let Some((file, row)) = name.rsplit_once(" row ") {
+        if file.ends_with(".parquet") && row.parse::<usize>().is_ok() {
+            let stem = Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            return format!("{stem}_row{row}");
+        }
+    }
+    Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("image").to_string()
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -114,12 +135,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 /// Runs `f` on batches of decoded images, in order, while worker threads decode the next ones (a queue of
 /// two batches). An image that fails to decode, or a batch that fails, is reported for its images and the
 /// others go on. Returns how many images failed.
-pub fn for_each_batch<F>(paths: &[PathBuf], batch_size: usize, max_pixels: u64, mut f: F) -> usize
+pub fn for_each_batch<F>(sources: Vec<ImageSource>, batch_size: usize, max_pixels: u64, mut f: F) -> usize
 where
-    F: FnMut(&[PathBuf], &[RgbImage]) -> Result<()>,
+    F: FnMut(&[String], &[RgbImage]) -> Result<()>,
 {
-    let bar = if paths.len() > 4 {
-        let b = ProgressBar::new(paths.len() as u64);
+    let names: Vec<String> = sources.iter().map(ImageSource::name).collect();
+    let bar = if names.len() > 4 {
+        let b = ProgressBar::new(names.len() as u64);
         b.set_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  eta {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -131,8 +153,8 @@ where
     let mut failed = 0;
     let batch_size = batch_size.max(1);
     let options = LoaderOptions { workers: 0, queue: 2 * batch_size, max_pixels: Some(max_pixels) };
-    let mut loaded = load_ordered(paths.iter().cloned().map(ImageSource::Path).collect(), &options, Ok);
-    for chunk in paths.chunks(batch_size) {
+    let mut loaded = load_ordered(sources, &options, Ok);
+    for chunk in names.chunks(batch_size) {
         let mut ok_paths = Vec::with_capacity(chunk.len());
         let mut images = Vec::with_capacity(chunk.len());
         for (p, (_, result)) in chunk.iter().zip(loaded.by_ref()) {

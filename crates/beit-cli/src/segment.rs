@@ -9,7 +9,7 @@ use clap::Args;
 use image::{ImageBuffer, Luma, RgbImage};
 use plotters::prelude::*;
 
-use crate::common::{collect_images, finish, for_each_batch, ImageArgs, ModelArgs};
+use crate::common::{collect_images, finish, for_each_batch, output_stem, ImageArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct SegmentArgs {
@@ -105,7 +105,8 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let pipe = a.model.pipeline()?;
     let labels = pipe.pretrained.config.id2label.clone();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let paths = collect_images(&a.images)?;
+    let sources = collect_images(&a.images)?;
+    let total = sources.len();
     let size = pipe.pretrained.config.image_size;
     let pair = |v: &Option<Vec<usize>>, default: (usize, usize)| v.as_ref().map_or(default, |v| (v[0], v[1]));
     let crop = pair(&a.crop, (size.height, size.width));
@@ -113,13 +114,13 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     if a.mode == Mode::Whole && (a.crop.is_some() || a.stride.is_some()) {
         anyhow::bail!("--crop and --stride are for --mode slide");
     }
-    let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
+    let failed = for_each_batch(sources, a.batch_size, a.limits.max_image_pixels, |batch_paths, images| {
         let maps = match a.mode {
             Mode::Whole => pipe.segment(images)?,
             Mode::Slide => images.iter().map(|i| pipe.segment_slide(i, crop, stride)).collect::<beit::Result<_>>()?,
         };
         for ((p, image), (ids, (h, w))) in batch_paths.iter().zip(images).zip(maps) {
-            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            let stem = output_stem(p);
             let (w32, h32) = (w as u32, h as u32);
             let ids_path = a.out.join(format!("{stem}.png"));
             if labels.len() > 256 {
@@ -149,9 +150,12 @@ pub fn run(a: SegmentArgs) -> Result<()> {
                 "classes": shares.iter().map(|(c, name, s)| serde_json::json!({"id": c, "label": name, "share": s})).collect::<Vec<_>>(),
             });
             std::fs::write(a.out.join(format!("{stem}.json")), serde_json::to_string_pretty(&summary)? + "\n")?;
-            println!("{}: {}", p.display(), shares.iter().take(3).map(|(_, n, s)| format!("{n} {:.1}%", s * 100.0)).collect::<Vec<_>>().join(", "));
+            println!(
+                "{p}: {}",
+                shares.iter().take(3).map(|(_, n, s)| format!("{n} {:.1}%", s * 100.0)).collect::<Vec<_>>().join(", ")
+            );
         }
         Ok(())
     });
-    finish(failed, paths.len())
+    finish(failed, total)
 }
