@@ -144,7 +144,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
             shares.sort_by(|x, y| y.2.total_cmp(&x.2));
             write_overlay(&a.out.join(format!("{stem}_overlay.png")), image, &ids, &shares)?;
             let summary = serde_json::json!({
-                "image": p.display().to_string(),
+                "image": p,
                 "height": h,
                 "width": w,
                 "classes": shares.iter().map(|(c, name, s)| serde_json::json!({"id": c, "label": name, "share": s})).collect::<Vec<_>>(),

@@ -17,7 +17,7 @@ use parquet::schema::types::Type;
 use rayon::prelude::*;
 
 use super::data::{ImageFolder, Split};
-use super::seg_data::{Mask, SegDataset, SegSplit};
+use super::seg_data::{Mask, SegDataset};
 use crate::error::{BeitError, Result};
 use crate::processor::loader::{load_ordered, ImageSource, LoaderOptions};
 use crate::processor::PIL_MAX_IMAGE_PIXELS;
