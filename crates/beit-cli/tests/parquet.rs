@@ -52,6 +52,9 @@ fn trains_on_a_parquet_dataset_and_classifies_its_rows() {
     assert!(config.contains("\"zero\"") && config.contains("\"two\""), "{config}");
 
     let model = out.join("best");
+    // `beit eval` scores the dataset's validation split.
+    let (code, err) = beit(&args(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
     let run = |extra: &[&str]| {
         let mut a = args(&["classify", "--model", model.to_str().unwrap(), "--top-k", "1"]);
         a.extend(args(extra));
