@@ -130,7 +130,12 @@ fn time_files(
     }
     let bytes: Vec<(String, Vec<u8>)> = files
         .iter()
-        .map(|p| Ok((p.display().to_string(), std::fs::read(p).with_context(|| p.display().to_string())?)))
+        .map(|s| match s {
+            ImageSource::Path(p) => {
+                Ok((p.display().to_string(), std::fs::read(p).with_context(|| p.display().to_string())?))
+            }
+            ImageSource::Bytes { name, bytes } => Ok((name.clone(), bytes.clone())),
+        })
         .collect::<Result<_>>()?;
     let n = bytes.len() as f64;
     let limit = Some(PIL_MAX_IMAGE_PIXELS);
@@ -149,8 +154,7 @@ fn time_files(
     let p = processor.clone();
     let t = Instant::now();
     let options = LoaderOptions { queue: 2 * batch_size, ..LoaderOptions::default() };
-    let mut loaded =
-        load_ordered(files.iter().cloned().map(ImageSource::Path).collect(), &options, move |i| p.preprocess_image(&i));
+    let mut loaded = load_ordered(files.clone(), &options, move |i| p.preprocess_image(&i));
     let mut batch: Vec<f32> = Vec::new();
     let mut count = 0usize;
     let mut shape = [0usize; 3];

@@ -73,26 +73,47 @@ impl ModelArgs {
 
 use beit::train::data::IMAGE_EXTENSIONS;
 
-/// The given files, and the image files inside given directories (sorted, recursively).
-pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// The given files, the image files inside given directories (sorted, recursively), and every row's image of the
+/// given parquet datasets (a Hugging Face dataset directory or one .parquet file), named "FILE row N".
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<ImageSource>> {
     let mut out = Vec::new();
     for p in inputs {
-        if p.is_dir() {
+        if beit::train::parquet::is_parquet_dataset(p) {
+            let (sources, skipped) = beit::train::parquet::image_sources(p)?;
+            for (row, why) in skipped {
+                tracing::warn!("{row}: skipped: {why}");
+            }
+            if sources.is_empty() {
+                tracing::warn!("{}: no images found", p.display());
+            }
+            out.extend(sources);
+        } else if p.is_dir() {
             let mut found = Vec::new();
             walk(p, &mut found).with_context(|| format!("reading directory {}", p.display()))?;
             found.sort();
             if found.is_empty() {
                 tracing::warn!("{}: no image files found", p.display());
             }
-            out.extend(found);
+            out.extend(found.into_iter().map(ImageSource::Path));
         } else {
-            out.push(p.clone());
+            out.push(ImageSource::Path(p.clone()));
         }
     }
     if out.is_empty() {
         anyhow::bail!("no images given");
     }
     Ok(out)
+}
+
+/// A file name for what is written about an image: its file stem, or `FILE_rowN` for a parquet row.
+pub fn output_stem(name: &str) -> String {
+    if let Some((file, row)) = name.rsplit_once(" row ") {
+        if file.ends_with(".parquet") && row.parse::<usize>().is_ok() {
+            let stem = Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            return format!("{stem}_row{row}");
+        }
+    }
+    Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("image").to_string()
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -115,14 +136,21 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 /// (the processor's resize and normalize, so that they overlap the model; a queue of two batches). An image that
 /// fails to load, or a batch that fails, is reported for its images and the others go on. Returns how many images
 /// failed.
-pub fn for_each_batch<T, P, F>(paths: &[PathBuf], batch_size: usize, max_pixels: u64, prepare: P, mut f: F) -> usize
+pub fn for_each_batch<T, P, F>(
+    sources: Vec<ImageSource>,
+    batch_size: usize,
+    max_pixels: u64,
+    prepare: P,
+    mut f: F,
+) -> usize
 where
     T: Send + 'static,
     P: Fn(RgbImage) -> beit::processor::Result<T> + Send + Sync + 'static,
-    F: FnMut(&[PathBuf], &[T]) -> Result<()>,
+    F: FnMut(&[String], &[T]) -> Result<()>,
 {
-    let bar = if paths.len() > 4 {
-        let b = ProgressBar::new(paths.len() as u64);
+    let names: Vec<String> = sources.iter().map(ImageSource::name).collect();
+    let bar = if names.len() > 4 {
+        let b = ProgressBar::new(names.len() as u64);
         b.set_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  eta {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -134,8 +162,8 @@ where
     let mut failed = 0;
     let batch_size = batch_size.max(1);
     let options = LoaderOptions { workers: 0, queue: 2 * batch_size, max_pixels: Some(max_pixels) };
-    let mut loaded = load_ordered(paths.iter().cloned().map(ImageSource::Path).collect(), &options, prepare);
-    for chunk in paths.chunks(batch_size) {
+    let mut loaded = load_ordered(sources, &options, prepare);
+    for chunk in names.chunks(batch_size) {
         let mut ok_paths = Vec::with_capacity(chunk.len());
         let mut images = Vec::with_capacity(chunk.len());
         for (p, (_, result)) in chunk.iter().zip(loaded.by_ref()) {
@@ -163,12 +191,18 @@ where
 }
 
 /// [`for_each_batch`] with the pipeline's processor run on the loading threads.
-pub fn for_each_prepared<F>(paths: &[PathBuf], batch_size: usize, max_pixels: u64, pipe: &Pipeline, f: F) -> usize
+pub fn for_each_prepared<F>(
+    sources: Vec<ImageSource>,
+    batch_size: usize,
+    max_pixels: u64,
+    pipe: &Pipeline,
+    f: F,
+) -> usize
 where
-    F: FnMut(&[PathBuf], &[Prepared]) -> Result<()>,
+    F: FnMut(&[String], &[Prepared]) -> Result<()>,
 {
     let prepare = pipe.preparer();
-    for_each_batch(paths, batch_size, max_pixels, move |i| prepare(&i), f)
+    for_each_batch(sources, batch_size, max_pixels, move |i| prepare(&i), f)
 }
 
 /// The exit status of a command over many images: an error when any failed.

@@ -16,6 +16,8 @@ pub struct EmbedArgs {
     model: ModelArgs,
     #[command(flatten)]
     limits: ImageArgs,
+    /// Image files or directories, or Hugging Face datasets stored as parquet (a dataset directory or one
+    /// .parquet file: every row's image, named "FILE row N").
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Output file: .npy (one array, images in order) or .safetensors (`embeddings` plus `images` order in metadata).
@@ -34,12 +36,13 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         bail!("{}: the output must end in .npy or .safetensors", a.out.display());
     }
     let pipe = a.model.pipeline()?;
-    let paths = collect_images(&a.images)?;
+    let sources = collect_images(&a.images)?;
+    let total = sources.len();
     let mut parts: Vec<Tensor> = Vec::new();
     let mut done: Vec<String> = Vec::new();
-    let failed = for_each_prepared(&paths, a.batch_size, a.limits.max_image_pixels, &pipe, |batch_paths, images| {
+    let failed = for_each_prepared(sources, a.batch_size, a.limits.max_image_pixels, &pipe, |batch_paths, images| {
         parts.push(pipe.embed_prepared(images, a.tokens)?);
-        done.extend(batch_paths.iter().map(|p| p.display().to_string()));
+        done.extend(batch_paths.iter().cloned());
         Ok(())
     });
     if !parts.is_empty() {
@@ -53,5 +56,5 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         }
         eprintln!("wrote {} embeddings to {} (images: {})", done.len(), a.out.display(), done.join(", "));
     }
-    finish(failed, paths.len())
+    finish(failed, total)
 }

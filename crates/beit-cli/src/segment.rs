@@ -10,7 +10,7 @@ use clap::Args;
 use image::{ImageBuffer, Luma, RgbImage};
 use plotters::prelude::*;
 
-use crate::common::{collect_images, finish, for_each_batch, ImageArgs, ModelArgs};
+use crate::common::{collect_images, finish, for_each_batch, output_stem, ImageArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct SegmentArgs {
@@ -110,7 +110,8 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let pipe = a.model.pipeline()?;
     let labels = pipe.pretrained.config.id2label.clone();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let paths = collect_images(&a.images)?;
+    let sources = collect_images(&a.images)?;
+    let total = sources.len();
     let size = pipe.pretrained.config.image_size;
     let pair = |v: &Option<Vec<usize>>, default: (usize, usize)| v.as_ref().map_or(default, |v| (v[0], v[1]));
     let crop = pair(&a.crop, (size.height, size.width));
@@ -123,13 +124,13 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let prepare = pipe.preparer();
     let whole = a.mode == Mode::Whole;
     let load = move |i: RgbImage| Ok(((whole).then(|| prepare(&i)).transpose()?, i));
-    let failed = for_each_batch(&paths, a.batch_size, a.limits.max_image_pixels, load, |batch_paths, loaded| {
+    let failed = for_each_batch(sources, a.batch_size, a.limits.max_image_pixels, load, |batch_paths, loaded| {
         let maps = match a.mode {
             Mode::Whole => pipe.segment_prepared(&loaded.iter().filter_map(|(p, _)| p.clone()).collect::<Vec<_>>())?,
             Mode::Slide => loaded.iter().map(|(_, i)| pipe.segment_slide(i, &slide)).collect::<beit::Result<_>>()?,
         };
         for ((p, (_, image)), (ids, (h, w))) in batch_paths.iter().zip(loaded).zip(maps) {
-            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            let stem = output_stem(p);
             let (w32, h32) = (w as u32, h as u32);
             let ids_path = a.out.join(format!("{stem}.png"));
             if labels.len() > 256 {
@@ -153,19 +154,18 @@ pub fn run(a: SegmentArgs) -> Result<()> {
             shares.sort_by(|x, y| y.2.total_cmp(&x.2));
             write_overlay(&a.out.join(format!("{stem}_overlay.png")), image, &ids, &shares)?;
             let summary = serde_json::json!({
-                "image": p.display().to_string(),
+                "image": p,
                 "height": h,
                 "width": w,
                 "classes": shares.iter().map(|(c, name, s)| serde_json::json!({"id": c, "label": name, "share": s})).collect::<Vec<_>>(),
             });
             std::fs::write(a.out.join(format!("{stem}.json")), serde_json::to_string_pretty(&summary)? + "\n")?;
             println!(
-                "{}: {}",
-                p.display(),
+                "{p}: {}",
                 shares.iter().take(3).map(|(_, n, s)| format!("{n} {:.1}%", s * 100.0)).collect::<Vec<_>>().join(", ")
             );
         }
         Ok(())
     });
-    finish(failed, paths.len())
+    finish(failed, total)
 }

@@ -334,9 +334,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let AnyBeitModel::ImageClassification(model) = &pipe.pretrained.model else {
         bail!("{} is not an image-classification checkpoint", a.model.model);
     };
-    let dir = if a.data.join("val").is_dir() { a.data.join("val") } else { a.data.clone() };
+    // A parquet dataset names its validation split itself (data/validation-*.parquet, or test-*).
+    let parquet = beit::train::parquet::is_parquet_dataset(&a.data);
+    let dir = if !parquet && a.data.join("val").is_dir() { a.data.join("val") } else { a.data.clone() };
     let folder = ImageFolder::load(&dir, a.val_split, a.seed)?;
-    let split = if a.val_split.is_some() { &folder.val } else { &folder.train };
+    let use_val = a.val_split.is_some() || (parquet && !folder.val.images.is_empty());
+    let split = if use_val { &folder.val } else { &folder.train };
     for (p, why) in &folder.skipped {
         eprintln!("warning: skipped {}: {why}", p.display());
     }

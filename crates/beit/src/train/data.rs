@@ -113,7 +113,33 @@ fn decode(items: Vec<(PathBuf, usize)>, skipped: &mut Vec<(PathBuf, String)>) ->
 
 impl ImageFolder {
     /// `dir/train` and `dir/val` when present; otherwise `dir/<class>` split by `val_split` (seeded, per class).
+    /// A Hugging Face dataset stored as parquet ([`super::parquet`]) is read as such, split by `val_split` when it
+    /// has no validation (or test) split.
     pub fn load(dir: &Path, val_split: Option<f64>, seed: u64) -> Result<Self> {
+        if super::parquet::is_parquet_dataset(dir) {
+            let mut d = super::parquet::load_classification(dir)?;
+            if d.val.images.is_empty() {
+                let frac = check_fraction(val_split)?;
+                let items: Vec<(usize, usize)> = d.train.labels.iter().copied().enumerate().collect();
+                let (train, val) = split_per_class(items, d.classes.len(), frac, seed);
+                let mut all: Vec<Option<(RgbImage, PathBuf)>> =
+                    d.train.images.drain(..).zip(d.train.paths.drain(..)).map(Some).collect();
+                let mut take = |items: Labeled<usize>| {
+                    let mut s = Split::default();
+                    for (i, label) in items {
+                        if let Some((img, p)) = all[i].take() {
+                            s.images.push(img);
+                            s.labels.push(label);
+                            s.paths.push(p);
+                        }
+                    }
+                    s
+                };
+                d.train = take(train);
+                d.val = take(val);
+            }
+            return Ok(d);
+        }
         let mut skipped = Vec::new();
         let (classes, train, val) = if dir.join("train").is_dir() {
             let (classes, train) = list(&dir.join("train"), None)?;
@@ -121,19 +147,8 @@ impl ImageFolder {
             (classes, train, val)
         } else {
             let (classes, items) = list(dir, None)?;
-            let frac = val_split.unwrap_or(0.0);
-            if !(0.0..1.0).contains(&frac) {
-                return Err(BeitError::invalid_input("validation split", format!("{frac} is not in [0, 1)")));
-            }
-            let mut rng = Rng::derive(seed, 1, 0);
-            let (mut train, mut val) = (Vec::new(), Vec::new());
-            for c in 0..classes.len() {
-                let mut of_class: Vec<(PathBuf, usize)> = items.iter().filter(|(_, l)| *l == c).cloned().collect();
-                rng.shuffle(&mut of_class);
-                let n_val = (of_class.len() as f64 * frac).round() as usize;
-                val.extend(of_class.drain(..n_val));
-                train.extend(of_class);
-            }
+            let frac = check_fraction(val_split)?;
+            let (train, val) = split_per_class(items, classes.len(), frac, seed);
             (classes, train, val)
         };
         let train = decode(train, &mut skipped);
@@ -143,6 +158,31 @@ impl ImageFolder {
         }
         Ok(ImageFolder { classes, train, val, skipped })
     }
+}
+
+fn check_fraction(val_split: Option<f64>) -> Result<f64> {
+    let frac = val_split.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&frac) {
+        return Err(BeitError::invalid_input("validation split", format!("{frac} is not in [0, 1)")));
+    }
+    Ok(frac)
+}
+
+/// Items with their class index.
+type Labeled<T> = Vec<(T, usize)>;
+
+/// `frac` of each class's items (rounded, seeded) go to validation: (train, val).
+fn split_per_class<T: Clone>(items: Labeled<T>, classes: usize, frac: f64, seed: u64) -> (Labeled<T>, Labeled<T>) {
+    let mut rng = Rng::derive(seed, 1, 0);
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for c in 0..classes {
+        let mut of_class: Labeled<T> = items.iter().filter(|(_, l)| *l == c).cloned().collect();
+        rng.shuffle(&mut of_class);
+        let n_val = (of_class.len() as f64 * frac).round() as usize;
+        val.extend(of_class.drain(..n_val));
+        train.extend(of_class);
+    }
+    (train, val)
 }
 
 /// torchvision's RandomResizedCrop parameters: (top, left, height, width).
