@@ -6,6 +6,7 @@ Writes crates/beit/tests/fixtures/parquet/:
   classification_readme/   plain pyarrow, no metadata, `img` column, train/0000.parquet + test/0000.parquet (the
                            layout of the Hub's refs/convert/parquet), names only in README.md's dataset_info
   unnamed.parquet          one file, no names anywhere (classes "0".."n-1")
+  segmentation_train/      datasets' writer: 6 + 3 rows of colour bands with 8-bit masks, to train on
   segmentation/            datasets' writer: image + annotation (8-bit L, palette P and 16-bit masks), train and
                            validation, an extra scene_category column, id2label.json
   bad_label/, no_image/    errors: a label beyond the names, no image column
@@ -209,12 +210,35 @@ def segmentation(expected):
     expected["segmentation"] = exp
 
 
+def segmentation_train():
+    """segmentation_train/: a small set to train on (beit-cli's parquet test): three vertical colour bands,
+    classes 0-2, a few ignored pixels; 6 training and 3 validation rows, 8-bit masks."""
+    d = os.path.join(OUT, "segmentation_train")
+    os.makedirs(os.path.join(d, "data"), exist_ok=True)
+    features = Features({"image": Image(), "annotation": Image()})
+    colors = np.array([[200, 30, 40], [40, 180, 50], [30, 60, 190]], dtype=np.uint8)
+    for split, n in [("train", 6), ("validation", 3)]:
+        images, masks = [], []
+        for i in range(n):
+            w, h = 18 + 2 * i, 14 + i
+            m = ((np.arange(w)[None, :] + i) * 3 // w % 3).repeat(h, 0).astype(np.uint8)
+            m[0, :2] = 255
+            img = colors[np.minimum(m, 2)]
+            images.append({"bytes": png_bytes(PILImage.fromarray(img)), "path": f"{split}_{i}.png"})
+            masks.append({"bytes": png_bytes(PILImage.fromarray(m)), "path": f"{split}_{i}_seg.png"})
+        Dataset.from_dict({"image": images, "annotation": masks}, features=features).to_parquet(
+            os.path.join(d, "data", f"{split}-00000-of-00001.parquet"))
+    with open(os.path.join(d, "id2label.json"), "w") as f:
+        json.dump({"0": "red", "1": "green", "2": "blue"}, f)
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
     expected = {}
     classification(expected)
     segmentation(expected)
+    segmentation_train()
     with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
         f.write("\n")

@@ -188,3 +188,34 @@ fn dataset_errors_name_the_file() {
     assert!(err.contains("training_0.png") && err.contains("no mask"), "{err}");
     assert!(!out.join("metrics.jsonl").exists(), "nothing trains before the data is checked");
 }
+
+/// The same on a Hugging Face dataset stored as parquet (scripts/gen_parquet_fixtures.py's segmentation_train:
+/// data/train-* and data/validation-*, class names in id2label.json): training, and eval agreeing with it.
+#[test]
+fn trains_and_evaluates_on_a_parquet_dataset() {
+    let root = common::temp_dir("segtrain", "parquet");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../beit/tests/fixtures/parquet/segmentation_train");
+    let cfg = config(&root);
+    let out = root.join("out");
+    let mut a = args(&data, &cfg, &out, &[]);
+    let epochs = a.iter().position(|s| s == "--epochs").unwrap() + 1;
+    a[epochs] = "2".into();
+    let (code, err) = beit(&a);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("3 classes, 6 training and 3 validation images"), "{err}");
+    let last = metrics(&out).pop().unwrap();
+    let json = root.join("eval.json");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(["eval", "--task", "semantic-segmentation", "--model"])
+        .arg(out.join("last"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(e["mean_iou"], last["mean_iou"], "eval {e} vs metrics.jsonl {last}");
+    assert_eq!(e["count"], 3);
+}
