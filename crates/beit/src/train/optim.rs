@@ -104,9 +104,12 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.step as i32);
         for (p, g) in self.params.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
+            // Detached: a gradient can still reference the forward pass's tensors, and the moments outlive the
+            // step (each step's graph would otherwise stay alive through them).
+            let g = g.detach();
             let lr = lr * p.lr_scale;
-            p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
-            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?.detach();
+            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let update = ((&p.m / bc1)? / ((&p.v / bc2)?.sqrt()? + self.eps)?)?;
             let mut w = p.var.as_tensor().detach();
             if p.weight_decay > 0.0 {
