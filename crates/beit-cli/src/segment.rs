@@ -126,7 +126,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let load = move |i: RgbImage| Ok(((whole).then(|| prepare(&i)).transpose()?, i));
     let failed = for_each_batch(sources, a.batch_size, a.limits.max_image_pixels, load, |batch_paths, loaded| {
         let maps = match a.mode {
-            Mode::Whole => pipe.segment_prepared(&loaded.iter().filter_map(|(p, _)| p.clone()).collect::<Vec<_>>())?,
+            Mode::Whole => pipe.segment_prepared(&loaded.iter().filter_map(|(p, _)| p.as_ref()).collect::<Vec<_>>())?,
             Mode::Slide => loaded.iter().map(|(_, i)| pipe.segment_slide(i, &slide)).collect::<beit::Result<_>>()?,
         };
         for ((p, (_, image)), (ids, (h, w))) in batch_paths.iter().zip(loaded).zip(maps) {

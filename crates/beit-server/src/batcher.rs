@@ -116,11 +116,11 @@ pub trait Backend {
     /// What /info says, and which tasks the server routes to this backend.
     fn info(&self) -> ModelInfo;
     /// The `top_k` best classes per image, best first.
-    fn classify(&self, images: &[Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>>;
+    fn classify(&self, images: &[&Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>>;
     /// Class ids per pixel at each image's size.
-    fn segment(&self, images: &[Prepared]) -> BackendResult<Vec<SegmentationMap>>;
+    fn segment(&self, images: &[&Prepared]) -> BackendResult<Vec<SegmentationMap>>;
     /// The pooled vector per image.
-    fn embed(&self, images: &[Prepared]) -> BackendResult<Vec<Vec<f32>>>;
+    fn embed(&self, images: &[&Prepared]) -> BackendResult<Vec<Vec<f32>>>;
     /// Class ids per pixel at the image's size by the sliding window (one image: windows are the batch).
     fn segment_slide(&self, _image: &RgbImage, _slide: &SlideRequest) -> BackendResult<SegmentationMap> {
         Err(BeitError::unsupported("sliding-window segmentation", "this backend segments whole images only"))
@@ -168,15 +168,15 @@ impl Backend for Pipeline {
         }
     }
 
-    fn classify(&self, images: &[Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
+    fn classify(&self, images: &[&Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
         Pipeline::classify_prepared(self, images, top_k)
     }
 
-    fn segment(&self, images: &[Prepared]) -> BackendResult<Vec<SegmentationMap>> {
+    fn segment(&self, images: &[&Prepared]) -> BackendResult<Vec<SegmentationMap>> {
         Pipeline::segment_prepared(self, images)
     }
 
-    fn embed(&self, images: &[Prepared]) -> BackendResult<Vec<Vec<f32>>> {
+    fn embed(&self, images: &[&Prepared]) -> BackendResult<Vec<Vec<f32>>> {
         Ok(Pipeline::embed_prepared(self, images, false)?.to_vec2::<f32>()?)
     }
 
@@ -485,11 +485,10 @@ fn run_task<B: Backend>(
             };
             return images.iter().map(decoded).collect();
         }
-        // The pipeline copies the batch into one tensor anyway; these copies are small beside the model.
-        let prepared: Vec<Prepared> = images
+        let prepared: Vec<&Prepared> = images
             .iter()
             .map(|i| match i {
-                JobImage::Prepared(p) => Ok(p.clone()),
+                JobImage::Prepared(p) => Ok(p),
                 JobImage::Decoded(_) => Err(fault("a job came without its prepared image")),
             })
             .collect::<BackendResult<_>>()?;

@@ -28,7 +28,7 @@ const FAULT_CAUSE: &str = "the fault this test provokes";
 struct Faulty(Pipeline);
 
 impl Faulty {
-    fn check(images: &[Prepared]) -> BackendResult<()> {
+    fn check(images: &[&Prepared]) -> BackendResult<()> {
         for (i, img) in images.iter().enumerate() {
             match img.original.1 as u32 {
                 FAULT_WIDTH => return Err(BeitError::internal("the faulty test backend", FAULT_CAUSE)),
@@ -51,15 +51,15 @@ impl Backend for Faulty {
     fn info(&self) -> ModelInfo {
         self.0.info()
     }
-    fn classify(&self, images: &[Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
+    fn classify(&self, images: &[&Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
         Self::check(images)?;
         Backend::classify(&self.0, images, top_k)
     }
-    fn segment(&self, images: &[Prepared]) -> BackendResult<Vec<SegmentationMap>> {
+    fn segment(&self, images: &[&Prepared]) -> BackendResult<Vec<SegmentationMap>> {
         Self::check(images)?;
         Backend::segment(&self.0, images)
     }
-    fn embed(&self, images: &[Prepared]) -> BackendResult<Vec<Vec<f32>>> {
+    fn embed(&self, images: &[&Prepared]) -> BackendResult<Vec<Vec<f32>>> {
         Self::check(images)?;
         Backend::embed(&self.0, images)
     }

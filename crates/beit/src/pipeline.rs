@@ -1,6 +1,7 @@
 //! Images in, answers out: the model, its image processor, and the tasks transformers' pipelines offer
 //! (image classification, semantic segmentation, feature extraction) plus masked-token prediction.
 
+use std::borrow::Borrow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
@@ -98,12 +99,12 @@ impl Pipeline {
     }
 
     /// Prepared images as one input tensor; they must share a shape (always true when the processor resizes).
-    fn batch(&self, prepared: &[Prepared]) -> Result<Tensor> {
-        let Some(first) = prepared.first() else {
+    fn batch<P: Borrow<Prepared>>(&self, prepared: &[P]) -> Result<Tensor> {
+        let Some(first) = prepared.first().map(Borrow::borrow) else {
             return Err(BeitError::invalid_input("images", "at least one image"));
         };
         let mut data = Vec::with_capacity(prepared.len() * first.pixels.len());
-        for (i, p) in prepared.iter().enumerate() {
+        for (i, p) in prepared.iter().map(Borrow::borrow).enumerate() {
             if p.shape != first.shape {
                 return Err(BeitError::invalid_input(
                     format!("image {i}"),
@@ -122,8 +123,8 @@ impl Pipeline {
         self.classify_prepared(&self.prepare_all(images)?, top_k)
     }
 
-    /// [`classify`](Self::classify) of images already through the processor.
-    pub fn classify_prepared(&self, prepared: &[Prepared], top_k: usize) -> Result<Vec<Vec<Prediction>>> {
+    /// [`classify`](Self::classify) of images already through the processor (owned or borrowed).
+    pub fn classify_prepared<P: Borrow<Prepared>>(&self, prepared: &[P], top_k: usize) -> Result<Vec<Vec<Prediction>>> {
         let AnyBeitModel::ImageClassification(m) = &self.pretrained.model else {
             return Err(self.wrong_class("image classification", "an image-classification"));
         };
@@ -159,14 +160,14 @@ impl Pipeline {
     }
 
     /// [`segment`](Self::segment) of images already through the processor.
-    pub fn segment_prepared(&self, prepared: &[Prepared]) -> Result<Vec<SegmentationMap>> {
+    pub fn segment_prepared<P: Borrow<Prepared>>(&self, prepared: &[P]) -> Result<Vec<SegmentationMap>> {
         let AnyBeitModel::SemanticSegmentation(m) = &self.pretrained.model else {
             return Err(self.wrong_class("semantic segmentation", "a semantic-segmentation"));
         };
         let logits = m.forward(&self.batch(prepared)?, &ForwardOptions::default(), None)?.logits;
         let dims: [usize; 4] = logits.dims4()?.into();
         let data = logits.flatten_all()?.to_vec1::<f32>()?;
-        let sizes: Vec<(usize, usize)> = prepared.iter().map(|p| p.original).collect();
+        let sizes: Vec<(usize, usize)> = prepared.iter().map(|p| p.borrow().original).collect();
         Ok(self.processor.post_process_semantic_segmentation(&data, dims, Some(&sizes))?)
     }
 
@@ -177,7 +178,7 @@ impl Pipeline {
     }
 
     /// [`embed`](Self::embed) of images already through the processor.
-    pub fn embed_prepared(&self, prepared: &[Prepared], tokens: bool) -> Result<Tensor> {
+    pub fn embed_prepared<P: Borrow<Prepared>>(&self, prepared: &[P], tokens: bool) -> Result<Tensor> {
         let x = self.batch(prepared)?;
         let o = ForwardOptions::default();
         let base: BeitModelOutput = match &self.pretrained.model {

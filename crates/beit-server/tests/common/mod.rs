@@ -178,15 +178,15 @@ impl Backend for Slow {
     fn info(&self) -> ModelInfo {
         self.inner.info()
     }
-    fn classify(&self, images: &[Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
+    fn classify(&self, images: &[&Prepared], top_k: usize) -> BackendResult<Vec<Vec<Prediction>>> {
         std::thread::sleep(self.delay);
         Backend::classify(&self.inner, images, top_k)
     }
-    fn segment(&self, images: &[Prepared]) -> BackendResult<Vec<SegmentationMap>> {
+    fn segment(&self, images: &[&Prepared]) -> BackendResult<Vec<SegmentationMap>> {
         std::thread::sleep(self.delay);
         Backend::segment(&self.inner, images)
     }
-    fn embed(&self, images: &[Prepared]) -> BackendResult<Vec<Vec<f32>>> {
+    fn embed(&self, images: &[&Prepared]) -> BackendResult<Vec<Vec<f32>>> {
         std::thread::sleep(self.delay);
         Backend::embed(&self.inner, images)
     }

@@ -85,12 +85,12 @@ impl Schedule {
         lr: f64,
         min_lr: f64,
     ) -> f64 {
+        let total = steps_per_epoch * epochs;
+        let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
         match *self {
-            Schedule::Cosine => scheduled_lr(step, steps_per_epoch, epochs, warmup_epochs, lr, min_lr),
+            Schedule::Cosine => cosine_lr(step, total, warmup, lr, min_lr),
             Schedule::Poly { power } => {
-                let total = (steps_per_epoch * epochs).max(1);
-                let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
-                let progress = (step as f64 / total as f64).min(1.0);
+                let progress = (step as f64 / total.max(1) as f64).min(1.0);
                 let poly = (lr - min_lr) * (1.0 - progress).powf(power) + min_lr;
                 // mmcv's linear warmup (warmup_ratio ~ 0) scales the regular learning rate.
                 if step < warmup {
@@ -549,8 +549,7 @@ pub fn scheduled_lr(
     lr: f64,
     min_lr: f64,
 ) -> f64 {
-    let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
-    cosine_lr(step, steps_per_epoch * epochs, warmup, lr, min_lr)
+    Schedule::Cosine.lr(step, steps_per_epoch, epochs, warmup_epochs, lr, min_lr)
 }
 
 /// BEiT fine-tunes pre-trained checkpoints with per-layer relative bias: the shared table is copied into every
