@@ -14,7 +14,7 @@ Contents:
                       (this script asserts the float outputs are exactly the float formula applied to them)
     labels/*.npy      `labels` of preprocess(images, segmentation_maps) (int64)
     resize/*.png      raw Pillow 13 Image.resize outputs, every filter, up/down/one-axis/non-square sizes
-    jpeg/*.jpg, .png  JPEG encodings (PIL's: progressive, restarts, 4:2:2, Adobe RGB, gray; and from the small
+    jpeg/*.jpg, .png  JPEG encodings (PIL's: progressive, restarts, 4:2:2, Adobe RGB, gray, CMYK, YCCK; and from the small
                       encoder below: 4:4:0, 4:1:1, 3x1, mixed factors, non-interleaved scans) and PIL's RGB decode
     torch/*.npy       post_process_semantic_segmentation and F.interpolate(bilinear) inputs/outputs
     manifest.json     what each case is
@@ -299,6 +299,27 @@ def main():
         "mini_mixed_factors": lambda p: open(p, "wb").write(mini_jpeg(src[:29, :3], [(2, 2), (1, 2), (2, 1)])),
         "mini_3x1": lambda p: open(p, "wb").write(mini_jpeg(src, [(3, 1), (1, 1), (3, 1)], restart=1)),
     }
+    # CMYK with a real black channel (K = 255 - max(R, G, B)), as PIL's CMYK mode holds it.
+    rgbf = src.astype(np.float64)
+    k = 255 - rgbf.max(axis=2)
+    cmy = np.where(k[..., None] < 255, (255 - rgbf - k[..., None]) / np.maximum(255 - k[..., None], 1) * 255, 0)
+    cmyk = Image.fromarray(np.dstack([cmy, k]).round().astype(np.uint8), "CMYK")
+
+    def ycck(p):
+        # PIL writes CMYK with an Adobe marker, transform 0. Stored components Y, Cb, Cr, K (PIL stores 255 - each
+        # channel given) and the transform byte set to 2 make a YCCK file, which libjpeg converts back to CMYK.
+        ycc = np.asarray(Image.fromarray(src).convert("YCbCr"))
+        given = np.dstack([255 - ycc, np.asarray(cmyk)[..., 3]])
+        Image.fromarray(given, "CMYK").save(p, quality=90, subsampling=1)
+        data = bytearray(open(p, "rb").read())
+        at = data.index(b"Adobe")
+        assert data[at + 11] == 0, data[at:at + 12]
+        data[at + 11] = 2
+        open(p, "wb").write(bytes(data))
+
+    jpegs["cmyk_444"] = lambda p: cmyk.save(p, quality=90)
+    jpegs["cmyk_progressive_420"] = lambda p: cmyk.save(p, quality=85, subsampling=2, progressive=True)
+    jpegs["ycck_422"] = ycck
     for name, save in jpegs.items():
         jp = rel("jpeg", name + ".jpg")
         save(path(jp))

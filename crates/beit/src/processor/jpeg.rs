@@ -1,13 +1,14 @@
 //! JPEG decoding bit-identical to libjpeg-turbo with the settings PIL uses (islow integer
 //! IDCT, "fancy" triangle chroma upsampling, fixed-point YCbCr->RGB tables). The `image` crate's
 //! decoder differs by up to several levels on 4:2:0 files (it rounds the vertical and horizontal
-//! upsampling steps separately). Baseline and progressive Huffman files with 1 or 3 components are
-//! covered; anything else (arithmetic coding, 12-bit, CMYK, progressive files libjpeg would
-//! block-smooth) returns `Ok(None)` and the caller falls back to the `image` crate.
+//! upsampling steps separately). Baseline and progressive Huffman files with 1, 3 or 4 (CMYK, YCCK)
+//! components are covered, 4 components converted to RGB as PIL's `convert("RGB")` does; anything else
+//! (arithmetic coding, 12-bit, progressive files libjpeg would block-smooth) returns `Ok(None)` and the
+//! caller falls back to the `image` crate.
 
 use super::simd::{simd_variants, Level};
 
-/// Decoded pixels: `channels` is 1 (gray, PIL mode "L") or 3 (RGB).
+/// Decoded pixels: `channels` is 1 (gray, PIL mode "L") or 3 (RGB; a CMYK file as PIL's `convert("RGB")`).
 pub struct Decoded {
     /// Width in pixels.
     pub width: u32,
@@ -338,8 +339,8 @@ pub(crate) fn decode_with(level: Option<Level>, d: &[u8], max_pixels: Option<u64
                 height = u16_at(seg, 1)?;
                 width = u16_at(seg, 3)?;
                 let n = seg[5] as usize;
-                if height == 0 || width == 0 || !(n == 1 || n == 3) || seg.len() < 6 + 3 * n {
-                    return Ok(None); // DNL-defined height, CMYK, ...
+                if height == 0 || width == 0 || !(n == 1 || n == 3 || n == 4) || seg.len() < 6 + 3 * n {
+                    return Ok(None); // DNL-defined height, 2 components, ...
                 }
                 if let Some(limit) = max_pixels {
                     if (width * height) as u64 > limit {
@@ -673,6 +674,13 @@ fn dc_bits(s: u8) -> R<u32> {
     Ok(s as u32)
 }
 
+/// PIL's RGB value of a decoded CMYK channel `v` with black `k` (see [`cmyk_value`]), in floats: C = 255 - v,
+/// nk = k, nk - round(C·nk/255) (C·nk/255 is never a half, so the rounding mode does not matter).
+fn cmyk_reference(v: u8, k: u8) -> u8 {
+    let (c, nk) = (255.0 - v as f64, k as f64);
+    (nk - (c * nk / 255.0).round()) as u8
+}
+
 /// The reference upsampling and colour conversion, pixel by pixel: what [`finish`] must equal.
 fn finish_reference(
     comps: &[Component],
@@ -735,29 +743,28 @@ fn finish_reference(
     if full.len() == 1 {
         return full.pop().map(|pixels| Decoded { width: w, height: h, channels: 1, pixels });
     }
-    let ids: Vec<u8> = comps.iter().map(|c| c.id).collect();
-    let rgb = match adobe {
-        Some(0) => true,
-        Some(_) => false,
-        None => !jfif && ids == [b'R', b'G', b'B'],
-    };
-    if !jfif && adobe.is_none() && ids == [1, 34, 35] {
-        return None; // big-gamut YCC (JPEG XT)
-    }
+    let color = color_space(comps, jfif, adobe)?;
     let mut pixels = vec![0u8; width * height * 3];
     // build_ycc_rgb_table, SCALEBITS = 16.
     let fix = |x: f64| (x * 65536.0 + 0.5) as i64;
     let half = 1i64 << 15;
     for (i, px) in pixels.chunks_exact_mut(3).enumerate() {
-        let (y, cb, cr) = (full[0][i] as i64, full[1][i] as i64 - 128, full[2][i] as i64 - 128);
-        if rgb {
-            px.copy_from_slice(&[full[0][i], full[1][i], full[2][i]]);
-            continue;
-        }
+        let [a, b, c] = [full[0][i], full[1][i], full[2][i]];
+        let (y, cb, cr) = (a as i64, b as i64 - 128, c as i64 - 128);
         let r = y + ((fix(1.40200) * cr + half) >> 16);
         let g = y + ((-fix(0.34414) * cb + half + -fix(0.71414) * cr) >> 16);
-        let b = y + ((fix(1.77200) * cb + half) >> 16);
-        px.copy_from_slice(&[r.clamp(0, 255) as u8, g.clamp(0, 255) as u8, b.clamp(0, 255) as u8]);
+        let b2 = y + ((fix(1.77200) * cb + half) >> 16);
+        let ycc = [r.clamp(0, 255) as u8, g.clamp(0, 255) as u8, b2.clamp(0, 255) as u8];
+        // PIL's RGB of CMYK in floats, rounded: exactly `cmyk_value`'s integers (checked on every input in the
+        // tests), so the two paths stay independent.
+        let cmyk = |v: u8| cmyk_reference(v, full[3][i]);
+        px.copy_from_slice(&match color {
+            // (Gray has one plane and returned above.)
+            Color::Gray | Color::Rgb => [a, b, c],
+            Color::YCbCr => ycc,
+            Color::Cmyk => [cmyk(a), cmyk(b), cmyk(c)],
+            Color::Ycck => ycc.map(|v| cmyk(255 - v)),
+        });
     }
     Some(Decoded { width: w, height: h, channels: 3, pixels })
 }
@@ -980,34 +987,106 @@ fn ycc_row(y: &[u8], cb: &[u8], cr: &[u8], out: &mut [u8]) {
     }
 }
 
+/// PIL's `convert("RGB")` of a CMYK pixel value for one channel: `v` is the decoded (Adobe-inverted)
+/// C, M or Y and `k` the decoded K. PIL reads them as "CMYK;I" (255 - v, 255 - k), then Convert.c's
+/// `cmyk2rgb`: nk - MULDIV255(C, nk) with nk = 255 - K = k.
+#[inline(always)]
+fn cmyk_value(v: u8, k: u8) -> u8 {
+    let (c, nk) = (255 - v as i32, k as i32);
+    let t = c * nk + 128;
+    (nk - (((t >> 8) + t) >> 8)) as u8
+}
+
+/// Four rows (C, M, Y, K, or Y, Cb, Cr, K when `ycck`) to RGB as PIL gives them. For YCCK, libjpeg's
+/// `ycck_cmyk_convert` outputs 255 - (the YCbCr triple as RGB), so its RGB goes through [`cmyk_value`] inverted.
+#[inline(always)]
+fn cmyk_row(a: &[u8], b: &[u8], c: &[u8], k: &[u8], ycck: bool, out: &mut [u8]) {
+    if ycck {
+        ycc_row(a, b, c, out);
+        for (px, &k) in out.chunks_exact_mut(3).zip(k) {
+            px.iter_mut().for_each(|v| *v = cmyk_value(255 - *v, k));
+        }
+    } else {
+        for ((((px, &a), &b), &c), &k) in out.chunks_exact_mut(3).zip(a).zip(b).zip(c).zip(k) {
+            px.copy_from_slice(&[cmyk_value(a, k), cmyk_value(b, k), cmyk_value(c, k)]);
+        }
+    }
+}
+
 /// Upsampling and colour conversion of the whole image, row by row (no full-size intermediate planes).
 #[inline(always)]
-fn convert_generic(comps: &[Component], (width, height): (usize, usize), rgb: bool, pixels: &mut [u8]) {
+fn convert_generic(comps: &[Component], (width, height): (usize, usize), color: Color, pixels: &mut [u8]) {
     let hmax = comps.iter().map(|c| c.h).max().unwrap_or(1);
     let vmax = comps.iter().map(|c| c.v).max().unwrap_or(1);
-    let n = comps.len();
+    let channels = color.channels();
     // Rows hold the full upsampled width of the widest MCU-padded component.
     let row_len = comps.iter().map(|c| c.stride * hmax / c.h).max().unwrap_or(0).max(width) + 16;
-    let mut rows = vec![vec![0u8; row_len]; n];
+    let mut rows = vec![vec![0u8; row_len]; comps.len()];
     let mut cs = vec![0u16; row_len];
-    for (y, out) in pixels.chunks_exact_mut(width * n).enumerate().take(height) {
+    for (y, out) in pixels.chunks_exact_mut(width * channels).enumerate().take(height) {
         for (c, row) in comps.iter().zip(rows.iter_mut()) {
             upsample_row(c, (hmax, vmax), (width, height), y, row, &mut cs);
         }
-        match &rows[..] {
-            [g] => out.copy_from_slice(&g[..width]),
-            [a, b, c] if rgb => {
+        match (&rows[..], color) {
+            ([g], _) => out.copy_from_slice(&g[..width]),
+            ([a, b, c], Color::Rgb) => {
                 for (((px, &a), &b), &c) in out.chunks_exact_mut(3).zip(&a[..width]).zip(&b[..width]).zip(&c[..width]) {
                     px.copy_from_slice(&[a, b, c]);
                 }
             }
-            [a, b, c] => ycc_row(&a[..width], &b[..width], &c[..width], out),
+            ([a, b, c], _) => ycc_row(&a[..width], &b[..width], &c[..width], out),
+            ([a, b, c, k], _) => {
+                cmyk_row(&a[..width], &b[..width], &c[..width], &k[..width], color == Color::Ycck, out)
+            }
             _ => {}
         }
     }
 }
 
-simd_variants! { fn convert(comps: &[Component], size: (usize, usize), rgb: bool, pixels: &mut [u8]) = convert_generic; }
+simd_variants! { fn convert(comps: &[Component], size: (usize, usize), color: Color, pixels: &mut [u8]) = convert_generic; }
+
+/// The colour space of the components (jdapimin.c's `default_decompress_parms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Color {
+    Gray,
+    Rgb,
+    YCbCr,
+    Cmyk,
+    Ycck,
+}
+
+impl Color {
+    /// Channels of the output: 1 for gray, else 3 (RGB).
+    fn channels(self) -> usize {
+        if self == Color::Gray {
+            1
+        } else {
+            3
+        }
+    }
+}
+
+/// libjpeg's guess of the colour space: JFIF means YCbCr, then the Adobe transform, then the component ids;
+/// `None` for big-gamut YCC (JPEG XT), left to the `image` crate.
+fn color_space(comps: &[Component], jfif: bool, adobe: Option<u8>) -> Option<Color> {
+    let ids: Vec<u8> = comps.iter().map(|c| c.id).collect();
+    Some(match comps.len() {
+        1 => Color::Gray,
+        3 if jfif => Color::YCbCr,
+        3 => match adobe {
+            Some(0) => Color::Rgb,
+            Some(_) => Color::YCbCr,
+            None if ids == [b'R', b'G', b'B'] => Color::Rgb,
+            None if ids == [1, 34, 35] => return None,
+            None => Color::YCbCr,
+        },
+        4 => match adobe {
+            Some(0) | None => Color::Cmyk,
+            Some(_) => Color::Ycck,
+        },
+        _ => return None,
+    })
+}
 
 /// Upsampling (jdsample.c) and color conversion (jdcolor.c) to the final pixels; `None` for what the
 /// `image` crate is left to decode (non-integral sampling ratios, big-gamut YCC).
@@ -1020,21 +1099,13 @@ fn finish(
     adobe: Option<u8>,
 ) -> Option<Decoded> {
     let (hmax, vmax) = (comps.iter().map(|c| c.h).max()?, comps.iter().map(|c| c.v).max()?);
-    if comps.iter().any(|c| hmax % c.h != 0 || vmax % c.v != 0) || !(comps.len() == 1 || comps.len() == 3) {
+    if comps.iter().any(|c| hmax % c.h != 0 || vmax % c.v != 0) {
         return None;
     }
-    let ids: Vec<u8> = comps.iter().map(|c| c.id).collect();
-    let rgb = match adobe {
-        Some(0) => true,
-        Some(_) => false,
-        None => !jfif && ids == [b'R', b'G', b'B'],
-    };
-    if comps.len() == 3 && !jfif && adobe.is_none() && ids == [1, 34, 35] {
-        return None; // big-gamut YCC (JPEG XT)
-    }
-    let mut pixels = vec![0u8; width * height * comps.len()];
-    convert(level, comps, (width, height), rgb, &mut pixels);
-    Some(Decoded { width: width as u32, height: height as u32, channels: comps.len(), pixels })
+    let color = color_space(comps, jfif, adobe)?;
+    let mut pixels = vec![0u8; width * height * color.channels()];
+    convert(level, comps, (width, height), color, &mut pixels);
+    Some(Decoded { width: width as u32, height: height as u32, channels: color.channels(), pixels })
 }
 
 #[cfg(test)]
@@ -1106,7 +1177,7 @@ mod tests {
     }
 
     /// Whole files (baseline and progressive; 4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1, mixed factors; gray;
-    /// Adobe RGB; restarts; odd sizes) decoded with every level against the reference code.
+    /// Adobe RGB; CMYK and YCCK; restarts; odd sizes) decoded with every level against the reference code.
     #[test]
     fn every_level_decodes_files_like_the_reference() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/processor/");
@@ -1125,6 +1196,16 @@ mod tests {
                 let got = decode_with(Some(level), &bytes, None).unwrap().unwrap();
                 assert_eq!((got.width, got.height, got.channels), (want.width, want.height, want.channels), "{f}");
                 assert!(got.pixels == want.pixels, "{f}: {level:?} differs from the reference");
+            }
+        }
+    }
+
+    /// The integer CMYK conversion (Pillow's MULDIV255) equals the float formula on every input.
+    #[test]
+    fn cmyk_integer_conversion_matches_float_formula() {
+        for v in 0..=255u8 {
+            for k in 0..=255u8 {
+                assert_eq!(cmyk_value(v, k), cmyk_reference(v, k), "v {v} k {k}");
             }
         }
     }
