@@ -264,6 +264,15 @@ def main():
         np.save(path(f"labels/{cfg_name}.npy"), out["labels"])
         manifest["label_cases"].append({"config": rel("configs", cfg_name + ".json"), "map": "images/label.png",
                                         "labels": rel("labels", cfg_name + ".npy")})
+    # Maps Pillow opens without expansion: a palette PNG (its indices, as Pascal VOC's masks) and 4-bit gray.
+    for map_name in ("palette", "gray4"):
+        proc = processor("seg_nearest_legacy_key")
+        out = proc(images=[open_rgb("images/chelsea.png")], segmentation_maps=[Image.open(path(f"images/{map_name}.png"))],
+                   return_tensors="np")
+        np.save(path(f"labels/seg_nearest_legacy_key_{map_name}.npy"), out["labels"])
+        manifest["label_cases"].append({"config": rel("configs", "seg_nearest_legacy_key.json"),
+                                        "map": f"images/{map_name}.png",
+                                        "labels": rel("labels", f"seg_nearest_legacy_key_{map_name}.npy")})
 
     # ---- raw Pillow resize: every filter; crops keep the outputs small ----
     sources = {  # name: (image, crop box (left, top, width, height))

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use image::metadata::Orientation;
-use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, RgbImage};
+use image::{DynamicImage, GrayImage, ImageBuffer, ImageDecoder, ImageFormat, Luma, RgbImage};
 
 use super::{exif, input_err, jpeg, ProcessorError, Result};
 
@@ -162,28 +162,86 @@ pub fn load_image_with_limit(path: impl AsRef<Path>, max_pixels: Option<u64>) ->
     load_image_bytes(&bytes, max_pixels, &name)
 }
 
-/// Loads a label map from bytes as `np.array(PIL.Image.open(...))` sees it: 8-bit grayscale, or 16-bit
-/// grayscale with values up to 255. Palette PNGs are refused: the decoder expands them to RGB. No EXIF
-/// orientation is applied (transformers passes segmentation maps through as given), except TIFF's,
-/// which PIL applies on load.
-pub fn load_segmentation_map_bytes(bytes: &[u8], name: &str) -> Result<GrayImage> {
-    let img = decode_image_bytes(bytes, Some(PIL_MAX_IMAGE_PIXELS), name)?;
-    let what = format!("{name}: segmentation map");
-    match img {
-        DynamicImage::ImageLuma8(i) => Ok(i),
-        DynamicImage::ImageLuma16(i) => {
-            let (w, h) = i.dimensions();
-            let max = i.pixels().map(|p| p.0[0]).max().unwrap_or(0);
-            if max > 255 {
-                return Err(input_err(what, "label values up to 255", format!("a 16-bit value of {max}")));
+/// A label map of 16-bit ids, as `np.array(PIL.Image.open(...))` gives it.
+pub type LabelMap = ImageBuffer<Luma<u16>, Vec<u16>>;
+
+/// Decodes a label map from bytes as `np.array(PIL.Image.open(...))` sees it: one channel of class ids. A PNG is
+/// read without expansion (as Pillow opens it): a palette PNG gives its indices (mode "P", as Pascal VOC's masks),
+/// 8- and 16-bit gray their values, 1-bit gray 0/1 (mode "1") and 2- or 4-bit gray values widened to 0..255 (mode
+/// "L"); a transparency chunk is ignored. Other formats must decode to 8- or 16-bit gray. Anything with colour
+/// channels is refused: its colours are not ids. Errors name `name`.
+pub fn decode_label_map(bytes: &[u8], name: &str) -> Result<LabelMap> {
+    let what = || format!("{name}: segmentation map");
+    let one_channel = "one channel of class ids (8- or 16-bit gray, or a palette PNG)";
+    if !bytes.starts_with(b"\x89PNG") {
+        return match decode_image_bytes(bytes, Some(PIL_MAX_IMAGE_PIXELS), name)? {
+            DynamicImage::ImageLuma8(g) => {
+                let (w, h) = g.dimensions();
+                LabelMap::from_raw(w, h, g.into_raw().into_iter().map(u16::from).collect())
+                    .ok_or_else(|| input_err(what(), "a consistent buffer", "a short one"))
             }
-            let data = i.pixels().map(|p| p.0[0] as u8).collect();
-            GrayImage::from_raw(w, h, data).ok_or_else(|| input_err(what, "a consistent buffer", "a short one"))
-        }
-        other => {
-            Err(input_err(what, "a single-channel (L or 16-bit grayscale) label image", format!("{:?}", other.color())))
+            DynamicImage::ImageLuma16(g) => Ok(g),
+            other => Err(input_err(what(), one_channel, format!("{:?}", other.color()))),
+        };
+    }
+    let dec_err = |e: png::DecodingError| ProcessorError::Decode { path: name.to_string(), message: e.to_string() };
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = decoder.read_info().map_err(dec_err)?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    let pixels = w as u64 * h as u64;
+    if pixels > PIL_MAX_IMAGE_PIXELS {
+        return Err(ProcessorError::TooManyPixels {
+            path: name.to_string(),
+            width: w,
+            height: h,
+            pixels,
+            limit: PIL_MAX_IMAGE_PIXELS,
+        });
+    }
+    let (color, _) = reader.output_color_type();
+    if !matches!(color, png::ColorType::Grayscale | png::ColorType::Indexed) {
+        return Err(input_err(what(), one_channel, format!("a {color:?} PNG")));
+    }
+    let size = reader.output_buffer_size().ok_or_else(|| input_err(what(), "a decodable size", "too large"))?;
+    let mut buf = vec![0u8; size];
+    let info = reader.next_frame(&mut buf).map_err(dec_err)?;
+    let bits = info.bit_depth as usize;
+    let (wu, hu) = (w as usize, h as usize);
+    let mut out = Vec::with_capacity(wu * hu);
+    for line in buf.chunks_exact(info.line_size).take(hu) {
+        for x in 0..wu {
+            out.push(match bits {
+                16 => u16::from_be_bytes([line[2 * x], line[2 * x + 1]]),
+                8 => line[x] as u16,
+                _ => {
+                    let per = 8 / bits;
+                    let raw = (line[x / per] >> (8 - bits * (x % per + 1))) & ((1u8 << bits) - 1);
+                    match (color, bits) {
+                        (png::ColorType::Indexed, _) | (_, 1) => raw as u16,
+                        _ => (raw as u16 * 255) / ((1u16 << bits) - 1),
+                    }
+                }
+            });
         }
     }
+    LabelMap::from_raw(w, h, out).ok_or_else(|| input_err(what(), "a consistent buffer", "a short one"))
+}
+
+/// Loads a label map from bytes as `np.array(PIL.Image.open(...))` sees it ([`decode_label_map`]), with values up
+/// to 255 (the processor's labels are 8-bit). No EXIF orientation is applied (transformers passes segmentation
+/// maps through as given), except TIFF's, which PIL applies on load.
+pub fn load_segmentation_map_bytes(bytes: &[u8], name: &str) -> Result<GrayImage> {
+    let map = decode_label_map(bytes, name)?;
+    let (w, h) = map.dimensions();
+    let max = map.pixels().map(|p| p.0[0]).max().unwrap_or(0);
+    if max > 255 {
+        let what = format!("{name}: segmentation map");
+        return Err(input_err(what, "label values up to 255", format!("a 16-bit value of {max}")));
+    }
+    let data = map.into_raw().into_iter().map(|v| v as u8).collect();
+    GrayImage::from_raw(w, h, data)
+        .ok_or_else(|| input_err(format!("{name}: segmentation map"), "a consistent buffer", "a short one"))
 }
 
 /// [`load_segmentation_map_bytes`] on a file's content; errors name the file.

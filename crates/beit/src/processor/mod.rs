@@ -15,15 +15,15 @@ mod load;
 pub mod loader;
 pub(crate) mod postprocess;
 mod preprocess;
-mod simd;
 pub mod resample;
+mod simd;
 #[cfg(test)]
 mod test_fixtures;
 
 pub use config::{BeitFeatureExtractor, BeitImageProcessor, SizeDict, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD};
 pub use load::{
-    decode_image, decode_image_bytes, load_image, load_image_bytes, load_image_with_limit, load_segmentation_map,
-    load_segmentation_map_bytes, to_rgb_like_pil, PIL_MAX_IMAGE_PIXELS,
+    decode_image, decode_image_bytes, decode_label_map, load_image, load_image_bytes, load_image_with_limit,
+    load_segmentation_map, load_segmentation_map_bytes, to_rgb_like_pil, LabelMap, PIL_MAX_IMAGE_PIXELS,
 };
 pub use postprocess::{interpolate_bilinear, SegmentationMap, MAX_INTERPOLATE_VALUES};
 pub use preprocess::{Labels, PixelValues};
@@ -104,7 +104,9 @@ impl ProcessorError {
         use crate::error::ErrorKind;
         match self {
             ProcessorError::Io { .. } => ErrorKind::Io,
-            ProcessorError::Decode { .. } | ProcessorError::Json { .. } | ProcessorError::Config { .. } => ErrorKind::Format,
+            ProcessorError::Decode { .. } | ProcessorError::Json { .. } | ProcessorError::Config { .. } => {
+                ErrorKind::Format
+            }
             ProcessorError::TooManyPixels { .. } | ProcessorError::Input { .. } => ErrorKind::InvalidInput,
         }
     }

@@ -19,8 +19,8 @@ use rayon::prelude::*;
 use super::data::{ImageFolder, Split};
 use super::seg_data::{Mask, SegDataset};
 use crate::error::{BeitError, Result};
+use crate::processor::decode_label_map;
 use crate::processor::loader::{load_ordered, ImageSource, LoaderOptions};
-use crate::processor::PIL_MAX_IMAGE_PIXELS;
 
 /// Image columns, by the names datasets use (beans, cifar10, sidewalk-semantic).
 const IMAGE_COLUMNS: [&str; 3] = ["image", "img", "pixel_values"];
@@ -490,68 +490,6 @@ fn id2label(dir: &Path) -> Result<Option<Vec<String>>> {
     Ok(Some(ids.into_values().collect()))
 }
 
-/// A mask of class ids from an encoded image: one channel (8- or 16-bit gray, or a palette PNG's indices, which
-/// is what `np.array` of a Pillow "P" image gives), anything else an error naming `name`.
-pub fn decode_mask(bytes: &[u8], name: &str) -> Result<Mask> {
-    let bad = |m: String| BeitError::invalid_input(name.to_string(), m);
-    if !bytes.starts_with(b"\x89PNG") {
-        let img = image::load_from_memory(bytes).map_err(|e| bad(format!("undecodable mask: {e}")))?;
-        return match img {
-            image::DynamicImage::ImageLuma8(g) => {
-                let (w, h) = g.dimensions();
-                Mask::from_raw(w, h, g.into_raw().into_iter().map(u16::from).collect())
-                    .ok_or_else(|| BeitError::internal(name.to_string(), "mask buffer size"))
-            }
-            image::DynamicImage::ImageLuma16(g) => Ok(g),
-            other => Err(bad(format!(
-                "the mask is {:?}; a mask is one channel of class ids (8- or 16-bit gray)",
-                other.color()
-            ))),
-        };
-    }
-    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    // No expansion: palette indices are the class ids.
-    decoder.set_transformations(png::Transformations::IDENTITY);
-    let mut reader = decoder.read_info().map_err(|e| bad(format!("undecodable mask: {e}")))?;
-    let (w, h) = (reader.info().width, reader.info().height);
-    if w as u64 * h as u64 > PIL_MAX_IMAGE_PIXELS {
-        return Err(bad(format!("the mask is {w}x{h}, more than {PIL_MAX_IMAGE_PIXELS} pixels")));
-    }
-    let (color, _) = reader.output_color_type();
-    if !matches!(color, png::ColorType::Grayscale | png::ColorType::Indexed) {
-        return Err(bad(format!(
-            "the mask is a {color:?} PNG; a mask is one channel of class ids (8- or 16-bit gray, or palette)"
-        )));
-    }
-    let size = reader.output_buffer_size().ok_or_else(|| bad("the mask is too large to decode".into()))?;
-    let mut buf = vec![0u8; size];
-    let info = reader.next_frame(&mut buf).map_err(|e| bad(format!("undecodable mask: {e}")))?;
-    let bits = info.bit_depth as usize;
-    let (wu, hu) = (w as usize, h as usize);
-    let mut out = Vec::with_capacity(wu * hu);
-    for y in 0..hu {
-        let line = &buf[y * info.line_size..(y + 1) * info.line_size];
-        for x in 0..wu {
-            let v = match bits {
-                16 => u16::from_be_bytes([line[2 * x], line[2 * x + 1]]),
-                8 => line[x] as u16,
-                _ => {
-                    let per = 8 / bits;
-                    let raw = (line[x / per] >> (8 - bits * (x % per + 1))) & ((1u8 << bits) - 1);
-                    // Pillow: palette indices as they are; 1-bit gray is mode "1" (0/1 in numpy); 2- and 4-bit
-                    // gray widen to 0..255 ("L").
-                    match (color, bits) {
-                        (png::ColorType::Indexed, _) | (_, 1) => raw as u16,
-                        _ => (raw as u16 * 255) / ((1u16 << bits) - 1),
-                    }
-                }
-            };
-            out.push(v);
-        }
-    }
-    Mask::from_raw(w, h, out).ok_or_else(|| BeitError::internal(name.to_string(), "mask buffer size"))
-}
-
 /// A segmentation dataset (an image column and an `annotation` column of masks; `label`/`mask` when they hold
 /// images) from `dir`: the training split and the validation split (the test split when there is none). Class
 /// names come from `DIR/id2label.json` when present. A mask that is not one channel is an error naming its row.
@@ -592,7 +530,7 @@ pub fn load_segmentation(dir: &Path) -> Result<SegDataset> {
     }
     let masks: Vec<Mask> = rows
         .par_iter()
-        .map(|(_, _, name, bytes)| decode_mask(bytes, &format!("{name} mask")))
+        .map(|(_, _, name, bytes)| Ok(decode_label_map(bytes, &format!("{name} mask"))?))
         .collect::<Result<_>>()?;
     let mut out = SegDataset { classes: id2label(dir)?, ..Default::default() };
     let (flags, sources_names): (Vec<bool>, Vec<(ImageSource, String)>) =

@@ -5,14 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{ImageBuffer, Luma, RgbImage};
+use image::RgbImage;
 
 use super::data::IMAGE_EXTENSIONS;
 use crate::error::{BeitError, Result};
+use crate::processor::decode_label_map;
 use crate::processor::loader::{load_ordered, ImageSource, LoaderOptions};
 
 /// A mask of class ids, one per pixel (16 bits, so that more than 256 classes fit; 8-bit PNGs widen losslessly).
-pub type Mask = ImageBuffer<Luma<u16>, Vec<u16>>;
+pub type Mask = crate::processor::LabelMap;
 
 /// Images with their masks.
 #[derive(Debug, Clone, Default)]
@@ -134,24 +135,11 @@ fn pairs(images: &Path, annotations: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
         .collect()
 }
 
-/// A mask PNG of class ids: 8- or 16-bit grayscale. A palette or colour PNG is refused: its colours are not ids.
+/// A mask file of class ids, as `np.array(PIL.Image.open(path))` gives it ([`decode_label_map`]: 8- or 16-bit gray,
+/// or a palette PNG's indices). A colour image is refused: its colours are not ids.
 pub fn read_mask(path: &Path) -> Result<Mask> {
-    let img = image::open(path).map_err(|e| BeitError::invalid_input(path.display().to_string(), e.to_string()))?;
-    match img {
-        image::DynamicImage::ImageLuma8(m) => {
-            let (w, h) = m.dimensions();
-            Mask::from_raw(w, h, m.into_raw().into_iter().map(u16::from).collect())
-                .ok_or_else(|| BeitError::internal("mask", "buffer size"))
-        }
-        image::DynamicImage::ImageLuma16(m) => Ok(m),
-        other => Err(BeitError::invalid_input(
-            path.display().to_string(),
-            format!(
-                "mask is {:?} (a palette or colour PNG?); expected 8- or 16-bit grayscale class ids",
-                other.color()
-            ),
-        )),
-    }
+    let bytes = std::fs::read(path).map_err(|e| BeitError::io(path, e))?;
+    Ok(decode_label_map(&bytes, &path.display().to_string())?)
 }
 
 /// Decodes `pairs`: images on the threaded loader (an unreadable image is skipped and reported), then their masks
@@ -232,6 +220,7 @@ fn load_folder(dir: &Path) -> Result<SegDataset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::Luma;
 
     fn temp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("beit-segdata-{tag}-{}", std::process::id()));
@@ -277,6 +266,25 @@ mod tests {
         assert_eq!(SegDataset::load(&d, false).unwrap().classes, None);
     }
 
+    /// A palette PNG's mask is its indices, as `np.array` of Pillow's "P" image (Pascal VOC's masks), not its colours.
+    #[test]
+    fn palette_masks_give_their_indices() {
+        let d = temp("palette");
+        write_pair(&d, "training", "a", &gray8(3, 2, 0));
+        let mut bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bytes, 3, 2);
+            enc.set_color(png::ColorType::Indexed);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.set_palette((0..=255u8).flat_map(|c| [c.wrapping_mul(40), c.wrapping_mul(90), 7]).collect::<Vec<u8>>());
+            let mut w = enc.write_header().unwrap();
+            w.write_image_data(&[0, 1, 2, 255, 4, 5]).unwrap();
+        }
+        std::fs::write(d.join("annotations/training/a.png"), bytes).unwrap();
+        let s = SegDataset::load(&d, false).unwrap();
+        assert_eq!(s.train.masks[0].as_raw(), &vec![0u16, 1, 2, 255, 4, 5]);
+    }
+
     #[test]
     fn short_split_names_are_read_too() {
         let d = temp("short");
@@ -295,7 +303,7 @@ mod tests {
         let rgb = image::DynamicImage::ImageRgb8(RgbImage::new(2, 2));
         write_pair(&d, "training", "a", &rgb);
         let e = SegDataset::load(&d, false).unwrap_err().to_string();
-        assert!(e.contains("a.png") && e.contains("grayscale"), "{e}");
+        assert!(e.contains("a.png") && e.contains("one channel of class ids"), "{e}");
         let e = SegDataset::load(&temp("none"), false).unwrap_err().to_string();
         assert!(e.contains("annotations"), "{e}");
     }
