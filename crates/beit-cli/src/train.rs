@@ -255,7 +255,8 @@ pub struct EvalArgs {
     /// What the model does.
     #[arg(long, value_enum, default_value_t = TaskKind::ImageClassification)]
     task: TaskKind,
-    /// Semantic segmentation: reduce the masks' labels as the model was trained (`beit train --reduce-labels`).
+    /// Semantic segmentation: reduce the masks' labels as the model was trained; on by default when the model's
+    /// preprocessor_config.json has do_reduce_labels (`beit train --reduce-labels` writes it).
     #[arg(long)]
     reduce_labels: bool,
     /// Semantic segmentation: also write the numbers (mIoU, mAcc, aAcc, per-class IoU and accuracy) as JSON.
@@ -288,7 +289,9 @@ fn eval_segmentation(a: EvalArgs) -> Result<()> {
     let dir = checkpoint_dir(&a.model.model)?;
     // Loaded as training evaluates, so the numbers equal the run's metrics.jsonl.
     let (model, config) = segmentation::load_for_eval(&dir)?;
-    let data = SegDataset::load(&a.data, a.reduce_labels)?;
+    let processor = processor_for(&dir)?;
+    // As transformers' BeitImageProcessor.from_pretrained would: the model's own do_reduce_labels.
+    let data = SegDataset::load(&a.data, a.reduce_labels || processor.do_reduce_labels)?;
     for (p, why) in &data.skipped {
         eprintln!("warning: skipped {}: {why}", p.display());
     }
@@ -297,7 +300,6 @@ fn eval_segmentation(a: EvalArgs) -> Result<()> {
     }
     let ignore = config.semantic_loss_ignore_index;
     data.check(config.num_labels(), ignore)?;
-    let processor = processor_for(&dir)?;
     let n = config.num_labels();
     let e = segmentation::evaluate(&model, &data.val, n, ignore as u32, &processor, &candle_core::Device::Cpu)?;
     let m = &e.metrics;

@@ -52,10 +52,11 @@ pub struct CommonTrainArgs {
     /// No random horizontal flips.
     #[arg(long)]
     pub no_hflip: bool,
-    /// Input resolution of a model built from a preset or config.json (a checkpoint keeps its own).
+    /// Input resolution: of a model built from a preset or config.json, or the one a checkpoint's position
+    /// tables are resized to (as transformers interpolates them); --resume keeps the run's own.
     #[arg(long)]
     pub image_size: Option<usize>,
-    /// Patch size of a model built from a preset or config.json.
+    /// Patch size of a model built from a preset or config.json (a checkpoint's cannot change).
     #[arg(long)]
     pub patch_size: Option<usize>,
     /// Share of each class of DIR/<class>/* held out for validation: train validates on it, pretrain leaves it

@@ -82,9 +82,37 @@ fn args(data: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// [`args`] for a run of one epoch.
+fn one_epoch(data: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = args(data, cfg, out, extra);
+    let epochs = a.iter().position(|s| s == "--epochs").unwrap() + 1;
+    a[epochs] = "1".into();
+    a
+}
+
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn json_file(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `beit eval --task semantic-segmentation` of `model` on `data` (with `extra`), its JSON numbers written to `json`.
+fn eval(model: &Path, data: &Path, json: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(["eval", "--task", "semantic-segmentation", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .arg("--json")
+        .arg(json)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    json_file(json)
 }
 
 const FIELDS: [&str; 6] = ["train_loss", "val_loss", "mean_iou", "mean_accuracy", "overall_accuracy", "lr"];
@@ -116,6 +144,7 @@ fn trains_evaluates_and_resumes_bit_for_bit() {
         serde_json::from_str(&std::fs::read_to_string(whole.join("last/config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "BeitForSemanticSegmentation");
     assert_eq!(config["id2label"]["2"], "blue");
+    assert_eq!(json_file(&whole.join("last/preprocessor_config.json"))["do_reduce_labels"], false);
 
     // beit eval on the last checkpoint: the last epoch's numbers, to the last digit.
     let json = root.join("eval.json");
@@ -218,4 +247,90 @@ fn trains_and_evaluates_on_a_parquet_dataset() {
     let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(e["mean_iou"], last["mean_iou"], "eval {e} vs metrics.jsonl {last}");
     assert_eq!(e["count"], 3);
+}
+
+/// BEiT's ADE20K recipe fine-tunes a 224 checkpoint at 640: --image-size on a checkpoint resizes its position
+/// tables once (a shared relative bias and absolute position embeddings here, 4x4 -> 6x6 patches), and the run's
+/// checkpoint is saved at the new size, which `beit eval` then reads back to the run's own numbers.
+#[test]
+fn a_checkpoint_trains_at_another_image_size() {
+    let root = common::temp_dir("segtrain", "resize");
+    let data = dataset(&root);
+    let cfg = root.join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 32,
+            "image_size": 16, "patch_size": 4, "use_shared_relative_position_bias": true,
+            "use_absolute_position_embeddings": true, "pool_scales": [1, 2], "auxiliary_channels": 8}"#,
+    )
+    .unwrap();
+    let base = root.join("base");
+    let (code, err) = beit(&one_epoch(&data, &cfg, &base, &[]));
+    assert_eq!(code, 0, "{err}");
+    let checkpoint = base.join("last");
+    assert_eq!(json_file(&checkpoint.join("config.json"))["image_size"], 16);
+
+    let tuned = root.join("tuned");
+    let (code, err) = beit(&one_epoch(&data, &checkpoint, &tuned, &["--image-size", "24"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("crops 24x24"), "{err}");
+    let last = tuned.join("last");
+    let config = json_file(&last.join("config.json"));
+    assert_eq!(config["image_size"], 24);
+    assert_eq!(json_file(&last.join("preprocessor_config.json"))["size"]["height"], 24);
+    // The shared table was resized, then copied into every layer.
+    assert_eq!(config["use_shared_relative_position_bias"], false);
+    let tensors =
+        beit::checkpoint::read_safetensors(&last.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let shape = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.dims().to_vec());
+    assert_eq!(shape("beit.embeddings.position_embeddings"), Some(vec![1, 6 * 6 + 1, 16]));
+    for i in 0..4 {
+        let table =
+            format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table");
+        assert_eq!(shape(&table), Some(vec![11 * 11 + 3, 2]), "{table}");
+    }
+    assert_eq!(shape("beit.encoder.relative_position_bias.relative_position_bias_table"), None);
+    let m = metrics(&tuned).pop().unwrap();
+    let e = eval(&last, &data, &root.join("eval.json"), &[]);
+    for k in ["mean_iou", "mean_accuracy", "overall_accuracy"] {
+        assert_eq!(e[k], m[k], "{k}: eval {e} vs metrics.jsonl {m}");
+    }
+
+    // The patch embedding cannot be resized: another patch size is refused, naming the field.
+    let (code, err) = beit(&one_epoch(&data, &checkpoint, &root.join("patch"), &["--patch-size", "8"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("patch_size") && err.contains("4x4"), "{err}");
+}
+
+/// A run with --reduce-labels saves do_reduce_labels, and `beit eval` applies it without the flag, as
+/// BeitImageProcessor.from_pretrained would; the flag still turns it on for a model whose config lacks it.
+#[test]
+fn reduce_labels_is_saved_and_evaluation_applies_it() {
+    let root = common::temp_dir("segtrain", "reduce");
+    let data = dataset(&root);
+    let cfg = config(&root);
+    let out = root.join("out");
+    let (code, err) = beit(&one_epoch(&data, &cfg, &out, &["--reduce-labels"]));
+    assert_eq!(code, 0, "{err}");
+    let last = out.join("last");
+    assert_eq!(json_file(&last.join("preprocessor_config.json"))["do_reduce_labels"], true);
+    assert_eq!(json_file(&out.join("best/preprocessor_config.json"))["do_reduce_labels"], true);
+    let m = metrics(&out).pop().unwrap();
+    let same = |e: &serde_json::Value| ["mean_iou", "mean_accuracy", "overall_accuracy"].iter().all(|k| e[*k] == m[*k]);
+    let e = eval(&last, &data, &root.join("eval.json"), &[]);
+    assert!(same(&e), "eval {e} vs metrics.jsonl {m}");
+
+    // The same model without the key: unreduced masks give other numbers, unless --reduce-labels is given.
+    let bare = root.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["config.json", "model.safetensors", "preprocessor_config.json"] {
+        std::fs::copy(last.join(f), bare.join(f)).unwrap();
+    }
+    let mut p = json_file(&bare.join("preprocessor_config.json"));
+    p.as_object_mut().unwrap().remove("do_reduce_labels");
+    std::fs::write(bare.join("preprocessor_config.json"), p.to_string()).unwrap();
+    let e = eval(&bare, &data, &root.join("bare.json"), &[]);
+    assert!(!same(&e), "eval without reduce_labels {e} vs metrics.jsonl {m}");
+    let e = eval(&bare, &data, &root.join("flag.json"), &["--reduce-labels"]);
+    assert!(same(&e), "eval --reduce-labels {e} vs metrics.jsonl {m}");
 }

@@ -58,6 +58,26 @@ impl BeitPatchEmbeddings {
     }
 }
 
+/// A (1, side² + 1, hidden) absolute position table for a `grid` of (rows, columns) patches: the patch part
+/// resized bicubically (align_corners=False), the CLS entry kept, as transformers' interpolate_pos_encoding. The
+/// model calls it per input size; training calls it once to load a checkpoint at a new size.
+pub(crate) fn resize_position_embeddings(table: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+    let (_, positions, dim) = table.dims3()?;
+    let num_positions = positions - 1;
+    let side = (num_positions as f64).sqrt() as usize;
+    if side * side != num_positions {
+        return Err(BeitError::invalid_input(
+            "position_embeddings",
+            format!("{num_positions} positions do not form a square grid, so they cannot be interpolated"),
+        ));
+    }
+    let class_pos = table.narrow(1, 0, 1)?;
+    let patch_pos = table.narrow(1, 1, num_positions)?.reshape((1, side, side, dim))?.permute((0, 3, 1, 2))?;
+    let (nh, nw) = grid;
+    let patch_pos = interpolate_bicubic(&patch_pos, nh, nw)?.permute((0, 2, 3, 1))?.reshape((1, nh * nw, dim))?;
+    Ok(Tensor::cat(&[&class_pos, &patch_pos], 1)?)
+}
+
 /// BeitEmbeddings: CLS token, patch embeddings, mask token and position embeddings.
 #[derive(Debug, Clone)]
 pub struct BeitEmbeddings {
@@ -96,23 +116,11 @@ impl BeitEmbeddings {
     /// The absolute position table for an input of `height` x `width` pixels: transformers interpolates it
     /// (bicubic) whenever the patch count or the aspect differs from the table's, whatever the caller asked.
     fn interpolate_pos_encoding(&self, table: &Tensor, num_patches: usize, height: usize, width: usize) -> Result<Tensor> {
-        let (_, positions, dim) = table.dims3()?;
-        let num_positions = positions - 1;
+        let num_positions = table.dim(1)? - 1;
         if num_patches == num_positions && height == width {
             return Ok(table.clone());
         }
-        let side = (num_positions as f64).sqrt() as usize;
-        if side * side != num_positions {
-            return Err(BeitError::invalid_input(
-                "position_embeddings",
-                format!("{num_positions} positions do not form a square grid, so they cannot be interpolated"),
-            ));
-        }
-        let class_pos = table.narrow(1, 0, 1)?;
-        let patch_pos = table.narrow(1, 1, num_positions)?.reshape((1, side, side, dim))?.permute((0, 3, 1, 2))?;
-        let (nh, nw) = (height / self.patch_size, width / self.patch_size);
-        let patch_pos = interpolate_bicubic(&patch_pos, nh, nw)?.permute((0, 2, 3, 1))?.reshape((1, nh * nw, dim))?;
-        Ok(Tensor::cat(&[&class_pos, &patch_pos], 1)?)
+        resize_position_embeddings(table, (height / self.patch_size, width / self.patch_size))
     }
 
     /// Embeds `pixel_values`, replacing masked patches by the mask token.

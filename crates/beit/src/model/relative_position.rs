@@ -56,6 +56,28 @@ pub fn relative_position_index(window: (usize, usize)) -> Vec<u32> {
     index
 }
 
+/// A ((2h - 1)(2w - 1) + 3, heads) bias table trained for window `from`, for window `to`: the (2Wh-1)x(2Ww-1)
+/// part resized bilinearly (align_corners=False), the three CLS entries kept, as transformers' forward does on
+/// every pass. The model calls it per input size; training calls it once to load a checkpoint at a new size.
+pub(crate) fn resize_relative_position_table(
+    table: &Tensor,
+    from: (usize, usize),
+    to: (usize, usize),
+) -> Result<Tensor> {
+    if from == to {
+        return Ok(table.clone());
+    }
+    let heads = table.dim(1)?;
+    let (old_h, old_w) = (2 * from.0 - 1, 2 * from.1 - 1);
+    let (new_h, new_w) = (2 * to.0 - 1, 2 * to.1 - 1);
+    let old_n = old_h * old_w;
+    // transformers reshapes the table as (old_width, old_height): the same for square windows.
+    let sub = table.narrow(0, 0, old_n)?.reshape((1, old_w, old_h, heads))?.permute((0, 3, 1, 2))?;
+    let sub = interpolate_bilinear(&sub, new_h, new_w, false)?;
+    let sub = sub.permute((0, 2, 3, 1))?.reshape((new_h * new_w, heads))?;
+    Ok(Tensor::cat(&[&sub, &table.narrow(0, old_n, 3)?], 0)?)
+}
+
 impl BeitRelativePositionBias {
     /// Builds the module from `w`, the checkpoint's tensors under this module's prefix.
     pub fn load(w: &Weights, c: &BeitConfig, window_size: (usize, usize)) -> Result<Self> {
@@ -72,21 +94,9 @@ impl BeitRelativePositionBias {
         })
     }
 
-    /// The bias table for another window: the (2Wh-1)x(2Ww-1) part resized bilinearly, the three CLS entries kept.
+    /// The bias table for another window (see [`resize_relative_position_table`]).
     fn table_for(&self, window: (usize, usize)) -> Result<Tensor> {
-        if window == self.window_size {
-            return Ok(self.relative_position_bias_table.clone());
-        }
-        let table = &self.relative_position_bias_table;
-        let old_h = 2 * self.window_size.0 - 1;
-        let old_w = 2 * self.window_size.1 - 1;
-        let (new_h, new_w) = (2 * window.0 - 1, 2 * window.1 - 1);
-        let old_n = old_h * old_w;
-        // transformers reshapes the table as (old_width, old_height): the same for square windows.
-        let sub = table.narrow(0, 0, old_n)?.reshape((1, old_w, old_h, self.num_heads))?.permute((0, 3, 1, 2))?;
-        let sub = interpolate_bilinear(&sub, new_h, new_w, false)?;
-        let sub = sub.permute((0, 2, 3, 1))?.reshape((new_h * new_w, self.num_heads))?;
-        Ok(Tensor::cat(&[&sub, &table.narrow(0, old_n, 3)?], 0)?)
+        resize_relative_position_table(&self.relative_position_bias_table, self.window_size, window)
     }
 
     /// (1, heads, N+1, N+1) for a `window` of patches; `dim_size` is the sequence length the caller sees, to

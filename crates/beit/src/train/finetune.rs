@@ -199,6 +199,8 @@ impl Trainer {
                     // A new label set: a fresh classifier, as transformers' ignore_mismatched_sizes.
                     t.retain(|k, _| !k.starts_with("classifier."));
                 }
+                // Resized before unsharing: the shared table once, then copied into every layer.
+                opts.run.fit_checkpoint(&mut c, &mut t, &dir)?;
                 unshare_relative_bias(&mut c, &mut t);
                 (c, t)
             }

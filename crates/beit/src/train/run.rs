@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +17,8 @@ use crate::checkpoint::{find_weight_files, load_tensors};
 use crate::config::{BeitConfig, Size2};
 use crate::error::{BeitError, Result};
 use crate::heads::Architecture;
+use crate::model::embeddings::resize_position_embeddings;
+use crate::model::relative_position::resize_relative_position_table;
 use crate::nn::seed_training_rng;
 use crate::pretrained::save_pretrained;
 use crate::processor::BeitImageProcessor;
@@ -48,9 +50,10 @@ pub struct RunOptions {
     pub scale_min: f64,
     /// Random horizontal flips.
     pub hflip: bool,
-    /// Input resolution of a model built from a config (a checkpoint keeps its own).
+    /// Input resolution: a config's, or the one a checkpoint's position tables are resized to once at load (a
+    /// resumed run keeps its own).
     pub image_size: Option<usize>,
-    /// Patch size of a model built from a config.
+    /// Patch size of a model built from a config (a checkpoint's must equal it).
     pub patch_size: Option<usize>,
     /// Share of each class of DIR/<class>/* held out for validation (pre-training leaves it out).
     pub val_split: Option<f64>,
@@ -134,6 +137,86 @@ impl RunOptions {
             c.patch_size = Size2::square(p);
         }
     }
+
+    /// Fits a checkpoint read from `dir` (tensors named `beit.…`) to the asked input resolution: its position
+    /// tables resized once (see [`resize_position_tables`]). A patch size other than the checkpoint's is an
+    /// error: the patch embedding cannot be resized faithfully.
+    pub fn fit_checkpoint(
+        &self,
+        config: &mut BeitConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        dir: &Path,
+    ) -> Result<()> {
+        if let Some(p) = self.patch_size.filter(|&p| config.patch_size != Size2::square(p)) {
+            let (h, w) = (config.patch_size.height, config.patch_size.width);
+            return Err(BeitError::config(
+                "patch_size",
+                format!(
+                    "{p} asked, but the checkpoint {} has {h}x{w} patches: its patch embedding cannot be resized \
+                     (leave the patch size out, or train from a config)",
+                    dir.display()
+                ),
+            ));
+        }
+        match self.image_size {
+            Some(size) => resize_position_tables(config, tensors, size, dir),
+            None => Ok(()),
+        }
+    }
+}
+
+const SHARED_BIAS_TABLE: &str = "beit.encoder.relative_position_bias.relative_position_bias_table";
+const POSITION_EMBEDDINGS: &str = "beit.embeddings.position_embeddings";
+
+fn layer_bias_table(i: usize) -> String {
+    format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table")
+}
+
+/// Sets a checkpoint's config to `image_size` (square) and resizes its position tables to the new patch grid
+/// once, with the arithmetic transformers' forward applies on every pass to inputs of that size (relative bias
+/// tables, shared or per layer: bilinear; absolute position embeddings: bicubic), so that the model starts out
+/// computing exactly what the checkpoint computes on such inputs. `dir` is the checkpoint, named in errors.
+pub fn resize_position_tables(
+    config: &mut BeitConfig,
+    tensors: &mut HashMap<String, Tensor>,
+    image_size: usize,
+    dir: &Path,
+) -> Result<()> {
+    let size = Size2::square(image_size);
+    if config.image_size == size {
+        return Ok(());
+    }
+    let (ph, pw) = (config.patch_size.height, config.patch_size.width);
+    if image_size < ph.max(pw) {
+        return Err(BeitError::config("image_size", format!("{image_size} is smaller than one {ph}x{pw} patch")));
+    }
+    let from = config.patch_grid();
+    let to = (image_size / ph, image_size / pw);
+    let heads = config.num_attention_heads;
+    let rows = (2 * from.0 - 1) * (2 * from.1 - 1) + 3;
+    // The model computes in f32 (Weights converts on load), so the resize does too.
+    let mut resize = |name: &str, expected: Vec<usize>, f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<()> {
+        let Some(t) = tensors.get(name) else { return Ok(()) };
+        if t.dims() != expected.as_slice() {
+            let found = t.dims().to_vec();
+            return Err(BeitError::ShapeMismatch { path: dir.to_path_buf(), name: name.to_string(), expected, found });
+        }
+        let resized = f(&t.to_dtype(DType::F32)?)?;
+        tensors.insert(name.to_string(), resized);
+        Ok(())
+    };
+    let bias = |t: &Tensor| resize_relative_position_table(t, from, to);
+    resize(SHARED_BIAS_TABLE, vec![rows, heads], &bias)?;
+    for i in 0..config.num_hidden_layers {
+        resize(&layer_bias_table(i), vec![rows, heads], &bias)?;
+    }
+    // transformers leaves the table alone when the grid is unchanged (a size that is not a multiple of the patch).
+    if from != to {
+        let positions = vec![1, from.0 * from.1 + 1, config.hidden_size];
+        resize(POSITION_EMBEDDINGS, positions, &|t: &Tensor| resize_position_embeddings(t, to))?;
+    }
+    config.image_size = size;
+    Ok(())
 }
 
 /// One epoch's line of `out/metrics.jsonl`: the shared fields around the task's own (flattened in place, so
@@ -218,6 +301,12 @@ pub trait Task: Sized {
     /// Trains the next epoch (through [`RunCore::train_epoch`]) and evaluates: the task's record with the
     /// loop's measurements.
     fn epoch(&mut self, core: &mut RunCore<Self>, obs: &mut Observer<'_, Self>) -> Result<(Self::Metrics, EpochStats)>;
+
+    /// BeitImageProcessor's `do_reduce_labels` for the saved preprocessor_config.json (None: the task has no
+    /// label maps and the key is left out).
+    fn reduce_labels(_opts: &Self::Options) -> Option<bool> {
+        None
+    }
 
     /// Called once the schedule's last epoch is done (also by a resumed run that finds it done).
     fn completed(&self, _core: &RunCore<Self>, _out: &Path) -> Result<()> {
@@ -400,7 +489,8 @@ impl<T: Task> RunCore<T> {
     /// place; [`RunCore::save`] writes a whole directory atomically).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
         save_pretrained(dir, &self.config, self.arch, &self.weights.params())?;
-        write_file(&dir.join("preprocessor_config.json"), &processor_json(self.image_size))
+        let json = processor_json(self.image_size, T::reduce_labels(&self.opts));
+        write_file(&dir.join("preprocessor_config.json"), &json)
     }
 
     /// The model into `dir` as a whole, with what `extra` adds: a kill leaves the old directory or the new one.
@@ -513,8 +603,14 @@ pub fn eval_processor(size: usize) -> BeitImageProcessor {
     // ok: a fixed valid config
 }
 
-fn processor_json(size: usize) -> String {
-    serde_json::to_string_pretty(&processor_config(size)).unwrap_or_default() // ok: a Value always serializes
+/// The saved preprocessor config; `reduce_labels` (a segmentation run's) makes `from_pretrained` reduce the
+/// label maps as training did.
+fn processor_json(size: usize, reduce_labels: Option<bool>) -> String {
+    let mut config = processor_config(size);
+    if let Some(reduce) = reduce_labels {
+        config["do_reduce_labels"] = serde_json::Value::Bool(reduce);
+    }
+    serde_json::to_string_pretty(&config).unwrap_or_default() // ok: a Value always serializes
 }
 
 /// Writes `dir` as a whole: `fill` writes a temporary sibling directory, then renames, so a kill leaves either
@@ -558,15 +654,9 @@ pub fn unshare_relative_bias(config: &mut BeitConfig, tensors: &mut HashMap<Stri
     if !config.use_shared_relative_position_bias {
         return;
     }
-    let key = "beit.encoder.relative_position_bias.relative_position_bias_table";
-    if let Some(table) = tensors.remove(key) {
+    if let Some(table) = tensors.remove(SHARED_BIAS_TABLE) {
         for i in 0..config.num_hidden_layers {
-            tensors.insert(
-                format!(
-                    "beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
-                ),
-                table.clone(),
-            );
+            tensors.insert(layer_bias_table(i), table.clone());
         }
     }
     config.use_shared_relative_position_bias = false;
@@ -593,6 +683,8 @@ fn end_epoch(start_epoch: usize, epochs: usize, stop_after: Option<usize>) -> us
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use crate::heads::BeitForImageClassification;
+    use crate::model::ForwardOptions;
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct Scores {
@@ -680,6 +772,128 @@ mod tests {
         assert_eq!(end_epoch(0, 5, None), 5);
         assert_eq!(end_epoch(2, 5, Some(2)), 4);
         assert_eq!(end_epoch(4, 5, Some(2)), 5);
+    }
+
+    /// A tiny classifier's tensors with random values everywhere (fresh position tables would be zeros).
+    fn random_checkpoint(c: &BeitConfig, seed: u64) -> HashMap<String, Tensor> {
+        let w = Weights::fresh(&Device::Cpu, seed);
+        BeitForImageClassification::load(&w, c).unwrap();
+        let mut rng = Rng::new(seed);
+        w.params()
+            .into_iter()
+            .map(|(name, t)| {
+                let v: Vec<f32> = (0..t.elem_count()).map(|_| (rng.normal() * 0.5) as f32).collect();
+                (name, Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap())
+            })
+            .collect()
+    }
+
+    /// The logits and every hidden state of `tensors` as a classifier of `c` on `x`.
+    fn outputs(c: &BeitConfig, tensors: HashMap<String, Tensor>, x: &Tensor) -> Vec<Tensor> {
+        let w = Weights::new(tensors, "<test>", &Device::Cpu);
+        let model = BeitForImageClassification::load(&w, c).unwrap();
+        assert!(w.report().newly_initialized.is_empty(), "{:?}", w.report());
+        let o = ForwardOptions { output_hidden_states: true, ..Default::default() };
+        let out = model.forward(x, &o, None).unwrap();
+        let mut v = vec![out.logits];
+        v.extend(out.base.hidden_states.unwrap());
+        v
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn a_checkpoint_resized_at_load_computes_what_on_the_fly_interpolation_does() {
+        let tiny = BeitConfig {
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            image_size: Size2::square(16),
+            patch_size: Size2::square(4),
+            id2label: crate::config::default_labels(3),
+            ..BeitConfig::default()
+        };
+        let per_layer = BeitConfig { use_relative_position_bias: true, ..tiny.clone() };
+        let shared = BeitConfig { use_shared_relative_position_bias: true, ..tiny.clone() };
+        let absolute = BeitConfig { use_absolute_position_embeddings: true, ..tiny.clone() };
+        // Up (4x4 -> 6x6 patches, as 224 -> 640 is 14 -> 40) and down (4x4 -> 3x3).
+        for (name, c, size) in
+            [("per-layer", &per_layer, 24), ("shared", &shared, 24), ("absolute", &absolute, 24), ("down", &shared, 12)]
+        {
+            let tensors = random_checkpoint(c, 3);
+            let v: Vec<f32> = (0..2 * 3 * size * size).map(|i| ((i * 7919) % 997) as f32 / 498.5 - 1.0).collect();
+            let x = Tensor::from_vec(v, (2, 3, size, size), &Device::Cpu).unwrap();
+            // The checkpoint as it is: transformers' forward interpolates its tables to the input's grid.
+            let want = outputs(c, tensors.clone(), &x);
+            let (mut rc, mut rt) = (c.clone(), tensors);
+            resize_position_tables(&mut rc, &mut rt, size, Path::new("<test>")).unwrap();
+            assert_eq!(rc.image_size, Size2::square(size));
+            let grid = size / 4;
+            let rows = (2 * grid - 1) * (2 * grid - 1) + 3;
+            for (k, t) in &rt {
+                if k.ends_with("relative_position_bias_table") {
+                    assert_eq!(t.dims(), [rows, 2], "{name}: {k}");
+                } else if k.ends_with("position_embeddings") {
+                    assert_eq!(t.dims(), [1, grid * grid + 1, 16], "{name}: {k}");
+                }
+            }
+            let got = outputs(&rc, rt.clone(), &x);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                let d = max_abs_diff(a, b);
+                assert!(d <= 1e-5, "{name}: output {i} differs by {d}");
+            }
+            // Resizing the shared table then copying it into every layer (as fine-tuning does) changes nothing.
+            if rc.use_shared_relative_position_bias {
+                unshare_relative_bias(&mut rc, &mut rt);
+                for (a, b) in outputs(&rc, rt, &x).iter().zip(&want) {
+                    assert!(max_abs_diff(a, b) <= 1e-5, "{name}: unshared");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_its_patch_size_and_a_same_size_is_left_alone() {
+        let c = BeitConfig {
+            hidden_size: 16,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            image_size: Size2::square(16),
+            patch_size: Size2::square(4),
+            use_relative_position_bias: true,
+            ..BeitConfig::default()
+        };
+        let tensors = random_checkpoint(&c, 1);
+        let opts = RunOptions { image_size: Some(32), patch_size: Some(8), ..RunOptions::default() };
+        let (mut rc, mut rt) = (c.clone(), tensors.clone());
+        let e = opts.fit_checkpoint(&mut rc, &mut rt, Path::new("ckpt")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("patch_size") && e.to_string().contains("4x4"), "{e}");
+        assert_eq!(rc.image_size, c.image_size, "nothing changes on error");
+        // Its own patch size is fine; its own image size changes nothing.
+        let same = RunOptions { image_size: Some(16), patch_size: Some(4), ..RunOptions::default() };
+        same.fit_checkpoint(&mut rc, &mut rt, Path::new("ckpt")).unwrap();
+        let key = layer_bias_table(0);
+        assert_eq!(max_abs_diff(&rt[&key], &tensors[&key]), 0.0);
+        // A table of another shape than the config's grid is named.
+        rt.insert(key.clone(), Tensor::zeros((5, 2), DType::F32, &Device::Cpu).unwrap());
+        let e = resize_position_tables(&mut rc, &mut rt, 32, Path::new("ckpt")).unwrap_err();
+        assert!(e.to_string().contains(&key) && e.to_string().contains("[5, 2]"), "{e}");
+    }
+
+    #[test]
+    fn only_a_task_with_label_maps_writes_do_reduce_labels() {
+        let v = |r| serde_json::from_str::<serde_json::Value>(&processor_json(16, r)).unwrap();
+        assert!(v(None).get("do_reduce_labels").is_none());
+        assert_eq!(v(Some(true))["do_reduce_labels"], true);
+        assert_eq!(v(Some(false))["do_reduce_labels"], false);
+        let p = BeitImageProcessor::from_json_value(&v(Some(true)), "<test>").unwrap();
+        assert!(p.do_reduce_labels);
     }
 
     #[test]

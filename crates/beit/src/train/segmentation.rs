@@ -213,6 +213,10 @@ impl Task for SegFineTuning {
         &self.data.skipped
     }
 
+    fn reduce_labels(opts: &SegOptions) -> Option<bool> {
+        Some(opts.reduce_labels)
+    }
+
     fn epoch(&mut self, core: &mut RunCore<Self>, obs: &mut Observer<'_, Self>) -> Result<(Self::Metrics, EpochStats)> {
         let o = core.opts.clone();
         let (size, device) = (core.image_size, core.device.clone());
@@ -293,6 +297,8 @@ impl SegTrainer {
                     c.id2label = l;
                 }
                 c.use_mask_token = false;
+                // Resized before unsharing: the shared table once, then copied into every layer.
+                opts.run.fit_checkpoint(&mut c, &mut t, &dir)?;
                 unshare_relative_bias(&mut c, &mut t);
                 (c, t)
             }
