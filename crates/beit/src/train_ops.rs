@@ -198,9 +198,19 @@ impl Geometry {
         }
     }
 
-    /// The input column that output column `ox` reads at kernel column `kj` (None in the padding).
+    /// The input row that output row `out` reads at kernel row `k` (None in the padding).
     fn source(&self, out: usize, k: usize, size: usize) -> Option<usize> {
         (out * self.stride + k * self.dil).checked_sub(self.pad).filter(|&i| i < size)
+    }
+
+    /// The output columns `lo..hi` whose kernel column `k` lands inside the input (not in the padding), and the
+    /// input column that `lo` reads (each next one `stride` further): `(lo, hi, first)`, `lo == hi` when none.
+    fn columns(&self, k: usize, out: usize, size: usize) -> (usize, usize, usize) {
+        let off = k * self.dil;
+        let lo = self.pad.saturating_sub(off).div_ceil(self.stride).min(out);
+        let hi = if size + self.pad > off { (size + self.pad - off).div_ceil(self.stride).min(out) } else { 0 };
+        let hi = hi.max(lo);
+        (lo, hi, (lo * self.stride + off).saturating_sub(self.pad))
     }
 
     /// The im2col matrix of output rows `oy0..oy1` of one image `x` (c, h, w): row (c, ki, kj), column (oy, ox).
@@ -209,14 +219,24 @@ impl Geometry {
         cols[..self.k() * pt].par_chunks_mut(pt.max(1)).with_min_len(8).enumerate().for_each(|(r, row)| {
             let (c, ki, kj) = (r / kk, (r % kk) / self.kw, r % self.kw);
             let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
+            let (lo, hi, first) = self.columns(kj, self.wo, self.w);
             for (out, oy) in row.chunks_exact_mut(self.wo).zip(oy0..oy1) {
                 let Some(iy) = self.source(oy, ki, self.h) else {
                     out.fill(0.0);
                     continue;
                 };
                 let src = &plane[iy * self.w..(iy + 1) * self.w];
-                for (ox, v) in out.iter_mut().enumerate() {
-                    *v = self.source(ox, kj, self.w).map_or(0.0, |ix| src[ix]);
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                if lo == hi {
+                    continue;
+                }
+                if self.stride == 1 {
+                    out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                } else {
+                    for (v, ix) in out[lo..hi].iter_mut().zip((first..).step_by(self.stride)) {
+                        *v = src[ix];
+                    }
                 }
             }
         });
@@ -228,12 +248,18 @@ impl Geometry {
         dx.par_chunks_mut((self.h * self.w).max(1)).enumerate().for_each(|(c, plane)| {
             for r in c * kk..(c + 1) * kk {
                 let (ki, kj) = ((r % kk) / self.kw, r % self.kw);
+                let (lo, hi, first) = self.columns(kj, self.wo, self.w);
+                if lo == hi {
+                    continue;
+                }
                 let row = &dcols[r * pt..(r + 1) * pt];
                 for (g, oy) in row.chunks_exact(self.wo).zip(oy0..oy1) {
                     let Some(iy) = self.source(oy, ki, self.h) else { continue };
                     let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
-                    for (ox, v) in g.iter().enumerate() {
-                        if let Some(ix) = self.source(ox, kj, self.w) {
+                    if self.stride == 1 {
+                        dst[first..first + hi - lo].iter_mut().zip(&g[lo..hi]).for_each(|(d, v)| *d += v);
+                    } else {
+                        for (v, ix) in g[lo..hi].iter().zip((first..).step_by(self.stride)) {
                             dst[ix] += v;
                         }
                     }
