@@ -124,7 +124,7 @@ fn matmul(
 
 /// Per-output-channel sums of `g` (batch, channels, plane) in f64, channel by channel in a fixed order.
 fn channel_sums(g: &[f32], channels: usize, plane: usize) -> Vec<f32> {
-    let batch = if channels * plane == 0 { 0 } else { g.len() / (channels * plane) };
+    let batch = g.len().checked_div(channels * plane).unwrap_or(0);
     (0..channels)
         .into_par_iter()
         .map(|c| {
@@ -682,10 +682,10 @@ impl CustomOp3 for BatchNormOp {
                                 let m = self.mean[ch] as f64;
                                 for i in 0..batch {
                                     let base = (i * c + ch) * plane;
-                                    for at in base..base + plane {
+                                    for (at, &x) in xv.iter().enumerate().skip(base).take(plane) {
                                         let g = grad(at);
                                         s += g;
-                                        d += g * (xv[at] as f64 - m);
+                                        d += g * (x as f64 - m);
                                     }
                                 }
                                 (s, d)
