@@ -13,6 +13,7 @@ use crate::kernels::int8::QuantizedLinear;
 use crate::kernels::math::gelu_erf_par;
 use crate::kernels::view::{view, with_f32};
 use crate::rng::Rng;
+use crate::train_ops;
 use crate::weights::{Init, Weights};
 
 /// Whether a forward pass records gradients: the fused CPU kernels (LayerNorm, softmax) have no backward pass,
@@ -401,11 +402,8 @@ impl Conv2d {
                 &cat
             }
         };
-        let y = x.conv2d(&self.weight()?, self.padding, self.stride, self.dilation, 1)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
-            None => y,
-        };
+        // im2col and GEMM both ways (candle's conv2d backward is scalar loops); candle's op off the CPU.
+        let y = train_ops::conv2d(x, &self.weight()?, self.bias.as_ref(), self.stride, self.padding, self.dilation)?;
         Ok(if relu { y.relu()? } else { y })
     }
 }
@@ -537,8 +535,8 @@ impl ConvTranspose2d {
             let y = Tensor::from_vec(y, (b, p.out_channels(), h * s, w * s), x.device())?;
             return Ok(if x.dtype() == candle_core::DType::F32 { y } else { y.to_dtype(x.dtype())? });
         }
-        let y = x.conv_transpose2d(&self.weight()?, 0, 0, self.stride, 1)?;
-        let y = y.broadcast_add(&self.bias.reshape((1, self.bias.elem_count(), 1, 1))?)?;
+        // One GEMM each way (candle's conv_transpose2d is a direct loop); candle's op off the CPU.
+        let y = train_ops::conv_transpose2d(x, &self.weight()?, &self.bias, self.stride)?;
         Ok(if gelu { y.gelu_erf()? } else { y })
     }
 }
@@ -584,21 +582,28 @@ impl BatchNorm2d {
 
     /// The layer applied to `x` `(batch, channels, height, width)`, as its torch.nn counterpart in `mode`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_act(x, mode, false)
+    }
+
+    /// [`forward`](Self::forward), then ReLU when `relu` (fused into the training op on the CPU).
+    pub fn forward_act(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
         let c = self.weight.elem_count();
         let shape = (1, c, 1, 1);
         if mode.train {
-            return self.forward_train(x);
+            return self.forward_train(x, relu);
         }
         let (mean, var) = self.running_stats();
         // Folded into one scale and shift per channel: (x - mean) / sqrt(var + eps) * w + b.
         let scale = (self.weight.clone() / (var + self.eps)?.sqrt()?)?;
         let shift = (&self.bias - (&mean * &scale)?)?;
-        Ok(x.broadcast_mul(&scale.reshape(shape)?)?.broadcast_add(&shift.reshape(shape)?)?)
+        let y = x.broadcast_mul(&scale.reshape(shape)?)?.broadcast_add(&shift.reshape(shape)?)?;
+        Ok(if relu { y.relu()? } else { y })
     }
 
-    /// Training: normalized by the batch's mean and biased variance over (N, H, W), in composite ops that candle
-    /// differentiates; the running statistics move by `momentum` towards the batch's (variance unbiased).
-    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+    /// Training: normalized by the batch's mean and biased variance over (N, H, W); the running statistics move
+    /// by `momentum` towards the batch's (variance unbiased). On the CPU one op with its own backward pass (the
+    /// composite form is a dozen passes each way); elsewhere composite ops that candle differentiates.
+    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let c = self.weight.elem_count();
         let (b, xc, h, w) = x.dims4().map_err(|_| {
             BeitError::invalid_input(
@@ -621,6 +626,10 @@ impl BatchNorm2d {
                 ),
             ));
         }
+        if let Some((y, mean, var)) = train_ops::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)? {
+            self.update_running(&mean, &var, n)?;
+            return Ok(y);
+        }
         let mean = x.mean_keepdim((0, 2, 3))?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
@@ -628,7 +637,7 @@ impl BatchNorm2d {
         let shape = (1, c, 1, 1);
         let y = normalized.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)?;
         self.update_running(&mean, &var, n)?;
-        Ok(y)
+        Ok(if relu { y.relu()? } else { y })
     }
 
     /// torch's update, in f64 as its CPU kernel computes it: `running = (1 - m) · running + m · batch`, the

@@ -158,7 +158,7 @@ impl BeitConvModule {
         if self.fused {
             return self.conv.forward_cat_act(xs, true);
         }
-        Ok(self.bn.forward(&self.conv.forward_cat_act(xs, false)?, mode)?.relu()?)
+        self.bn.forward_act(&self.conv.forward_cat_act(xs, false)?, mode, true)
     }
 
     /// CPU inference: the BatchNorm (running statistics) folded into the convolution's weight and bias,
