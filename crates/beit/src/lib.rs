@@ -74,7 +74,6 @@ pub mod processor;
 pub(crate) mod rng;
 pub mod tokenizer;
 pub mod train;
-pub(crate) mod train_ops;
 pub mod weights;
 
 /// For benchmarks and examples, with no stability promise: the CPU kernels and the seeded generator behind

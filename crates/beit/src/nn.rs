@@ -12,8 +12,8 @@ use crate::kernels::f32::PackedF32;
 use crate::kernels::int8::QuantizedLinear;
 use crate::kernels::math::gelu_erf_par;
 use crate::kernels::view::{view, with_f32};
+use crate::ops::heads as diff;
 use crate::rng::Rng;
-use crate::train_ops;
 use crate::weights::{Init, Weights};
 
 /// Whether a forward pass records gradients: the fused CPU kernels (LayerNorm, softmax) have no backward pass,
@@ -403,7 +403,7 @@ impl Conv2d {
             }
         };
         // im2col and GEMM both ways (candle's conv2d backward is scalar loops); candle's op off the CPU.
-        let y = train_ops::conv2d(x, &self.weight()?, self.bias.as_ref(), self.stride, self.padding, self.dilation)?;
+        let y = diff::conv2d(x, &self.weight()?, self.bias.as_ref(), self.stride, self.padding, self.dilation)?;
         Ok(if relu { y.relu()? } else { y })
     }
 }
@@ -536,7 +536,7 @@ impl ConvTranspose2d {
             return Ok(if x.dtype() == candle_core::DType::F32 { y } else { y.to_dtype(x.dtype())? });
         }
         // One GEMM each way (candle's conv_transpose2d is a direct loop); candle's op off the CPU.
-        let y = train_ops::conv_transpose2d(x, &self.weight()?, &self.bias, self.stride)?;
+        let y = diff::conv_transpose2d(x, &self.weight()?, &self.bias, self.stride)?;
         Ok(if gelu { y.gelu_erf()? } else { y })
     }
 }
@@ -626,7 +626,7 @@ impl BatchNorm2d {
                 ),
             ));
         }
-        if let Some((y, mean, var)) = train_ops::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)? {
+        if let Some((y, mean, var)) = diff::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)? {
             self.update_running(&mean, &var, n)?;
             return Ok(y);
         }

@@ -2,6 +2,8 @@
 
 use candle_core::Tensor;
 
+pub(crate) mod heads;
+
 use crate::error::{BeitError, Result};
 
 /// torch's cubic convolution weights (A = -0.75) for a fractional offset `t`.
