@@ -208,7 +208,7 @@ fn dataset_errors_name_the_file() {
     RgbImage::new(18, 14).save(mask("training_0")).unwrap();
     let (code, err) = beit(&args(&data, &cfg, &out, &[]));
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("training_0.png") && err.contains("grayscale"), "{err}");
+    assert!(err.contains("training_0.png") && err.contains("one channel of class ids"), "{err}");
 
     // An image without a mask.
     std::fs::remove_file(mask("training_0")).unwrap();
