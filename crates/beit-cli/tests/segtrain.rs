@@ -83,11 +83,15 @@ fn args(data: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 /// [`args`] for a run of one epoch.
-fn one_epoch(data: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = args(data, cfg, out, extra);
+/// `a` with its `--epochs` value set to `n`.
+fn with_epochs(mut a: Vec<String>, n: &str) -> Vec<String> {
     let epochs = a.iter().position(|s| s == "--epochs").unwrap() + 1;
-    a[epochs] = "1".into();
+    a[epochs] = n.into();
     a
+}
+
+fn one_epoch(data: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    with_epochs(args(data, cfg, out, extra), "1")
 }
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
@@ -99,8 +103,9 @@ fn json_file(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// `beit eval --task semantic-segmentation` of `model` on `data` (with `extra`), its JSON numbers written to `json`.
-fn eval(model: &Path, data: &Path, json: &Path, extra: &[&str]) -> serde_json::Value {
+/// `beit eval --task semantic-segmentation` of `model` on `data` (with `extra`), its JSON numbers written to `json`;
+/// returns them and what it printed.
+fn eval_printed(model: &Path, data: &Path, json: &Path, extra: &[&str]) -> (serde_json::Value, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
         .args(["eval", "--task", "semantic-segmentation", "--model"])
         .arg(model)
@@ -112,7 +117,12 @@ fn eval(model: &Path, data: &Path, json: &Path, extra: &[&str]) -> serde_json::V
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    json_file(json)
+    (json_file(json), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// [`eval_printed`]'s numbers.
+fn eval(model: &Path, data: &Path, json: &Path, extra: &[&str]) -> serde_json::Value {
+    eval_printed(model, data, json, extra).0
 }
 
 const FIELDS: [&str; 6] = ["train_loss", "val_loss", "mean_iou", "mean_accuracy", "overall_accuracy", "lr"];
@@ -147,20 +157,8 @@ fn trains_evaluates_and_resumes_bit_for_bit() {
     assert_eq!(json_file(&whole.join("last/preprocessor_config.json"))["do_reduce_labels"], false);
 
     // beit eval on the last checkpoint: the last epoch's numbers, to the last digit.
-    let json = root.join("eval.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
-        .args(["eval", "--task", "semantic-segmentation", "--model"])
-        .arg(whole.join("last"))
-        .arg("--data")
-        .arg(&data)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (e, stdout) = eval_printed(&whole.join("last"), &data, &root.join("eval.json"), &[]);
     assert!(stdout.contains("green") && stdout.contains("mIoU"), "{stdout}");
-    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     for k in ["mean_iou", "mean_accuracy", "overall_accuracy"] {
         assert_eq!(e[k], last[k], "{k}: eval {e} vs metrics.jsonl {last}");
     }
@@ -226,25 +224,11 @@ fn trains_and_evaluates_on_a_parquet_dataset() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../beit/tests/fixtures/parquet/segmentation_train");
     let cfg = config(&root);
     let out = root.join("out");
-    let mut a = args(&data, &cfg, &out, &[]);
-    let epochs = a.iter().position(|s| s == "--epochs").unwrap() + 1;
-    a[epochs] = "2".into();
-    let (code, err) = beit(&a);
+    let (code, err) = beit(&with_epochs(args(&data, &cfg, &out, &[]), "2"));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("3 classes, 6 training and 3 validation images"), "{err}");
     let last = metrics(&out).pop().unwrap();
-    let json = root.join("eval.json");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
-        .args(["eval", "--task", "semantic-segmentation", "--model"])
-        .arg(out.join("last"))
-        .arg("--data")
-        .arg(&data)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let e = eval(&out.join("last"), &data, &root.join("eval.json"), &[]);
     assert_eq!(e["mean_iou"], last["mean_iou"], "eval {e} vs metrics.jsonl {last}");
     assert_eq!(e["count"], 3);
 }

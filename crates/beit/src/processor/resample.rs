@@ -234,8 +234,7 @@ fn horizontal_blocks_i32<const CH: usize, const L: usize>(
             for (g, o) in o.chunks_exact_mut(16).enumerate() {
                 let mut acc = [1i32 << (PRECISION_BITS - 1); 16];
                 for (col, &w) in first.chunks_exact(L).zip(k) {
-                    // ok: the slice is exactly 16 long, so the conversion cannot fail.
-                    let col: &[u8; 16] = col[g * 16..][..16].try_into().unwrap();
+                    let col: &[u8; 16] = col[g * 16..][..16].try_into().unwrap(); // ok: exactly 16 long
                     for j in 0..16 {
                         acc[j] = acc[j].wrapping_add((col[j] as i32).wrapping_mul(w));
                     }
