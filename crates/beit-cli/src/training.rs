@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use beit::train::{RunOptions, TrainObserver};
+use beit::train::Precision;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
@@ -63,12 +64,25 @@ pub struct CommonTrainArgs {
     /// out (with --seed, or pretrain's --split-seed, the same images).
     #[arg(long)]
     pub val_split: Option<f64>,
+    /// The Linear layers' products: f32, or bf16 (rounded to nearest even, f32 accumulation and master weights,
+    /// as torch's autocast; fast where the CPU has AVX512_BF16). --resume keeps the run's own.
+    #[arg(long, value_enum, default_value_t = TrainPrecision::F32)]
+    pub precision: TrainPrecision,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
     /// Stop after this many epochs of this invocation (the schedule still spans --epochs).
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
+}
+
+/// `--precision`'s values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainPrecision {
+    /// f32 throughout.
+    F32,
+    /// bf16 products, f32 accumulation.
+    Bf16,
 }
 
 impl CommonTrainArgs {
@@ -89,6 +103,10 @@ impl CommonTrainArgs {
             patch_size: self.patch_size,
             val_split: self.val_split,
             schedule: defaults.schedule,
+            precision: match self.precision {
+                TrainPrecision::F32 => Precision::F32,
+                TrainPrecision::Bf16 => Precision::Bf16,
+            },
         };
         if o.batch_size == 0 || o.epochs == 0 {
             bail!("--batch-size and --epochs must be positive");

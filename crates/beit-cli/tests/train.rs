@@ -129,3 +129,36 @@ fn fine_tuning_a_mim_checkpoint_unshares_its_relative_bias() {
     }
     assert_eq!(after["classifier.weight"].dims(), &[2, 32], "a fresh two-class head");
 }
+
+/// `--precision bf16`: learns as f32 does, and a SIGKILLed run resumed without the flag keeps its own precision and
+/// ends bit for bit where the uninterrupted run did.
+#[test]
+fn bf16_training_learns_and_resumes_bit_for_bit() {
+    let data = slice("bf16", &["0", "1", "2"], 60);
+    let cfg = config(data.parent().unwrap());
+    let with_bf16 = |out: &Path| {
+        let mut a = train_args(&data, &cfg, out, "4");
+        a.extend(["--precision".to_string(), "bf16".to_string()]);
+        a
+    };
+    let whole = data.parent().unwrap().join("whole");
+    let (code, err) = beit(&with_bf16(&whole));
+    assert_eq!(code, 0, "{err}");
+    let m = last_metrics(&whole);
+    assert!(m["top1"].as_f64().unwrap() > 0.5, "{m}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("last/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["options"]["precision"], "bf16", "{state}");
+
+    let killed = data.parent().unwrap().join("killed");
+    let done = common::run_and_kill_after_epochs(&with_bf16(&killed), &killed, 2);
+    assert!(done < 4, "the run finished before it could be killed");
+    let mut resume = train_args(&data, &cfg, &killed, "4");
+    resume.push("--resume".into());
+    let (code, err) = beit(&resume);
+    assert_eq!(code, 0, "{err}");
+    let resumed = last_metrics(&killed);
+    for k in ["train_loss", "val_loss", "top1", "top5"] {
+        assert_eq!(resumed[k], m[k], "{k}: resumed {resumed} vs uninterrupted {m}");
+    }
+}

@@ -1,6 +1,6 @@
 //! The few torch.nn layers BEiT is built from, loaded under PyTorch's parameter names (`weight`, `bias`).
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 
 use std::sync::Arc;
 
@@ -16,8 +16,8 @@ use crate::ops::heads as diff;
 use crate::rng::Rng;
 use crate::weights::{Init, Weights};
 
-/// Whether a forward pass records gradients: the fused CPU kernels (LayerNorm, softmax) have no backward pass,
-/// so training takes the composite path.
+/// Whether a forward pass records gradients: training takes the differentiable ops of `ops::encoder` where
+/// inference takes fused kernels without a backward pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Mode {
     /// Training: dropout and drop path active, gradients recorded.
@@ -56,6 +56,8 @@ pub struct Linear {
     pub(crate) bf16: Option<Arc<PackedBf16>>,
     in_features: usize,
     out_features: usize,
+    /// The products' precision when training (the weights' [`Weights::precision`]).
+    precision: Precision,
 }
 
 impl Linear {
@@ -63,18 +65,19 @@ impl Linear {
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = w.get((out_dim, in_dim), "weight", Init::Normal(std))?;
         let bias = if bias { Some(w.get(out_dim, "bias", Init::Zeros)?) } else { None };
-        Ok(Self::from_parts(weight, bias, in_dim, out_dim))
+        Ok(Self::from_parts(weight, bias, in_dim, out_dim, w.precision()))
     }
 
     /// A head layer: initialized when the checkpoint lacks it.
     pub fn load_head(w: &Weights, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
         let weight = w.get_or_init((out_dim, in_dim), "weight", Init::Normal(std))?;
         let bias = Some(w.get_or_init(out_dim, "bias", Init::Zeros)?);
-        Ok(Self::from_parts(weight, bias, in_dim, out_dim))
+        Ok(Self::from_parts(weight, bias, in_dim, out_dim, w.precision()))
     }
 
-    fn from_parts(weight: Tensor, bias: Option<Tensor>, in_features: usize, out_features: usize) -> Self {
-        Linear { weight: Some(weight), bias, quantized: None, packed: None, bf16: None, in_features, out_features }
+    fn from_parts(w: Tensor, bias: Option<Tensor>, in_features: usize, out_features: usize, precision: Precision) -> Self {
+        let (quantized, packed, bf16) = (None, None, None);
+        Linear { weight: Some(w), bias, quantized, packed, bf16, in_features, out_features, precision }
     }
 
     /// Output width.
@@ -169,11 +172,8 @@ impl Linear {
                 Tensor::from_vec(out, (rows, p.n()), x.device())?
             }
             _ => {
-                let y = x.reshape((rows, in_dim))?.matmul(&self.weight()?.t()?)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
+                let x = x.reshape((rows, in_dim))?;
+                crate::ops::encoder::linear(&x, &self.weight()?, self.bias.as_ref(), self.precision)?
             }
         };
         let mut out_dims = dims;
@@ -213,12 +213,8 @@ impl LayerNorm {
     /// The layer applied to `x`, as its torch.nn counterpart.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if mode.train {
-            // Composite ops, which candle can differentiate. Same formula as torch: biased variance.
-            let mean = x.mean_keepdim(D::Minus1)?;
-            let xc = x.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-            let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-            return Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?);
+            // Differentiable (candle's fused kernel has no backward pass).
+            return crate::ops::encoder::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
     }
@@ -661,7 +657,7 @@ impl BatchNorm2d {
 /// Softmax over the last dimension: fused kernel at inference, composite ops when training.
 pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
     if mode.train {
-        return Ok(candle_nn::ops::softmax(x, D::Minus1)?);
+        return crate::ops::encoder::softmax_last_dim(x);
     }
     Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
 }
@@ -670,7 +666,7 @@ pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
 pub fn activation(act: HiddenAct, x: &Tensor) -> Result<Tensor> {
     use HiddenAct::*;
     Ok(match act {
-        Gelu | GeluPython => x.gelu_erf()?,
+        Gelu | GeluPython => crate::ops::encoder::gelu_erf(x)?,
         // The tanh approximations differ from each other only by rounding (< 1e-7).
         GeluNew | GeluPytorchTanh | GeluPythonTanh | GeluAccurate | GeluFast => x.gelu()?,
         Gelu10 => x.gelu_erf()?.clamp(-10f32, 10f32)?,

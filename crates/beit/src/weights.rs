@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 
 use crate::error::{BeitError, Result};
+use crate::kernels::conv::Precision;
 use crate::rng::Rng;
 
 /// How a parameter is initialized when the checkpoint lacks it (transformers' `_init_weights`).
@@ -54,6 +55,8 @@ struct Inner {
 pub struct Weights {
     inner: Arc<Inner>,
     prefix: String,
+    /// The precision of the products of the Linear layers built from these weights when training (autocast).
+    precision: Precision,
 }
 
 /// What loading did beyond the expected: transformers prints the same two lists.
@@ -99,13 +102,26 @@ impl Weights {
                 rng: Mutex::new(Rng::new(seed)),
             }),
             prefix: String::new(),
+            precision: Precision::F32,
         }
+    }
+
+    /// These weights with the Linear layers built from them multiplying in `precision` when training (bf16: as
+    /// torch's autocast, with f32 master weights and accumulation).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision the Linear layers built from these weights train in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// A view under `prefix.` (like VarBuilder::pp).
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        Weights { inner: self.inner.clone(), prefix }
+        Weights { inner: self.inner.clone(), prefix, precision: self.precision }
     }
 
     /// The checkpoint file, for error messages.

@@ -194,7 +194,7 @@ impl PackedBf16 {
                 return Err(shape_error("bias", format!("expected {out_features} values, found {}", b.len())));
             }
         }
-        if let Some(i) = weight.iter().position(|&v| !from_bf16(to_bf16(v)).is_finite()) {
+        if let Some(i) = weight.par_iter().position_first(|&v| !from_bf16(to_bf16(v)).is_finite()) {
             return Err(shape_error(
                 "weight",
                 format!(
@@ -205,6 +205,43 @@ impl PackedBf16 {
                 ),
             ));
         }
+        Ok(Self::pack_with(out_features, in_features, bias, |panel, dst| {
+            for (j, row) in weight.chunks_exact(in_features).skip(panel * NR).take(NR).enumerate() {
+                for (k, &v) in row.iter().enumerate() {
+                    dst[((k / KG) * NR + j) * KG + k % KG] = to_bf16(v);
+                }
+            }
+        }))
+    }
+
+    /// [`pack`](Self::pack) of the transpose of `b`, given `in_features × out_features` row-major (e.g. the
+    /// activations of a weight gradient's product), without the check for values not finite in bf16: a caller
+    /// training on them sees those in its loss. Fails on a length mismatch or a zero dimension.
+    pub fn pack_transposed(b: &[f32], in_features: usize, out_features: usize) -> Result<Self> {
+        if out_features == 0 || in_features == 0 || in_features.checked_mul(out_features) != Some(b.len()) {
+            return Err(shape_error(
+                "weight",
+                format!("expected {in_features} x {out_features} positive sizes and values, found {}", b.len()),
+            ));
+        }
+        Ok(Self::pack_with(out_features, in_features, None, |panel, dst| {
+            let (c0, cols) = (panel * NR, (out_features - panel * NR).min(NR));
+            for (k, row) in b.chunks_exact(out_features).enumerate() {
+                for (j, &v) in row[c0..c0 + cols].iter().enumerate() {
+                    dst[((k / KG) * NR + j) * KG + k % KG] = to_bf16(v);
+                }
+            }
+        }))
+    }
+
+    /// The packed layout, each panel of [`NR`] output channels (zeros beyond the last) filled by `fill(panel,
+    /// values)` on some thread of rayon's pool.
+    fn pack_with(
+        out_features: usize,
+        in_features: usize,
+        bias: Option<&[f32]>,
+        fill: impl Fn(usize, &mut [u16]) + Sync,
+    ) -> Self {
         let k_pairs = in_features.div_ceil(KG);
         let n_panels = out_features.div_ceil(NR);
         let mut packed = AlignedU16::zeroed(n_panels * k_pairs * NR * KG);
@@ -212,14 +249,8 @@ impl PackedBf16 {
         if let Some(b) = bias {
             bias_padded[..out_features].copy_from_slice(b);
         }
-        let values = packed.as_mut_slice();
-        for (c, row) in weight.chunks_exact(in_features).enumerate() {
-            let (panel, j) = (c / NR, c % NR);
-            for (k, &v) in row.iter().enumerate() {
-                values[((panel * k_pairs + k / KG) * NR + j) * KG + k % KG] = to_bf16(v);
-            }
-        }
-        Ok(PackedBf16 { out_features, in_features, k_pairs, packed, bias: bias.map(<[f32]>::to_vec), bias_padded })
+        packed.as_mut_slice().par_chunks_mut(k_pairs * NR * KG).enumerate().for_each(|(panel, dst)| fill(panel, dst));
+        PackedBf16 { out_features, in_features, k_pairs, packed, bias: bias.map(<[f32]>::to_vec), bias_padded }
     }
 
     /// Output width.

@@ -38,7 +38,8 @@ use crate::kernels::f32::{linear_packed, PackedF32, MR};
 
 /// The arithmetic of a packed convolution, chosen at load: f32, or bf16 weights and activations with f32
 /// accumulation ([`PackedBf16`]; the transforms, bias and ReLU stay in f32).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// f32 throughout.
     #[default]

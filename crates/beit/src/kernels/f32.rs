@@ -283,6 +283,26 @@ pub fn linear_using(
     Ok(())
 }
 
+/// `out[r, j] = Σ_k a[r, k] · b[k, j]`: a matrix product with the second factor `k × n` row-major, for
+/// the backward passes of a Linear (`dX = dY · W` and `dW = dYᵀ · X`, where W and X are already `k × n`).
+/// Same tiles, blocking and summation order as [`linear`]: results do not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_kn(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &[f32],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    ldo: usize,
+) -> Result<()> {
+    let kernel = cpu::features();
+    check_shapes(a.len(), lda, m, b.len(), n, k, None, out.len(), ldo)?;
+    gemm(kernel, a, lda, m, Weights::KMajor(b), n, k, None, out, ldo, None);
+    Ok(())
+}
+
 /// [`linear`] with weights packed beforehand ([`PackedF32`]): no packing of them per call, same
 /// results bit for bit.
 pub fn linear_packed(
@@ -499,6 +519,8 @@ enum Weights<'a> {
     Dense(&'a [f32]),
     /// Packed beforehand, `[n.div_ceil(NR)][k][NR]` ([`PackedF32`]).
     Packed(&'a [f32]),
+    /// `k × n` row-major (the transpose of `Dense`), packed per task one K block at a time.
+    KMajor(&'a [f32]),
 }
 
 /// Everything a task needs; the output is a raw pointer because tasks write disjoint parts concurrently.
@@ -692,7 +714,7 @@ fn task(kernel: CpuFeatures, job: &Job<'_>, mps: std::ops::Range<usize>, panel: 
     // Blocks of (nearly) equal size, so that none is a sliver.
     let blocks = k.div_ceil(KC);
     let kcb = k.div_ceil(blocks);
-    let dense = matches!(job.w, Weights::Dense(_));
+    let dense = matches!(job.w, Weights::Dense(_) | Weights::KMajor(_));
     let mut bbuf = AlignedF32::default();
     if dense {
         bbuf = B_SCRATCH.with(Cell::take);
@@ -711,6 +733,15 @@ fn task(kernel: CpuFeatures, job: &Job<'_>, mps: std::ops::Range<usize>, panel: 
                 bp
             }
             Weights::Packed(w) => &w[(panel * k + k0) * NR..][..kc * NR],
+            Weights::KMajor(b) => {
+                let bp = &mut bbuf.as_mut_slice()[..kc * NR];
+                for (kk, d) in bp.chunks_exact_mut(NR).enumerate() {
+                    let src = &b[(k0 + kk) * job.n + c0..][..cols];
+                    d[..cols].copy_from_slice(src);
+                    d[cols..].fill(0.0);
+                }
+                bp
+            }
         };
         let last = k0 + kc == k;
         for mp in mps.clone() {

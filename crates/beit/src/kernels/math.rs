@@ -186,6 +186,23 @@ fn max(x: &[f32]) -> f32 {
     rest.iter().fold(m, |m, v| if *v > m { *v } else { m })
 }
 
+/// A LayerNorm row's mean and `1 / sqrt(var + eps)` (biased variance, two passes in f32), as [`layer_norm`]
+/// computes them (also for its backward pass, which recomputes them).
+#[inline(always)]
+pub fn layer_norm_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len().max(1) as f32;
+    let mean = sum(x) / d;
+    let mut var_acc = [0f32; 16];
+    let (lines, rest) = x.as_chunks::<16>();
+    for c in lines {
+        for (acc, v) in var_acc.iter_mut().zip(c) {
+            *acc += (v - mean) * (v - mean);
+        }
+    }
+    let var = (var_acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 /// torch.nn.LayerNorm over rows of `weight.len()` values (biased variance, two passes in f32), `x` into
 /// `out`, on every thread. `bias` and `out` are as long as `weight` and `x`.
 pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
@@ -195,17 +212,7 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [
         .zip(x.par_chunks(rows * d))
         .for_each(|(o, x)| {
             for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let mean = sum(x) / d as f32;
-                let mut var_acc = [0f32; 16];
-                let (lines, rest) = x.as_chunks::<16>();
-                for c in lines {
-                    for (acc, v) in var_acc.iter_mut().zip(c) {
-                        *acc += (v - mean) * (v - mean);
-                    }
-                }
-                let var = (var_acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>())
-                    / d as f32;
-                let inv = 1.0 / (var + eps).sqrt();
+                let (mean, inv) = layer_norm_stats(x, eps);
                 for (((o, x), w), b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
                     *o = (x - mean) * inv * w + b;
                 }

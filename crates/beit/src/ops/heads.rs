@@ -9,36 +9,15 @@
 //! per-channel sums run on one thread each), so a run and its resume agree bit for bit. Inputs that are not f32
 //! CPU tensors take candle's own ops.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{cpu_f32, values, with_values, CResult};
 use crate::error::Result;
-use crate::kernels::view::view;
-
-type CResult<T> = candle_core::Result<T>;
 
 /// im2col buffers hold at most this many values (4 MB): big maps are done a band of output rows at a time, so
 /// that memory stays bounded and the band is still in cache for its GEMM.
 const TILE_VALUES: usize = 1 << 20;
-
-/// The values of a contiguous f32 CPU storage.
-fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: expected an f32 tensor") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
-/// `f` on `t`'s values (made contiguous first: gradients may arrive with any layout).
-fn with_values<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> CResult<T>) -> CResult<T> {
-    let t = t.contiguous()?;
-    let v = view(&t);
-    match v {
-        Some(v) => f(v.slice()),
-        None => candle_core::bail!("{what}: expected an f32 CPU tensor"),
-    }
-}
 
 fn dims4(l: &Layout, what: &str) -> CResult<(usize, usize, usize, usize)> {
     match l.dims() {
@@ -410,11 +389,6 @@ impl CustomOp3 for Conv2dOp {
         let [dx, dw, db] = self.backward(x, w, dy, true)?;
         Ok((dx, dw, db))
     }
-}
-
-/// Whether the tensors can take the custom ops: f32 on the CPU.
-fn cpu_f32(ts: &[Option<&Tensor>]) -> bool {
-    ts.iter().flatten().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// torch's `conv2d(x, w, bias, stride, padding, dilation)` (groups 1), differentiable in `x`, `w` and `bias`.

@@ -1,10 +1,39 @@
 //! Tensor primitives torch has and candle lacks, written once to match torch's CPU kernels.
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, DType, Layout, Tensor};
 
+pub(crate) mod encoder;
 pub(crate) mod heads;
 
 use crate::error::{BeitError, Result};
+use crate::kernels::view::view;
+
+/// What the custom ops' trait methods return.
+type CResult<T> = candle_core::Result<T>;
+
+/// The values of a contiguous f32 CPU storage.
+fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: expected an f32 tensor") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// `f` on `t`'s values (made contiguous first: gradients may arrive with any layout).
+fn with_values<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> CResult<T>) -> CResult<T> {
+    let t = t.contiguous()?;
+    let v = view(&t);
+    match v {
+        Some(v) => f(v.slice()),
+        None => candle_core::bail!("{what}: expected an f32 CPU tensor"),
+    }
+}
+
+/// Whether the tensors can take the custom ops: f32 on the CPU.
+fn cpu_f32(ts: &[Option<&Tensor>]) -> bool {
+    ts.iter().flatten().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
 
 /// torch's cubic convolution weights (A = -0.75) for a fractional offset `t`.
 fn cubic_weights(t: f32) -> [f32; 4] {

@@ -17,6 +17,7 @@ pub use finetune::{
     accuracy, evaluate, ClassificationMetrics, EpochMetrics, Evaluation, FineTuning, ModelSource, TrainOptions, Trainer,
 };
 pub use run::{eval_processor, scheduled_lr, EpochRecord, Run, RunOptions, Schedule, Task, TrainObserver};
+pub use crate::kernels::conv::Precision;
 pub use seg_metrics::{MeanIou, SegMetrics};
 pub use segmentation::{SegEpochMetrics, SegEvaluation, SegFineTuning, SegOptions, SegTrainer, SegmentationMetrics};
 

@@ -17,6 +17,7 @@ use crate::checkpoint::{find_weight_files, load_tensors};
 use crate::config::{BeitConfig, Size2};
 use crate::error::{BeitError, Result};
 use crate::heads::Architecture;
+use crate::kernels::conv::Precision;
 use crate::model::embeddings::resize_position_embeddings;
 use crate::model::relative_position::resize_relative_position_table;
 use crate::nn::seed_training_rng;
@@ -60,6 +61,10 @@ pub struct RunOptions {
     /// The decay after the warmup (runs saved before it existed were cosine).
     #[serde(default)]
     pub schedule: Schedule,
+    /// The Linear layers' products: f32, or bf16 with f32 accumulation and f32 master weights (torch's autocast).
+    /// LayerNorm, softmax, the loss and the optimizer stay f32. Runs saved before it existed were f32.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// How the learning rate decays after the linear warmup.
@@ -123,6 +128,7 @@ impl Default for RunOptions {
             patch_size: None,
             val_split: None,
             schedule: Schedule::Cosine,
+            precision: Precision::F32,
         }
     }
 }
@@ -368,6 +374,15 @@ pub fn read_checkpoint(dir: &Path) -> Result<(BeitConfig, HashMap<String, Tensor
     Ok((c, load_tensors(format, &files, &Device::Cpu)?))
 }
 
+/// A run's saved state, as [`RunCore`] writes it into `last/`.
+type RunState<T> = SavedState<<T as Task>::Options, Vec<EpochRecord<<T as Task>::Metrics>>>;
+
+fn read_state<T: Task>(last: &Path) -> Result<RunState<T>> {
+    let path = last.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| BeitError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| BeitError::Json { path: path.clone(), message: e.to_string() })
+}
+
 impl<T: Task> RunCore<T> {
     /// A run of `config`, saved as its first `architectures` entry: weights from `tensors` (fresh ones from the
     /// seed where missing), the model from them by `load`, AdamW
@@ -385,9 +400,16 @@ impl<T: Task> RunCore<T> {
         let named = config.architectures.as_ref().and_then(|a| a.first());
         let arch = Architecture::from_name(named.map_or("", |n| n.as_str()))?;
         let device = Device::Cpu;
+        // Read before the model is built: a resumed run keeps its own precision.
+        let mut state = resume_from.map(read_state::<T>).transpose()?;
+        let precision = match &mut state {
+            Some(s) => s.options.as_mut().precision,
+            None => opts.as_mut().precision,
+        };
         let run = opts.as_mut();
         let source = if tensors.is_empty() { Source::Fresh } else { Source::Checkpoint };
-        let weights = Weights::build(tensors, out.join("<init>"), source, &device, true, run.seed);
+        let weights =
+            Weights::build(tensors, out.join("<init>"), source, &device, true, run.seed).with_precision(precision);
         let model = load(&weights, &config)?;
         let optimizer = AdamW::new(weights.vars(), config.num_hidden_layers, layer_decay, run.weight_decay)?;
         let image_size = config.image_size.height;
@@ -403,17 +425,13 @@ impl<T: Task> RunCore<T> {
             start_epoch: 0,
             best: None,
         };
-        if let Some(last) = resume_from {
-            core.restore(last)?;
+        if let (Some(last), Some(state)) = (resume_from, state) {
+            core.restore(last, state)?;
         }
         Ok((core, model))
     }
 
-    fn restore(&mut self, last: &Path) -> Result<()> {
-        let path = last.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| BeitError::io(&path, e))?;
-        let mut state: SavedState<T::Options, Vec<EpochRecord<T::Metrics>>> =
-            serde_json::from_str(&text).map_err(|e| BeitError::Json { path: path.clone(), message: e.to_string() })?;
+    fn restore(&mut self, last: &Path, mut state: RunState<T>) -> Result<()> {
         let moments = candle_core::safetensors::load(last.join(OPTIMIZER_FILE), &self.device)?;
         self.optimizer.load_state(&moments, state.step)?;
         // The run's own options win over the caller's, so the resumed run is the same run.
