@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::optim::{clip_grad_norm, cosine_lr, AdamW};
+use super::optim::{cosine_lr, AdamW};
 use crate::checkpoint::{find_weight_files, load_tensors};
 use crate::config::{BeitConfig, Size2};
 use crate::error::{BeitError, Result};
@@ -487,11 +487,9 @@ impl<T: Task> RunCore<T> {
             let g = self.optimizer.grads(&(loss / accum_steps as f64)?.backward()?);
             grads = if grads.is_empty() { g } else { add_grads(grads, g)? };
             if (bi + 1) % accum_steps == 0 || bi + 1 == batches.len() {
-                if let Some(max) = clip {
-                    clip_grad_norm(&mut grads, max)?;
-                }
                 lr = o.schedule.lr(self.optimizer.step, steps_per_epoch, o.epochs, o.warmup_epochs, o.lr, o.min_lr);
-                self.optimizer.step(&grads, lr)?;
+                // Clipping (when asked) is folded into the step's pass over the gradients.
+                self.optimizer.step(&grads, lr, clip)?;
                 grads.clear();
             }
             loss_sum += value * count as f64;
@@ -536,7 +534,7 @@ impl<T: Task> RunCore<T> {
             options: &self.opts,
             history: &self.history,
         };
-        let moments = self.optimizer.state();
+        let moments = self.optimizer.state()?;
         self.save(&out.join("last"), |tmp| {
             candle_core::safetensors::save(&moments, tmp.join(OPTIMIZER_FILE))?;
             let text = serde_json::to_string_pretty(&state)
