@@ -80,6 +80,11 @@ impl Linear {
         Linear { weight: Some(w), bias, quantized, packed, bf16, in_features, out_features, precision }
     }
 
+    /// The precision of the layer's products when training.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// Output width.
     pub fn out_features(&self) -> usize {
         self.out_features

@@ -1,7 +1,7 @@
 //! BeitSelfAttention, BeitSelfOutput and BeitAttention: multi-head attention with query and value biases and
 //! no key bias (as in the checkpoints), plus the relative position bias.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::config::BeitConfig;
 use crate::error::Result;
@@ -78,8 +78,42 @@ impl BeitSelfAttention {
         self.attention_head_size
     }
 
+    /// Training on the CPU without dropout, head mask or returned probabilities, with a position bias: one
+    /// projection for query, key and value, and the attention core as one op (`ops::encoder::attention`).
+    fn forward_train_fused(&self, x: &Tensor, a: &AttentionInputs) -> Result<Option<Tensor>> {
+        let plain = a.head_mask.is_none() && !a.output_attentions && self.attention_probs_dropout_prob == 0.0;
+        if !a.mode.train || !plain || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let n = x.dim(1)?;
+        let own = match &self.relative_position_bias {
+            Some(rpb) => Some(rpb.forward(a.window, a.interpolate_pos_encoding, n, a.mode)?),
+            None => None,
+        };
+        let bias = match (own, a.shared_relative_position_bias) {
+            (Some(o), Some(s)) => (o + s)?,
+            (Some(o), None) => o,
+            (None, Some(s)) => s.clone(),
+            (None, None) => return Ok(None),
+        };
+        let layers = [&self.query, &self.key, &self.value];
+        let weight = Tensor::cat(&layers.map(|l| l.weight()).into_iter().collect::<Result<Vec<_>>>()?, 0)?;
+        let biases = layers
+            .map(|l| match &l.bias {
+                Some(b) => Ok(b.clone()),
+                None => Ok(Tensor::zeros(l.out_features(), DType::F32, x.device())?),
+            })
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let qkv = crate::ops::encoder::linear(x, &weight, Some(&Tensor::cat(&biases, 0)?), self.query.precision())?;
+        Ok(Some(crate::ops::encoder::attention(&qkv, &bias, self.num_attention_heads)?))
+    }
+
     /// The context (batch, seq, hidden) and, when asked, the attention probabilities (batch, heads, seq, seq).
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(context) = self.forward_train_fused(x, a)? {
+            return Ok((context, None));
+        }
         let (b, n, _) = x.dims3()?;
         let (h, dh) = (self.num_attention_heads, self.attention_head_size);
         let heads = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, n, h, dh))?.transpose(1, 2)?.contiguous()?) };

@@ -410,6 +410,155 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(GeluOp)?)
 }
 
+/// Multi-head self-attention's core on the fused query/key/value projection `qkv` (batch, n, 3d) and the position
+/// bias (heads, n, n): per head, `softmax(q·kᵀ / √dh + bias) · v`, as transformers' BeitSelfAttention computes it
+/// (eager, dropout 0), into the context (batch, n, d). The probabilities are kept from the forward pass for the
+/// backward one, as autograd would keep them.
+///
+/// Why one op: as separate candle ops this was head splits and merges (copies), two batched matmuls each way on the
+/// gemm crate, the scale and the bias add as passes of their own, and candle's gradient bookkeeping (a zero tensor and
+/// an add) for every intermediate.
+#[derive(Debug)]
+struct AttentionOp {
+    heads: usize,
+    /// √dh, divided by as transformers divides.
+    norm: f32,
+    probs: std::sync::Mutex<Vec<f32>>,
+}
+
+/// Sizes of one attention call: batch, tokens, width, heads, head width.
+#[derive(Debug, Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    n: usize,
+    d: usize,
+    h: usize,
+    dh: usize,
+}
+
+impl AttentionOp {
+    fn dims(&self, qkv: &[usize], bias: &[usize]) -> CResult<AttnDims> {
+        let (&[b, n, d3], &[h, bn, bm]) = (qkv, bias) else {
+            candle_core::bail!("attention: qkv {qkv:?} and bias {bias:?}, expected (batch, n, 3d) and (heads, n, n)")
+        };
+        let d = d3 / 3;
+        if d3 % 3 != 0 || h != self.heads || d % h != 0 || (bn, bm) != (n, n) {
+            candle_core::bail!(
+                "attention: qkv {qkv:?} and bias {bias:?} do not fit {} heads: expected (batch, n, 3d) with d a multiple \
+                 of the heads and a bias of (heads, n, n)",
+                self.heads
+            );
+        }
+        Ok(AttnDims { b, n, d, h, dh: d / h })
+    }
+}
+
+/// Copies `rows` rows of `width` values at stride `ld` (from `src`'s start) into `dst`, packed.
+fn gather_rows(src: &[f32], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+    for (r, d) in dst.chunks_exact_mut(width).take(rows).enumerate() {
+        d.copy_from_slice(&src[r * ld..][..width]);
+    }
+}
+
+impl CustomOp2 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "beit-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (qkv, bias) = (values(s1, l1, "attention qkv")?, values(s2, l2, "attention bias")?);
+        let AttnDims { b, n, d, h, dh } = self.dims(l1.dims(), l2.dims())?;
+        let (mut ctx, mut probs) = (vec![0f32; b * n * d], vec![0f32; b * h * n * n]);
+        ctx.par_chunks_mut(n * d)
+            .zip(probs.par_chunks_mut(h * n * n))
+            .zip(qkv.par_chunks(n * 3 * d))
+            .try_for_each(|((ctx, probs), qkv)| -> CResult<()> {
+                let (mut kb, mut vb) = (vec![0f32; n * dh], vec![0f32; n * dh]);
+                for (head, s) in probs.chunks_exact_mut(n * n).enumerate() {
+                    let o = head * dh;
+                    gather_rows(&qkv[d + o..], 3 * d, n, dh, &mut kb);
+                    gather_rows(&qkv[2 * d + o..], 3 * d, n, dh, &mut vb);
+                    kf32::linear(&qkv[o..], 3 * d, n, &kb, n, dh, None, s, n).map_err(kernel_error)?;
+                    for (row, brow) in s.chunks_exact_mut(n).zip(bias[head * n * n..].chunks_exact(n)) {
+                        row.iter_mut().zip(brow).for_each(|(v, bv)| *v = *v / self.norm + bv);
+                        math::softmax(row);
+                    }
+                    kf32::matmul_kn(s, n, n, &vb, dh, n, &mut ctx[o..], d).map_err(kernel_error)?;
+                }
+                Ok(())
+            })?;
+        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = probs;
+        Ok((CpuStorage::F32(ctx), Shape::from((b, n, d))))
+    }
+
+    /// With `P` the probabilities and `dO` the context's gradient, per head: `dv = Pᵀ·dO`, `dP = dO·vᵀ`,
+    /// `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dq = dS·k / √dh`, `dk = dSᵀ·q / √dh`; the bias's gradient is `dS` summed
+    /// over the batch in order.
+    fn bwd(&self, qkv: &Tensor, bias: &Tensor, _res: &Tensor, dctx: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let AttnDims { b, n, d, h, dh } = self.dims(qkv.dims(), bias.dims())?;
+        let probs = std::mem::take(&mut *self.probs.lock().unwrap_or_else(|e| e.into_inner()));
+        if probs.len() != b * h * n * n {
+            candle_core::bail!("attention: backward pass without the forward pass's probabilities");
+        }
+        let (dqkv, ds) = with_values(dctx, "attention context gradient", |g| {
+            with_values(qkv, "attention qkv", |qkv| {
+                let (mut dqkv, mut ds) = (vec![0f32; b * n * 3 * d], vec![0f32; b * h * n * n]);
+                dqkv.par_chunks_mut(n * 3 * d)
+                    .zip(ds.par_chunks_mut(h * n * n))
+                    .zip(probs.par_chunks(h * n * n))
+                    .zip(qkv.par_chunks(n * 3 * d).zip(g.par_chunks(n * d)))
+                    .try_for_each(|(((dqkv, ds), probs), (qkv, g))| -> CResult<()> {
+                        let mut bufs = vec![0f32; 4 * n * dh];
+                        let (qb, rest) = bufs.split_at_mut(n * dh);
+                        let (kb, rest) = rest.split_at_mut(n * dh);
+                        let (vb, gb) = rest.split_at_mut(n * dh);
+                        let mut dp = vec![0f32; n * n];
+                        for (head, (p, ds)) in probs.chunks_exact(n * n).zip(ds.chunks_exact_mut(n * n)).enumerate() {
+                            let o = head * dh;
+                            gather_rows(&qkv[o..], 3 * d, n, dh, qb);
+                            gather_rows(&qkv[d + o..], 3 * d, n, dh, kb);
+                            gather_rows(&qkv[2 * d + o..], 3 * d, n, dh, vb);
+                            gather_rows(&g[o..], d, n, dh, gb);
+                            let pt = transpose(p, n, n);
+                            kf32::matmul_kn(&pt, n, n, gb, dh, n, &mut dqkv[2 * d + o..], 3 * d).map_err(kernel_error)?;
+                            kf32::linear(&g[o..], d, n, vb, n, dh, None, &mut dp, n).map_err(kernel_error)?;
+                            for ((ds, dp), p) in ds.chunks_exact_mut(n).zip(dp.chunks_exact(n)).zip(p.chunks_exact(n)) {
+                                let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+                                ds.iter_mut().zip(dp).zip(p).for_each(|((s, dp), p)| *s = p * (dp - dot));
+                            }
+                            let scaled: Vec<f32> = ds.iter().map(|v| v / self.norm).collect();
+                            kf32::matmul_kn(&scaled, n, n, kb, dh, n, &mut dqkv[o..], 3 * d).map_err(kernel_error)?;
+                            let st = transpose(&scaled, n, n);
+                            kf32::matmul_kn(&st, n, n, qb, dh, n, &mut dqkv[d + o..], 3 * d).map_err(kernel_error)?;
+                        }
+                        Ok(())
+                    })?;
+                Ok((dqkv, ds))
+            })
+        })?;
+        // The bias is shared by the batch: its gradient sums the batch's, image by image.
+        let mut dbias = vec![0f32; h * n * n];
+        for img in ds.chunks_exact(h * n * n) {
+            dbias.iter_mut().zip(img).for_each(|(t, v)| *t += v);
+        }
+        let dev = qkv.device();
+        Ok((Some(Tensor::from_vec(dqkv, qkv.dims(), dev)?), Some(Tensor::from_vec(dbias, (h, n, n), dev)?)))
+    }
+}
+
+/// Multi-head attention's core, differentiable in `qkv` (batch, n, 3d: query, key and value side by side) and `bias`
+/// (heads, n, n, or 1, heads, n, n): the context (batch, n, d).
+pub fn attention(qkv: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
+    let (_, _, d3) = qkv.dims3()?;
+    let bias = match bias.dims() {
+        &[1, h, n, m] => bias.reshape((h, n, m))?,
+        _ => bias.clone(),
+    };
+    let dh = d3 / 3 / heads.max(1);
+    let op = AttentionOp { heads, norm: (dh as f64).sqrt() as f32, probs: std::sync::Mutex::new(Vec::new()) };
+    Ok(qkv.contiguous()?.apply_op2(&bias.contiguous()?, op)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,6 +676,24 @@ mod tests {
                 1e-5,
             );
             check(&[&x], |t| gelu_erf(&(&t[0] * 3.0).unwrap()).unwrap(), |t| (&t[0] * 3.0).unwrap().gelu_erf().unwrap(), 1e-5);
+        }
+    }
+
+    #[test]
+    fn attention_matches_autograd() {
+        for (b, n, h, dh) in [(2usize, 197usize, 3usize, 64usize), (3, 5, 2, 3)] {
+            let d = h * dh;
+            let (qkv, bias) = (randn(&[b, n, 3 * d]), randn(&[h, n, n]));
+            let reference = |t: &[Tensor]| {
+                let part = |i: usize| {
+                    t[0].narrow(2, i * d, d).unwrap().reshape((b, n, h, dh)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+                };
+                let (q, k, v) = (part(0), part(1), part(2));
+                let s = (q.matmul(&k.t().unwrap()).unwrap() / (dh as f64).sqrt()).unwrap().broadcast_add(&t[1]).unwrap();
+                let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+                p.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, n, d)).unwrap()
+            };
+            check(&[&qkv, &bias], |t| attention(&t[0], &t[1], h).unwrap(), reference, 1e-5);
         }
     }
 
