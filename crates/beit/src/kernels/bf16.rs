@@ -63,6 +63,13 @@ pub fn to_bf16(x: f32) -> u16 {
     (if r & 0x7f80 == 0 { r & 0x8000 } else { r }) as u16
 }
 
+/// Whether `x` is NaN or infinite in bf16: NaN, ±∞, or a magnitude of at least 0x7F7F8000, the tie between the
+/// largest bf16 (odd mantissa) and ∞, which rounds to ∞. `!from_bf16(to_bf16(x)).is_finite()` in one comparison.
+#[inline(always)]
+pub fn rounds_to_non_finite(x: f32) -> bool {
+    x.to_bits() & 0x7fff_ffff >= 0x7f7f_8000
+}
+
 /// The f32 a bf16 stands for.
 #[inline(always)]
 pub fn from_bf16(h: u16) -> f32 {
@@ -194,7 +201,11 @@ impl PackedBf16 {
                 return Err(shape_error("bias", format!("expected {out_features} values, found {}", b.len())));
             }
         }
-        if let Some(i) = weight.par_iter().position_first(|&v| !from_bf16(to_bf16(v)).is_finite()) {
+        // By chunks, then within the first bad one: a search element by element does not vectorize, and this runs
+        // on every training step.
+        const CHUNK: usize = 1 << 16;
+        let bad = weight.par_chunks(CHUNK).position_first(|c| c.iter().any(|&v| rounds_to_non_finite(v)));
+        if let Some(i) = bad.and_then(|c| weight[c * CHUNK..].iter().position(|&v| rounds_to_non_finite(v)).map(|i| c * CHUNK + i)) {
             return Err(shape_error(
                 "weight",
                 format!(
@@ -583,6 +594,15 @@ unsafe fn tile_avx512bf16(g: &Gemm<'_>, row0: usize, panel: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_non_finite_test_is_rounding_to_a_non_finite_bf16() {
+        let around = [0x7f7f_7fffu32, 0x7f7f_8000, 0x7f7f_8001, 0x7f7f_0000, 0x7f80_0000, 0x7f80_0001, 0x7fc0_0000, 0x3f80_0000, 0];
+        for bits in around.into_iter().flat_map(|b| [b, b | 0x8000_0000]).chain((0..1u32 << 16).map(|i| i.wrapping_mul(0x9e37_79b9))) {
+            let x = f32::from_bits(bits);
+            assert_eq!(rounds_to_non_finite(x), !from_bf16(to_bf16(x)).is_finite(), "{bits:#x}");
+        }
+    }
 
     fn run(p: &PackedBf16, kernel: CpuFeatures, x: &[f32], rows: usize) -> Vec<f32> {
         let mut out = vec![0f32; rows * p.out_features()];
