@@ -708,12 +708,15 @@ pub fn seed_training_rng(seed: u64) {
     *TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner()) = Rng::new(seed);
 }
 
+/// `n` draws of 0 or 1/keep, 1/keep with probability keep.
+fn keep_values(n: usize, keep: f64) -> Vec<f32> {
+    let mut rng = TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    (0..n).map(|_| if rng.uniform() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect()
+}
+
 /// A (shape) tensor of 0 or 1/keep, 1 with probability keep.
 fn keep_mask(shape: &[usize], keep: f64, device: &candle_core::Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut rng = TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let v: Vec<f32> = (0..n).map(|_| if rng.uniform() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
-    Ok(Tensor::from_vec(v, shape, device)?)
+    Ok(Tensor::from_vec(keep_values(shape.iter().product(), keep), shape, device)?)
 }
 
 /// Dropout as torch applies it in training (scaled by 1/(1-p)); identity at inference.
@@ -722,6 +725,24 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
         return Ok(x.clone());
     }
     Ok(x.mul(&keep_mask(x.dims(), 1.0 - p, x.device())?)?)
+}
+
+/// `x + drop_path(λ ⊙ y)` (no layer scale without `lambda`): the end of BeitLayer's two branches, one op when
+/// training with a layer scale on the CPU, with drop path's draws as [`drop_path`] makes them.
+pub fn scaled_residual(x: &Tensor, y: &Tensor, lambda: Option<&Tensor>, p: f64, mode: Mode) -> Result<Tensor> {
+    match lambda {
+        Some(l) if mode.train => {
+            let keep = (p > 0.0).then(|| keep_values(y.dim(0).unwrap_or(0), 1.0 - p));
+            crate::ops::encoder::scaled_residual(x, y, l, keep)
+        }
+        _ => {
+            let y = match lambda {
+                Some(l) => y.broadcast_mul(l)?,
+                None => y.clone(),
+            };
+            Ok((drop_path(&y, p, mode)? + x)?)
+        }
+    }
 }
 
 /// Stochastic depth per sample (transformers' drop_path); identity at inference.

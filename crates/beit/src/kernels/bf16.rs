@@ -216,10 +216,14 @@ impl PackedBf16 {
                 ),
             ));
         }
+        let kernel = cpu::features();
         Ok(Self::pack_with(out_features, in_features, bias, |panel, dst| {
+            // Each channel's row rounded in vectors, then its pairs spread to their places in the panel.
+            let mut row16 = vec![0u16; in_features.div_ceil(KG) * KG];
             for (j, row) in weight.chunks_exact(in_features).skip(panel * NR).take(NR).enumerate() {
-                for (k, &v) in row.iter().enumerate() {
-                    dst[((k / KG) * NR + j) * KG + k % KG] = to_bf16(v);
+                convert_row(kernel, row, &mut row16);
+                for (kp, pair) in row16.chunks_exact(KG).enumerate() {
+                    dst[(kp * NR + j) * KG..][..KG].copy_from_slice(pair);
                 }
             }
         }))
@@ -235,11 +239,19 @@ impl PackedBf16 {
                 format!("expected {in_features} x {out_features} positive sizes and values, found {}", b.len()),
             ));
         }
+        let kernel = cpu::features();
         Ok(Self::pack_with(out_features, in_features, None, |panel, dst| {
+            // Two rows' runs of the panel's channels rounded in vectors, then interleaved into pairs.
             let (c0, cols) = (panel * NR, (out_features - panel * NR).min(NR));
-            for (k, row) in b.chunks_exact(out_features).enumerate() {
-                for (j, &v) in row[c0..c0 + cols].iter().enumerate() {
-                    dst[((k / KG) * NR + j) * KG + k % KG] = to_bf16(v);
+            let (mut even, mut odd) = ([0u16; NR], [0u16; NR]);
+            for (kp, rows) in b.chunks(KG * out_features).enumerate() {
+                convert_row(kernel, &rows[c0..c0 + cols], &mut even);
+                match rows.get(out_features + c0..out_features + c0 + cols) {
+                    Some(r) => convert_row(kernel, r, &mut odd),
+                    None => odd.fill(0),
+                }
+                for (j, d) in dst[kp * NR * KG..][..NR * KG].chunks_exact_mut(KG).enumerate() {
+                    d.copy_from_slice(&[even[j], odd[j]]);
                 }
             }
         }))
@@ -594,6 +606,17 @@ unsafe fn tile_avx512bf16(g: &Gemm<'_>, row0: usize, panel: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packing_a_transpose_equals_packing_the_weight() {
+        for (n, k) in [(50usize, 7usize), (48, 64), (3, 1), (97, 33)] {
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 7.0 - 70.0).collect();
+            let t: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let (a, b) = (PackedBf16::pack(&w, n, k, None).unwrap(), PackedBf16::pack_transposed(&t, k, n).unwrap());
+            assert_eq!(a.packed.as_slice(), b.packed.as_slice(), "{n} x {k}");
+            assert_eq!(a.unpack(), w.iter().map(|&v| from_bf16(to_bf16(v))).collect::<Vec<_>>());
+        }
+    }
 
     #[test]
     fn the_non_finite_test_is_rounding_to_a_non_finite_bf16() {

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use crate::config::{BeitConfig, HiddenAct};
 use crate::error::Result;
 use crate::model::attention::{AttentionInputs, BeitAttention};
-use crate::nn::{activation, drop_path, dropout, InferenceDtype, LayerNorm, Linear, Mode};
+use crate::nn::{activation, dropout, scaled_residual, InferenceDtype, LayerNorm, Linear, Mode};
 use crate::weights::{Init, Weights};
 
 /// BeitIntermediate: Linear to `intermediate_size`, then the activation.
@@ -112,16 +112,10 @@ impl BeitLayer {
 
     /// The module's forward pass.
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
-        let (mut attn, probs) = self.attention.forward(&self.layernorm_before.forward(x, a.mode)?, a)?;
-        if let Some(l1) = &self.lambda_1 {
-            attn = attn.broadcast_mul(l1)?;
-        }
-        let x = (drop_path(&attn, self.drop_path_rate, a.mode)? + x)?;
-        let mut y = self.intermediate.forward(&self.layernorm_after.forward(&x, a.mode)?)?;
-        y = self.output.forward(&y, a.mode)?;
-        if let Some(l2) = &self.lambda_2 {
-            y = y.broadcast_mul(l2)?;
-        }
-        Ok(((drop_path(&y, self.drop_path_rate, a.mode)? + x)?, probs))
+        let (attn, probs) = self.attention.forward(&self.layernorm_before.forward(x, a.mode)?, a)?;
+        let x = scaled_residual(x, &attn, self.lambda_1.as_ref(), self.drop_path_rate, a.mode)?;
+        let y = self.intermediate.forward(&self.layernorm_after.forward(&x, a.mode)?)?;
+        let y = self.output.forward(&y, a.mode)?;
+        Ok((scaled_residual(&x, &y, self.lambda_2.as_ref(), self.drop_path_rate, a.mode)?, probs))
     }
 }

@@ -410,6 +410,112 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(GeluOp)?)
 }
 
+/// BeitLayer's residual branch end, `x + keep[image] · (λ ⊙ y)`: layer scale, drop path (a scale per image, 0 or
+/// 1/(1 - p), drawn by the caller) and the residual add in one pass, rounded in the order of the separate ops.
+#[derive(Debug)]
+struct ResidualOp {
+    keep: Option<Vec<f32>>,
+}
+
+impl ResidualOp {
+    /// Rows (of `d` values) per image, or an error naming the shapes.
+    fn rows_per_image(&self, x: &Layout, y: &Layout, d: usize) -> CResult<usize> {
+        let rows = x.shape().elem_count() / d.max(1);
+        let images = self.keep.as_ref().map_or(1, Vec::len).max(1);
+        if x.dims() != y.dims() || x.dims().last() != Some(&d) || rows % images != 0 {
+            candle_core::bail!("residual: x {:?}, y {:?}, layer scale of {d}, {images} images", x.dims(), y.dims());
+        }
+        Ok(rows / images)
+    }
+
+    fn scale(&self, row: usize, per_image: usize) -> Option<f32> {
+        self.keep.as_ref().map(|k| k[row / per_image.max(1)])
+    }
+}
+
+impl CustomOp3 for ResidualOp {
+    fn name(&self) -> &'static str {
+        "beit-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, y, lambda) = (values(s1, l1, "residual x")?, values(s2, l2, "residual y")?, values(s3, l3, "layer scale")?);
+        let d = lambda.len();
+        let per_image = self.rows_per_image(l1, l2, d)?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d).zip(y.par_chunks(d))).enumerate().for_each(|(r, (o, (x, y)))| {
+            match self.scale(r, per_image) {
+                Some(s) => o.iter_mut().zip(x.iter().zip(y).zip(lambda)).for_each(|(o, ((x, y), l))| *o = x + y * l * s),
+                None => o.iter_mut().zip(x.iter().zip(y).zip(lambda)).for_each(|(o, ((x, y), l))| *o = x + y * l),
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// `dx = g`, `dy = g · keep · λ`, `dλ = Σ_rows (g · keep) · y`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        lambda: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = lambda.elem_count();
+        let per_image = self.rows_per_image(x.layout(), y.layout(), d)?;
+        let (dy, dl) = with_values(g, "residual gradient", |g| {
+            with_values(y, "residual y", |yv| {
+                with_values(lambda, "layer scale", |l| {
+                    let mut dy = vec![0f32; yv.len()];
+                    let partial: Vec<Vec<f32>> = dy
+                        .par_chunks_mut(SUM_ROWS * d)
+                        .zip(g.par_chunks(SUM_ROWS * d).zip(yv.par_chunks(SUM_ROWS * d)))
+                        .enumerate()
+                        .map(|(c, (dy, (g, y)))| {
+                            let mut dl = vec![0f32; d];
+                            for (i, (dy, (g, y))) in dy.chunks_exact_mut(d).zip(g.chunks_exact(d).zip(y.chunks_exact(d))).enumerate() {
+                                let s = self.scale(c * SUM_ROWS + i, per_image);
+                                for j in 0..d {
+                                    let gs = s.map_or(g[j], |s| g[j] * s);
+                                    dy[j] = gs * l[j];
+                                    dl[j] += gs * y[j];
+                                }
+                            }
+                            dl
+                        })
+                        .collect();
+                    Ok((dy, add_in_order(partial, d)))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((Some(g.clone()), Some(Tensor::from_vec(dy, y.dims(), dev)?), Some(Tensor::from_vec(dl, d, dev)?)))
+    }
+}
+
+/// `x + keep[image] · (λ ⊙ y)` for `x`, `y` (images, …, d) and the layer scale `λ` (d), differentiable in all three;
+/// `keep` holds one drop-path scale per image (None: no drop path).
+pub fn scaled_residual(x: &Tensor, y: &Tensor, lambda: &Tensor, keep: Option<Vec<f32>>) -> Result<Tensor> {
+    if !cpu_f32(&[Some(x), Some(y), Some(lambda)]) {
+        let mut t = y.broadcast_mul(lambda)?;
+        if let Some(k) = keep {
+            let mut shape = vec![1usize; t.rank()];
+            shape[0] = k.len();
+            t = t.broadcast_mul(&Tensor::from_vec(k, shape, t.device())?)?;
+        }
+        return Ok((t + x)?);
+    }
+    Ok(x.contiguous()?.apply_op3(&y.contiguous()?, &lambda.contiguous()?, ResidualOp { keep })?)
+}
+
 /// Multi-head self-attention's core on the fused query/key/value projection `qkv` (batch, n, 3d) and the position
 /// bias (heads, n, n): per head, `softmax(q·kᵀ / √dh + bias) · v`, as transformers' BeitSelfAttention computes it
 /// (eager, dropout 0), into the context (batch, n, d). The probabilities are kept from the forward pass for the
@@ -676,6 +782,25 @@ mod tests {
                 1e-5,
             );
             check(&[&x], |t| gelu_erf(&(&t[0] * 3.0).unwrap()).unwrap(), |t| (&t[0] * 3.0).unwrap().gelu_erf().unwrap(), 1e-5);
+        }
+    }
+
+    /// Bit for bit the separate ops (same roundings in the same order), gradients to float rounding.
+    #[test]
+    fn scaled_residual_matches_autograd() {
+        let (x, y, l) = (randn(&[3, 70, 24]), randn(&[3, 70, 24]), randn(&[24]));
+        for keep in [None, Some(vec![2.0f32, 0.0, 2.0])] {
+            let reference = |t: &[Tensor]| {
+                let mut s = t[1].broadcast_mul(&t[2]).unwrap();
+                if let Some(k) = &keep {
+                    s = s.broadcast_mul(&Tensor::from_vec(k.clone(), (3, 1, 1), &Device::Cpu).unwrap()).unwrap();
+                }
+                (s + &t[0]).unwrap()
+            };
+            let ours = |t: &[Tensor]| scaled_residual(&t[0], &t[1], &t[2], keep.clone()).unwrap();
+            check(&[&x, &y, &l], ours, reference, 1e-6);
+            let ts = [x.as_tensor().clone(), y.as_tensor().clone(), l.as_tensor().clone()];
+            assert_eq!(rel_err(&ours(&ts), &reference(&ts)), 0.0);
         }
     }
 
