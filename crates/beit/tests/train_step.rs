@@ -50,3 +50,45 @@ fn loss_and_every_gradient_match_pytorch() {
         println!("{case}: loss err {:.2e}, worst gradient err {worst:.2e} over {} parameters", err, vars.len());
     }
 }
+
+/// Largest difference relative to the largest magnitude of `want`.
+fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    max_abs_diff(got, want) / scale.max(f32::MIN_POSITIVE)
+}
+
+/// `--precision bf16` against torch.autocast("cpu", bfloat16) on train_cls (scripts/gen_autocast_fixtures.py). The
+/// two round differently (autocast also rounds each Linear's output and the attention products to bf16; ours keeps
+/// them f32), so the bound is a share of each tensor's largest value, set from what autocast itself moves from f32.
+#[test]
+fn bf16_step_matches_torch_autocast() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/train_cls");
+    let config = BeitConfig::from_file(&dir.join("config.json")).unwrap();
+    let tensors = align_prefix(load(&dir.join("model.safetensors")), "beit", true);
+    let w = Weights::build(tensors, dir.join("model.safetensors"), Source::Checkpoint, &Device::Cpu, true, 0)
+        .with_precision(beit::train::Precision::Bf16);
+    let model = BeitForImageClassification::load(&w, &config).unwrap();
+    let inputs = load(&dir.join("inputs.safetensors"));
+    let o = ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() };
+    let loss = model.forward(&inputs["pixel_values"], &o, Some(&inputs["labels"])).unwrap().loss.unwrap();
+    let (autocast, f32_grads) = (load(&dir.join("autocast.safetensors")), load(&dir.join("grads.safetensors")));
+    let loss_err = max_abs_diff(&loss.reshape(1).unwrap(), &autocast["loss"]);
+    let grads = loss.backward().unwrap();
+    let (mut worst, mut worst_f32, mut worst_torch) = (0f32, 0f32, 0f32);
+    for (name, var) in &w.vars() {
+        let key = format!("grad.{name}");
+        let (g, a, f) = (grads.get(var.as_tensor()).unwrap(), &autocast[&key], &f32_grads[&key]);
+        let err = rel_diff(g, a);
+        assert!(err <= 3e-2, "{name}: {err:.2e} of its largest autocast gradient");
+        worst = worst.max(err);
+        worst_f32 = worst_f32.max(rel_diff(g, f));
+        worst_torch = worst_torch.max(rel_diff(a, f));
+    }
+    assert!(loss_err <= 1e-3, "loss differs from autocast's by {loss_err}");
+    // Ours keeps more in f32 than autocast does: no further from the f32 step than autocast is.
+    assert!(worst_f32 <= worst_torch, "bf16 against f32 {worst_f32:.2e}, autocast against f32 {worst_torch:.2e}");
+    println!(
+        "train_cls bf16: loss against autocast {loss_err:.2e}; worst gradient against autocast {worst:.2e}, against \
+         f32 {worst_f32:.2e} (autocast against f32: {worst_torch:.2e})"
+    );
+}
