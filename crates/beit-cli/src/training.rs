@@ -68,6 +68,10 @@ pub struct CommonTrainArgs {
     /// as torch's autocast; fast where the CPU has AVX512_BF16). --resume keeps the run's own.
     #[arg(long, value_enum, default_value_t = TrainPrecision::F32)]
     pub precision: TrainPrecision,
+    /// Recompute each encoder layer's activations in the backward pass instead of keeping them (transformers'
+    /// gradient checkpointing): less memory, a second forward pass, the same gradients.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -107,6 +111,7 @@ impl CommonTrainArgs {
                 TrainPrecision::F32 => Precision::F32,
                 TrainPrecision::Bf16 => Precision::Bf16,
             },
+            gradient_checkpointing: self.gradient_checkpointing,
         };
         if o.batch_size == 0 || o.epochs == 0 {
             bail!("--batch-size and --epochs must be positive");

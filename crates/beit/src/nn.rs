@@ -24,6 +24,9 @@ pub struct Mode {
     pub train: bool,
     /// The weights may change between calls (evaluation during training): derive nothing to keep.
     pub uncached: bool,
+    /// Training: keep only each encoder layer's input and recompute its activations in the backward pass
+    /// (gradient checkpointing).
+    pub checkpoint: bool,
 }
 
 /// The number format a model prepared for CPU inference runs its encoder's Linear layers in (see
@@ -706,6 +709,16 @@ static TRAIN_RNG: std::sync::Mutex<Rng> = std::sync::Mutex::new(Rng(0));
 /// Seeds the generator behind dropout and drop path on this thread (training reproducible bit for bit).
 pub fn seed_training_rng(seed: u64) {
     *TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner()) = Rng::new(seed);
+}
+
+/// The training generator's current state (for gradient checkpointing's second pass).
+pub(crate) fn training_rng() -> Rng {
+    TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Makes `rng` the training generator, returning the one it replaces.
+pub(crate) fn swap_training_rng(rng: Rng) -> Rng {
+    std::mem::replace(&mut *TRAIN_RNG.lock().unwrap_or_else(|e| e.into_inner()), rng)
 }
 
 /// `n` draws of 0 or 1/keep, 1/keep with probability keep.

@@ -32,7 +32,7 @@ fn loss_gradients_and_running_statistics_match_pytorch() {
     assert!(w.report().newly_initialized.is_empty() && w.report().unused.is_empty(), "{:?}", w.report());
     let inputs = load(&dir.join("inputs.safetensors"));
     // The call the segmentation trainer makes.
-    let o = ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() };
+    let o = ForwardOptions { mode: Mode { train: true, uncached: true, ..Mode::default() }, ..Default::default() };
     let out = model.forward(&inputs["pixel_values"], &o, Some(&inputs["labels"])).unwrap();
     let loss = out.loss.unwrap();
     let want = load(&dir.join("outputs.safetensors"));

@@ -29,7 +29,7 @@ fn loss_and_every_gradient_match_pytorch() {
         let w = Weights::build(tensors, dir.join("model.safetensors"), Source::Checkpoint, &Device::Cpu, true, 0);
         let model = BeitForImageClassification::load(&w, &config).unwrap();
         let inputs = load(&dir.join("inputs.safetensors"));
-        let o = ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() };
+        let o = ForwardOptions { mode: Mode { train: true, uncached: true, ..Mode::default() }, ..Default::default() };
         let out = model.forward(&inputs["pixel_values"], &o, Some(&inputs["labels"])).unwrap();
         let loss = out.loss.unwrap();
         let want = load(&dir.join("outputs.safetensors"));
@@ -69,7 +69,7 @@ fn bf16_step_matches_torch_autocast() {
         .with_precision(beit::train::Precision::Bf16);
     let model = BeitForImageClassification::load(&w, &config).unwrap();
     let inputs = load(&dir.join("inputs.safetensors"));
-    let o = ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() };
+    let o = ForwardOptions { mode: Mode { train: true, uncached: true, ..Mode::default() }, ..Default::default() };
     let loss = model.forward(&inputs["pixel_values"], &o, Some(&inputs["labels"])).unwrap().loss.unwrap();
     let (autocast, f32_grads) = (load(&dir.join("autocast.safetensors")), load(&dir.join("grads.safetensors")));
     let loss_err = max_abs_diff(&loss.reshape(1).unwrap(), &autocast["loss"]);
@@ -91,4 +91,35 @@ fn bf16_step_matches_torch_autocast() {
         "train_cls bf16: loss against autocast {loss_err:.2e}; worst gradient against autocast {worst:.2e}, against \
          f32 {worst_f32:.2e} (autocast against f32: {worst_torch:.2e})"
     );
+}
+
+/// Gradient checkpointing recomputes each layer in the backward pass from the same dropout and drop-path draws: every
+/// gradient equals the one without it, bit for bit (here with dropout and drop path on).
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/train_cls");
+    let mut config = BeitConfig::from_file(&dir.join("config.json")).unwrap();
+    (config.drop_path_rate, config.hidden_dropout_prob) = (0.3, 0.1);
+    let inputs = load(&dir.join("inputs.safetensors"));
+    let run = |checkpoint: bool| {
+        let tensors = align_prefix(load(&dir.join("model.safetensors")), "beit", true);
+        let w = Weights::build(tensors, dir.join("model.safetensors"), Source::Checkpoint, &Device::Cpu, true, 0);
+        let model = BeitForImageClassification::load(&w, &config).unwrap();
+        beit::nn::seed_training_rng(5);
+        let o = ForwardOptions { mode: Mode { train: true, uncached: true, checkpoint }, ..Default::default() };
+        let loss = model.forward(&inputs["pixel_values"], &o, Some(&inputs["labels"])).unwrap().loss.unwrap();
+        let mut store = loss.backward().unwrap();
+        beit::model::checkpoint::merge_parameter_grads(&mut store).unwrap();
+        let grads: Vec<(String, Vec<f32>)> = w
+            .vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), store.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    };
+    let (plain, checkpointed) = (run(false), run(true));
+    assert_eq!(plain.0, checkpointed.0, "loss");
+    for ((name, a), (_, b)) in plain.1.iter().zip(&checkpointed.1) {
+        assert_eq!(a, b, "{name}");
+    }
 }

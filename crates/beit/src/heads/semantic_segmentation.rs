@@ -535,7 +535,7 @@ mod tests {
     }
 
     fn train() -> ForwardOptions {
-        ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() }
+        ForwardOptions { mode: Mode { train: true, uncached: true, ..Mode::default() }, ..Default::default() }
     }
 
     #[test]
@@ -581,7 +581,7 @@ mod tests {
         let bn = &m.pyramid.fpn1_1;
         let e = bn.forward(
             &Tensor::zeros((1, 16, 1, 1), DType::F32, &Device::Cpu).unwrap(),
-            Mode { train: true, uncached: true },
+            Mode { train: true, uncached: true, ..Mode::default() },
         );
         assert!(e.unwrap_err().to_string().contains("[1, 16, 1, 1]"));
     }

@@ -7,6 +7,7 @@ use crate::error::{BeitError, Result};
 use std::sync::Arc;
 
 use crate::model::attention::AttentionInputs;
+use crate::model::checkpoint::checkpointed;
 use crate::model::fused::{FusedEncoder, FusedInputs};
 use crate::model::layer::BeitLayer;
 use crate::model::relative_position::BeitRelativePositionBias;
@@ -157,6 +158,10 @@ impl BeitEncoder {
                 window,
                 mode: e.mode,
             };
+            if e.mode.train && e.mode.checkpoint && head_mask.is_none() && !e.output_attentions {
+                x = checkpointed(layer, &x, &a)?;
+                continue;
+            }
             let (y, probs) = layer.forward(&x, &a)?;
             x = y;
             if let (Some(all), Some(p)) = (attentions.as_mut(), probs) {

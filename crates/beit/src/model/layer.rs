@@ -110,6 +110,19 @@ impl BeitLayer {
         self.output.dense.prepare_inference(dtype)
     }
 
+    /// Every parameter tensor of the layer (the weights a gradient reaches), in no particular order.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        let sa = &self.attention.attention;
+        let linears = [&sa.query, &sa.key, &sa.value, &self.attention.output.dense, &self.intermediate.dense, &self.output.dense];
+        let mut p: Vec<Tensor> = linears.iter().flat_map(|l| l.weight().ok().into_iter().chain(l.bias.clone())).collect();
+        for n in [&self.layernorm_before, &self.layernorm_after] {
+            p.extend([n.weight.clone(), n.bias.clone()]);
+        }
+        p.extend(self.lambda_1.iter().chain(&self.lambda_2).cloned());
+        p.extend(sa.relative_position_bias.as_ref().map(|r| r.relative_position_bias_table.clone()));
+        p
+    }
+
     /// The module's forward pass.
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
         let (attn, probs) = self.attention.forward(&self.layernorm_before.forward(x, a.mode)?, a)?;

@@ -1,6 +1,7 @@
 //! BeitModel: embeddings, encoder, the final LayerNorm (CLS pooling) and the pooler, as transformers builds it.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod embeddings;
 pub mod encoder;
 pub(crate) mod fused;

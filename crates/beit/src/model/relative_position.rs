@@ -168,7 +168,7 @@ mod tests {
             num_heads: heads,
             cache: Arc::new(Mutex::new(HashMap::new())),
         };
-        let (train, infer) = (Mode { train: true, uncached: true }, Mode { train: false, uncached: false });
+        let (train, infer) = (Mode { train: true, uncached: true, ..Mode::default() }, Mode { train: false, uncached: false, ..Mode::default() });
         // 4x4: 16 x 17^2 values, kept; 23x23: 16 x 530^2 = 4.5M > MAX_CACHED_VALUES, gathered each time.
         for (window, kept) in [((4, 4), 1), ((23, 23), 1)] {
             let n = window.0 * window.1 + 1;

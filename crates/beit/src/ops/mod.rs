@@ -9,10 +9,10 @@ use crate::error::{BeitError, Result};
 use crate::kernels::view::view;
 
 /// What the custom ops' trait methods return.
-type CResult<T> = candle_core::Result<T>;
+pub(crate) type CResult<T> = candle_core::Result<T>;
 
 /// The values of a contiguous f32 CPU storage.
-fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+pub(crate) fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: expected an f32 tensor") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),

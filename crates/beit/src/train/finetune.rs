@@ -101,7 +101,7 @@ pub fn evaluate(
 ) -> Result<Evaluation> {
     let mut confusion = vec![vec![0usize; num_classes]; num_classes];
     let (mut loss_sum, mut top1, mut top5) = (0f64, 0usize, 0usize);
-    let mode = Mode { train: false, uncached: true };
+    let mode = Mode { train: false, uncached: true, ..Mode::default() };
     for (imgs, labs) in images.chunks(batch_size.max(1)).zip(labels.chunks(batch_size.max(1))) {
         let pv = processor.preprocess_rgb(imgs)?;
         let x = Tensor::from_vec(pv.data, pv.shape.to_vec(), device)?;
@@ -161,7 +161,7 @@ impl Task for FineTuning {
         let o = core.opts.clone();
         let (size, device) = (core.image_size, core.device.clone());
         let processor = eval_processor(size);
-        let options = ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() };
+        let options = ForwardOptions { mode: o.run.train_mode(), ..Default::default() };
         let (model, train) = (&self.model, &self.data.train);
         let stats = core.train_epoch(train.images.len(), o.accum_steps, None, obs, |batch, rng| {
             let mut pixels = Vec::with_capacity(batch.len() * 3 * size * size);

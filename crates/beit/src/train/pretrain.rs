@@ -375,7 +375,7 @@ impl Task for Pretraining {
     fn epoch(&mut self, core: &mut RunCore<Self>, obs: &mut Observer<'_, Self>) -> Result<(Self::Metrics, EpochStats)> {
         let processor = eval_processor(core.image_size);
         let (s, t, device) = (self.views.size, self.views.second_size, core.device.clone());
-        let mode = Mode { train: true, uncached: true };
+        let mode = core.opts.run.train_mode();
         let mut token_counts = vec![0usize; self.tokenizer.vocab_size];
         let (mut correct, mut count) = (0usize, 0usize);
         let clip = core.opts.clip_grad;
@@ -550,7 +550,7 @@ mod tests {
         let mask: Vec<bool> = (0..32).map(|i| i % 3 == 0).collect();
         let tokens: Vec<u32> = (0..32).map(|i| (i * 7 % 64) as u32).collect();
         // Training mode (the gradient is checked below); without dropout or drop path it is deterministic.
-        let mode = Mode { train: true, uncached: true };
+        let mode = Mode { train: true, uncached: true, ..Mode::default() };
         let a = mim_batch(&model, &x, &mask, &tokens, mode).unwrap();
         let la = a.loss.to_scalar::<f32>().unwrap();
         assert_eq!(a.count, 11);

@@ -20,7 +20,8 @@ use crate::heads::Architecture;
 use crate::kernels::conv::Precision;
 use crate::model::embeddings::resize_position_embeddings;
 use crate::model::relative_position::resize_relative_position_table;
-use crate::nn::seed_training_rng;
+use crate::model::checkpoint::merge_parameter_grads;
+use crate::nn::{seed_training_rng, Mode};
 use crate::pretrained::save_pretrained;
 use crate::processor::BeitImageProcessor;
 use crate::rng::Rng;
@@ -65,6 +66,10 @@ pub struct RunOptions {
     /// LayerNorm, softmax, the loss and the optimizer stay f32. Runs saved before it existed were f32.
     #[serde(default)]
     pub precision: Precision,
+    /// Recompute each encoder layer's activations in the backward pass instead of keeping them (transformers'
+    /// gradient checkpointing): less memory for a second forward pass, the same gradients.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// How the learning rate decays after the linear warmup.
@@ -129,11 +134,17 @@ impl Default for RunOptions {
             val_split: None,
             schedule: Schedule::Cosine,
             precision: Precision::F32,
+            gradient_checkpointing: false,
         }
     }
 }
 
 impl RunOptions {
+    /// How the training passes run: dropout and drop path on, nothing cached, checkpointed if asked.
+    pub fn train_mode(&self) -> Mode {
+        Mode { train: true, uncached: true, checkpoint: self.gradient_checkpointing }
+    }
+
     /// Sets a config built from scratch to the asked input resolution and patch size.
     pub fn resize(&self, c: &mut BeitConfig) {
         if let Some(s) = self.image_size {
@@ -484,7 +495,9 @@ impl<T: Task> RunCore<T> {
             let (loss, count) = batch_loss(batch, &mut rng)?;
             let value = loss.to_scalar::<f32>()? as f64;
             check_loss(value, epoch, bi)?;
-            let g = self.optimizer.grads(&(loss / accum_steps as f64)?.backward()?);
+            let mut store = (loss / accum_steps as f64)?.backward()?;
+            merge_parameter_grads(&mut store)?;
+            let g = self.optimizer.grads(&store);
             grads = if grads.is_empty() { g } else { add_grads(grads, g)? };
             if (bi + 1) % accum_steps == 0 || bi + 1 == batches.len() {
                 lr = o.schedule.lr(self.optimizer.step, steps_per_epoch, o.epochs, o.warmup_epochs, o.lr, o.min_lr);

@@ -130,7 +130,7 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<SegEvaluation> {
     let mut acc = MeanIou::new(num_labels, ignore_index, false)?;
-    let mode = Mode { train: false, uncached: true };
+    let mode = Mode { train: false, uncached: true, ..Mode::default() };
     let options = ForwardOptions { mode, ..Default::default() };
     let (mut loss_sum, mut loss_count) = (0f64, 0usize);
     for (imgs, masks) in split.images.chunks(EVAL_BATCH).zip(split.masks.chunks(EVAL_BATCH)) {
@@ -222,7 +222,7 @@ impl Task for SegFineTuning {
         let (size, device) = (core.image_size, core.device.clone());
         let ignore = core.config.semantic_loss_ignore_index as u16;
         let processor = eval_processor(size);
-        let options = ForwardOptions { mode: Mode { train: true, uncached: true }, ..Default::default() };
+        let options = ForwardOptions { mode: o.run.train_mode(), ..Default::default() };
         let (model, train) = (&self.model, &self.data.train);
         let aug =
             Augment { size, ignore, cat_max_ratio: o.cat_max_ratio, hflip: o.run.hflip, photometric: o.photometric };
