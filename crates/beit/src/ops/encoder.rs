@@ -71,7 +71,8 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose_blocks_avx512(a: &[f32], rows: usize, cols: usize, c0: usize, dst: &mut [f32]) -> usize {
     use std::arch::x86_64::{_mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps};
-    assert!(c0 + 16 <= cols && a.len() >= rows * cols && dst.len() >= 16 * rows, "transpose: slices too short");
+    let fits = c0 + 16 <= cols && a.len() >= rows * cols && dst.len() >= 16 * rows;
+    assert!(fits, "transpose: slices too short"); // ok: `transpose` passes whole blocks inside the matrix only
     let full = rows / 16 * 16;
     for r0 in (0..full).step_by(16) {
         let mut v = [_mm512_setzero_ps(); 16];
