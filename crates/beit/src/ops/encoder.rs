@@ -418,14 +418,14 @@ impl CustomOp1 for GeluOp {
 
     /// `dx = dy · (Φ(x) + x · φ(x))`, torch's GeluBackward (approximate='none').
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
-        const HALF_SQRT_2_OVER_PI: f32 = 0.398_942_3; // 1 / sqrt(2π)
+        const INV_SQRT_2PI: f32 = 0.398_942_3; // 1 / √(2π), the normal density at 0
         let dx = with_values(dy, "gelu output gradient", |g| {
             with_values(x, "gelu input", |xv| {
                 let mut dx = vec![0f32; xv.len()];
                 dx.par_chunks_mut(1 << 14).zip(xv.par_chunks(1 << 14)).zip(g.par_chunks(1 << 14)).for_each(
                     |((dx, x), g)| {
                         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                            let pdf = (-0.5 * x * x).exp() * HALF_SQRT_2_OVER_PI;
+                            let pdf = (-0.5 * x * x).exp() * INV_SQRT_2PI;
                             *dx = g * (gelu_cdf(x) + x * pdf);
                         }
                     },
